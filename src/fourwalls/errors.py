@@ -1,0 +1,29 @@
+"""One exception hierarchy: the CLI prints the message and exits 2; the server maps it to an OpenAI error."""
+
+
+class FourwallsError(Exception):
+    """Base class: a problem the user can fix, with a message that says how."""
+
+    http_status = 400
+
+
+class UsageError(FourwallsError):
+    """Contradictory or invalid options."""
+
+
+class NotFoundError(FourwallsError):
+    """A model, file or other named thing does not exist."""
+
+    http_status = 404
+
+
+class FormatError(FourwallsError):
+    """A file is truncated, malformed or of an unsupported kind."""
+
+
+class UnsupportedError(FourwallsError):
+    """A valid input fourwalls does not support (architecture, quantization type, ...)."""
+
+
+class ContextLengthError(FourwallsError):
+    """A prompt (plus the tokens to generate) does not fit the model's context window."""

@@ -1,0 +1,110 @@
+"""Hugging Face checkpoint folders: config.json + (sharded) safetensors + tokenizer files.
+
+This is also fourwalls' native format, so whatever fourwalls writes opens in HF transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fourwalls.errors import FormatError, NotFoundError, UnsupportedError
+from fourwalls.model.config import ModelConfig
+from fourwalls.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path} is not valid JSON ({e})") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / f"{WEIGHTS}.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise FormatError(f"{folder} has no *.safetensors weights (fourwalls loads no pickled .bin files)")
+    return found
+
+
+def read_state_dict(files: list[Path]) -> dict[str, Tensor]:
+    """Tensors from safetensors files, with HF's ``model.`` prefix removed."""
+    state: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue
+                    state[key.removeprefix("model.")] = sf.get_tensor(key)
+        except FileNotFoundError:
+            raise NotFoundError(f"weights file {f} is missing") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FormatError(f"{f} is not a valid safetensors file ({e}); it may be truncated") from None
+    return state
+
+
+def read_hf(folder: Path, name: str | None = None) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
+    """Load a Hugging Face Llama/Mistral/Qwen2 folder."""
+    if not folder.is_dir():
+        raise NotFoundError(f"no such folder: {folder}")
+    cfg = ModelConfig.from_hf(_read_json(folder / "config.json"), name=name or folder.name)
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        eos = _read_json(gen).get("eos_token_id")
+        if eos is not None:
+            cfg = cfg.replace(eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))
+    state = read_state_dict(weight_files(folder))
+    check_state_dict(cfg, state)
+    return cfg, state, Tokenizer.from_dir(folder)
+
+
+def check_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> None:
+    """Refuse weights whose names or shapes do not fit the config, naming the first mismatch."""
+    from fourwalls.model.transformer import Transformer
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    for key, shape in expected.items():
+        if key not in state:
+            raise FormatError(f"checkpoint lacks tensor '{key}'")
+        if tuple(state[key].shape) != tuple(shape):
+            raise FormatError(f"tensor '{key}' has shape {tuple(state[key].shape)}, config implies {tuple(shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UnsupportedError(f"checkpoint has tensors this architecture lacks, e.g. '{extra[0]}'")
+
+
+def write_hf(folder: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
+             metadata: dict[str, str] | None = None) -> None:
+    """Write an HF-compatible folder (the caller picks the folder; the store makes it atomic)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.contiguous()
+               for k, v in state.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    dtype = next(iter(tensors.values())).dtype
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", **(metadata or {})})
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids)}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tokenizer.save(folder)

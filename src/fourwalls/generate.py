@@ -1,0 +1,203 @@
+"""Sampling and the single-sequence generation loop, streamed as text."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fourwalls.errors import ContextLengthError, UsageError
+from fourwalls.model.transformer import KVCache, Transformer
+from fourwalls.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    """Decoding controls. ``temperature=0`` is greedy; 0 / 1.0 disable top_k / top_p."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob plus the N most likely
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (all(self.stop), "stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def generator(self) -> torch.Generator:
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        return torch.Generator().manual_seed(seed)
+
+
+def apply_penalties(logits: Tensor, history: Tensor, p: SamplingParams) -> Tensor:
+    """Repetition (multiplicative, as in CTRL/HF), presence and frequency (additive, as in OpenAI) penalties."""
+    if history.numel() == 0:
+        return logits
+    if p.repetition_penalty != 1.0:
+        prev = logits[history]
+        logits = logits.clone()
+        logits[history] = torch.where(prev > 0, prev / p.repetition_penalty, prev * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        counts = torch.bincount(history, minlength=logits.numel()).to(logits.dtype)
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    """Pick the next token from one row of logits [V] (fp32)."""
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Drop a token when the tokens more likely than it already cover top_p (the first always stays).
+        drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) > p.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output: new text, the tokens behind it, and why generation ended (on the last)."""
+
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+class Session:
+    """A KV cache kept between calls, so a chat only prefills the turns that are new."""
+
+    def __init__(self, model: Transformer, max_len: int | None = None) -> None:
+        self.cache: KVCache = model.new_cache(1, max_len)
+        self.tokens: list[int] = []  # the tokens whose keys/values the cache holds
+
+
+def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams, eos_ids: Sequence[int] = (),
+                    session: Session | None = None) -> Iterator[TokenInfo]:
+    """Yield sampled tokens one at a time (EOS included, then stop); the caller stops early by closing."""
+    p.validate()
+    ctx = model.config.context_length
+    if not prompt:
+        raise UsageError("the prompt is empty")
+    if len(prompt) >= ctx:
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context window is {ctx}; "
+                                 "shorten it")
+    budget = min(p.max_new_tokens, ctx - len(prompt))
+    if session is None:
+        cache, reuse = model.new_cache(1, len(prompt) + budget), 0
+    else:
+        cache = session.cache
+        if len(prompt) + budget > cache.max_len:
+            raise ContextLengthError(f"the conversation has {len(prompt)} tokens; with {budget} more it no "
+                                     f"longer fits the context window of {cache.max_len}: start a new one")
+        reuse = _common_prefix(session.tokens, prompt)
+        reuse = min(reuse, len(prompt) - 1)  # at least one token must be fed to get logits
+        session.tokens = list(prompt[:reuse])
+    gen = p.generator()
+    eos = set(eos_ids)
+    history = torch.tensor(prompt, dtype=torch.long)
+    device = model.embed_tokens.weight.device
+    fed = list(prompt[reuse:])
+    pos = reuse
+    with torch.inference_mode():
+        for _ in range(budget):
+            tokens = torch.tensor([fed], dtype=torch.long, device=device)
+            input_pos = torch.arange(pos, pos + len(fed), device=device)
+            logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
+            if session is not None:
+                session.tokens.extend(fed)
+            pos += len(fed)
+            next_id = sample(apply_penalties(logits, history, p), p, gen)
+            info = TokenInfo(next_id)
+            if p.logprobs is not None:
+                logprobs = torch.log_softmax(logits, dim=-1)
+                info.logprob = float(logprobs[next_id])
+                if p.logprobs:
+                    top = torch.topk(logprobs, p.logprobs)
+                    info.top = list(zip(top.indices.tolist(), top.values.tolist()))
+            yield info
+            if next_id in eos:
+                return
+            history = torch.cat([history, torch.tensor([next_id])])
+            fed = [next_id]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,
+           eos_ids: Sequence[int] = (), session: Session | None = None) -> Iterator[Chunk]:
+    """Generate and detokenize incrementally; stop strings are cut from the output and never streamed."""
+    decoder = tokenizer.stream_decoder()
+    text, sent = "", 0  # all text so far, and how much of it has been streamed
+    pending: list[TokenInfo] = []
+    hold = max((len(s) for s in p.stop), default=0)
+    for info in generate_tokens(model, prompt, p, eos_ids, session):
+        pending.append(info)
+        if info.id in eos_ids:
+            yield Chunk(text[sent:], pending, "stop")
+            return
+        text += decoder.step(tokenizer.backend, info.id) or ""
+        if p.stop:
+            hits = [i for i in (text.find(s, max(0, sent - hold)) for s in p.stop) if i >= 0]
+            if hits:
+                yield Chunk(text[sent:min(hits)], pending, "stop")
+                return
+            # Hold back a tail that could still grow into a stop string.
+            safe = len(text) - max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        else:
+            safe = len(text)
+        if safe > sent:
+            yield Chunk(text[sent:safe], pending)
+            sent, pending = safe, []
+    yield Chunk(text[sent:], pending, "length")
+
+
+def complete(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,
+             eos_ids: Sequence[int] = ()) -> tuple[str, list[TokenInfo], str]:
+    """Generate to the end: (text, tokens, finish_reason)."""
+    chunks = list(stream(model, tokenizer, prompt, p, eos_ids))
+    return "".join(c.text for c in chunks), [t for c in chunks for t in c.tokens], chunks[-1].finish_reason or ""

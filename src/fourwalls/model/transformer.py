@@ -1,0 +1,210 @@
+"""The Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, and a static KV cache.
+
+Parameter names follow Hugging Face's Llama modules (``layers.N.self_attn.q_proj`` ...), so a state dict maps to
+an HF checkpoint by adding the ``model.`` prefix, and LoRA target names mean the same thing as in PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fourwalls.errors import ContextLengthError
+from fourwalls.model.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> Tensor:
+    """RoPE inverse frequencies, with Llama-3 scaling of the low frequencies when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for positions of shape [T] (shared) or [B, T] (per row)."""
+    angles = positions.to(inv_freq.device).float()[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    if positions.dim() == 2:  # [B, T, D] -> [B, 1, T, D] to broadcast over heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return cos, sin
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 as the reference implementations do, then scale in the input dtype.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class KVCache:
+    """Static key/value buffers for a batch of sequences that share positions (gpt-fast style).
+
+    ``prepare(input_pos)`` is called once per forward; each layer then writes its new keys and values with
+    ``update`` and attends over the filled prefix only, so a decode step costs what the context costs.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.start = self.end = 0
+
+    def prepare(self, input_pos: Tensor) -> tuple[Tensor | None, bool]:
+        """Set the write window for these positions; return (attention mask, is_causal)."""
+        start, t = int(input_pos[0]), input_pos.numel()
+        if start + t > self.max_len:
+            raise ContextLengthError(
+                f"{start + t} positions do not fit the KV cache of {self.max_len}; shorten the prompt or "
+                "lower max_new_tokens"
+            )
+        self.start, self.end = start, start + t
+        if t == 1:
+            return None, False
+        if start == 0:
+            return None, True
+        keys = torch.arange(self.end, device=input_pos.device)
+        return keys[None, :] <= input_pos[:, None], False
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[layer][:, :, self.start:self.end] = k
+        self.v[layer][:, :, self.start:self.end] = v
+        return self.k[layer][:, :, : self.end], self.v[layer][:, :, : self.end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None,
+                is_causal: bool) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None,
+                is_causal: bool) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self._inv_freq: Tensor | None = None
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.context_length, w.dtype, w.device)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits for ``tokens`` [B, T] at ``input_pos`` [T] (default 0..T-1); ``last_only`` keeps the last one."""
+        t = tokens.shape[1]
+        if input_pos is None:
+            input_pos = torch.arange(t, device=tokens.device)
+        if cache is not None:
+            mask, is_causal = cache.prepare(input_pos)
+        else:
+            if int(input_pos.max()) >= self.config.context_length:
+                raise ContextLengthError(
+                    f"{int(input_pos.max()) + 1} positions exceed the context window of {self.config.context_length}"
+                )
+            mask, is_causal = None, t > 1
+        x = self.embed_tokens(tokens)
+        if self._inv_freq is None or self._inv_freq.device != x.device:
+            self._inv_freq = rope_inv_freq(self.config, x.device)
+        cos, sin = rope_cos_sin(self._inv_freq, input_pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mask, is_causal)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def init_weights(model: Transformer, std: float = 0.02) -> None:
+    """GPT-2 style initialisation for training from scratch; output projections scaled by depth."""
+    out_std = std / math.sqrt(2 * model.config.n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, 0.0, out_std)
+        else:
+            nn.init.normal_(p, 0.0, std)

