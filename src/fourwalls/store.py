@@ -225,7 +225,10 @@ class Store:
         cfg, state, tok = read_checkpoint(path, name)
         if dtype != "auto":
             state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-        return self.add(name, cfg, state, tok, lineage={"imported_from": str(path.resolve())}, source=str(path))
+        lineage = {"imported_from": str(path.resolve())}
+        if path.is_file():
+            lineage["source_digest"] = sha256_file(path)
+        return self.add(name, cfg, state, tok, lineage=lineage, source=str(path))
 
     def _check_new_name(self, name: str) -> None:
         if not _NAME.fullmatch(name):

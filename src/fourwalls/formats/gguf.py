@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fourwalls.errors import FormatError, NotFoundError, UnsupportedError
+from fourwalls.errors import FormatError, FourwallsError, NotFoundError, UnsupportedError
 from fourwalls.model.config import ModelConfig, RopeScaling
 from fourwalls.tokenizer import Tokenizer
 
@@ -40,11 +43,87 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     """Open and parse a GGUF file, turning every parser failure into one clear error."""
     if not path.is_file():
         raise NotFoundError(f"no such file: {path}")
+    check_layout(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct/numpy errors, IndexError ... on bad bytes
         raise FormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                           "the file may be truncated or corrupt") from None
+
+
+# GGUF metadata value types (GGUFValueType): the byte size of each scalar type, and the two compound ones.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_layout(path: Path) -> None:
+    """Walk the GGUF header, metadata and tensor infos, checking every count and length against the file size.
+
+    The `gguf` parser trusts them: a corrupt array length makes it loop, allocating, without end.
+    """
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise FormatError(f"{path} is truncated: {size} bytes is too short for a GGUF header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _walk_layout(path, buf, size)
+    except OSError as e:
+        raise FormatError(f"cannot read {path} ({e.strerror})") from None
+
+
+def _walk_layout(path: Path, buf: mmap.mmap, size: int) -> None:
+    pos = 0
+    order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # the gguf reader's byte-order test
+
+    def take(n: int, what: str) -> int:
+        nonlocal pos
+        if n > size - pos:
+            raise FormatError(f"{path} is truncated or corrupt: {what} at byte {pos} needs {n} bytes, "
+                              f"but the file ends at byte {size}")
+        pos += n
+        return pos - n
+
+    def u32(what: str) -> int:
+        return struct.unpack_from(order + "I", buf, take(4, what))[0]
+
+    def u64(what: str) -> int:
+        return struct.unpack_from(order + "Q", buf, take(8, what))[0]
+
+    def value(vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _SCALAR_SIZES:
+            take(_SCALAR_SIZES[vtype], what)
+        elif vtype == _STRING:
+            take(u64(f"the length of {what}"), what)
+        elif vtype == _ARRAY:
+            if depth >= 4:
+                raise FormatError(f"{path} is corrupt: {what} nests arrays more than 4 deep")
+            itype, n = u32(f"the item type of {what}"), u64(f"the length of {what}")
+            if itype in _SCALAR_SIZES:
+                take(n * _SCALAR_SIZES[itype], f"{what} ({n} items)")
+                return
+            if n * 8 > size - pos:  # every string or array item takes at least 8 bytes
+                raise FormatError(f"{path} is truncated or corrupt: {what} claims {n} items, more than the "
+                                  "rest of the file holds")
+            for _ in range(n):
+                value(itype, what, depth + 1)
+        else:
+            raise FormatError(f"{path} is corrupt: {what} has unknown value type {vtype}")
+
+    take(8, "the magic and version")
+    n_tensors, n_kv = u64("the tensor count"), u64("the metadata count")
+    if n_kv * 12 + n_tensors * 24 > size - pos:  # the smallest possible key/value and tensor info
+        raise FormatError(f"{path} is truncated or corrupt: it claims {n_kv} metadata entries and {n_tensors} "
+                          f"tensors, more than its {size} bytes can hold")
+    for i in range(n_kv):
+        start = pos
+        take(u64(f"the length of metadata key #{i}"), f"metadata key #{i}")
+        key = bytes(buf[start + 8:pos]).decode("utf-8", "replace")
+        value(u32(f"the type of metadata '{key}'"), f"metadata '{key}'")
+    for i in range(n_tensors):
+        take(u64(f"the length of tensor name #{i}"), f"tensor name #{i}")
+        take(u32(f"the dimension count of tensor #{i}") * 8, f"the dimensions of tensor #{i}")
+        take(12, f"the type and offset of tensor #{i}")
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -69,24 +148,36 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], name: st
             raise FormatError(f"GGUF file lacks '{arch_name}.{key}'")
         return value
 
-    n_heads = int(get("attention.head_count"))
-    dim = int(get("embedding_length"))
+    def positive(key: str, value: Any) -> int:
+        if value is None:
+            raise FormatError(f"GGUF file lacks '{arch_name}.{key}'")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FormatError(f"GGUF metadata '{arch_name}.{key}' must be a positive integer, not {value!r}")
+        return value
+
+    def count(key: str, default: Any = None) -> int:
+        return positive(key, get(key, default))
+
+    n_heads = count("attention.head_count")
+    dim = count("embedding_length")
+    tokens = meta.get("tokenizer.ggml.tokens")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     eos_ids = tuple(dict.fromkeys(i for i in (eos, eot) if i is not None))
     cfg = ModelConfig(
         name=name,
         arch=_ARCHS[arch_name],
-        vocab_size=int(meta.get(f"{arch_name}.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
+        vocab_size=positive("vocab_size", meta.get(f"{arch_name}.vocab_size")
+                            or (len(tokens) if isinstance(tokens, list) else None)),
         dim=dim,
-        n_layers=int(get("block_count")),
+        n_layers=count("block_count"),
         n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        head_dim=int(meta.get(f"{arch_name}.attention.key_length") or dim // n_heads),
-        hidden_dim=int(get("feed_forward_length")),
+        n_kv_heads=count("attention.head_count_kv", n_heads),
+        head_dim=positive("attention.key_length", meta.get(f"{arch_name}.attention.key_length") or dim // n_heads),
+        hidden_dim=count("feed_forward_length"),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
-        context_length=int(get("context_length")),
+        context_length=count("context_length"),
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -143,7 +234,14 @@ def read_gguf(path: Path, name: str | None = None) -> tuple[ModelConfig, dict[st
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     cfg = config_from_metadata(meta, tensors, name or path.stem)
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+    except FourwallsError:
+        raise
+    except KeyError as e:
+        raise FormatError(f"{path} lacks the tokenizer metadata {e}") from None
+    except Exception as e:  # values of the wrong type, merges of tokens not in the vocabulary ...
+        raise FormatError(f"{path} has malformed tokenizer metadata ({type(e).__name__}: {e})") from None
     state: dict[str, Tensor] = {}
     for gname, t in tensors.items():
         if gname == "rope_freqs.weight":
@@ -155,8 +253,23 @@ def read_gguf(path: Path, name: str | None = None) -> tuple[ModelConfig, dict[st
             if not m or m.group(2) not in _LAYER_NAMES or int(m.group(1)) >= cfg.n_layers:
                 raise UnsupportedError(f"GGUF tensor '{gname}' is not part of a {cfg.arch} model")
             key = f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-        w = torch.from_numpy(np.array(_dequantize(t), dtype=np.float32, order="C"))
-        if cfg.arch == "llama" and (".q_proj." in key or ".k_proj." in key):
-            w = _unpermute(w, cfg.n_heads if ".q_proj." in key else cfg.n_kv_heads)
-        state[key] = w
+        state[key] = torch.from_numpy(np.array(_dequantize(t), dtype=np.float32, order="C"))
+    _check_shapes(path, cfg, state, tensors)
+    if cfg.arch == "llama":
+        for key, w in state.items():
+            if ".q_proj." in key or ".k_proj." in key:
+                state[key] = _unpermute(w, cfg.n_heads if ".q_proj." in key else cfg.n_kv_heads)
     return cfg, state, tokenizer
+
+
+def _check_shapes(path: Path, cfg: ModelConfig, state: dict[str, Tensor], tensors: dict[str, Any]) -> None:
+    """Refuse tensors that do not fit the metadata (a corrupt size would otherwise fail later, inside torch)."""
+    from fourwalls.formats.hf import check_state_dict
+
+    layers = {int(m.group(1)) for m in map(_BLOCK.fullmatch, tensors) if m}  # all < n_layers, checked above
+    if len(layers) != cfg.n_layers:
+        raise FormatError(f"{path} says the model has {cfg.n_layers} layers but holds tensors for {len(layers)}")
+    try:
+        check_state_dict(cfg, state)
+    except RuntimeError as e:  # torch refuses even a meta tensor of an absurd size
+        raise FormatError(f"{path} has impossible model sizes in its metadata ({e})") from None

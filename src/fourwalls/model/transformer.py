@@ -176,14 +176,12 @@ class Transformer(nn.Module):
         """Logits for ``tokens`` [B, T] at ``input_pos`` [T] (default 0..T-1); ``last_only`` keeps the last one."""
         t = tokens.shape[1]
         if input_pos is None:
+            if t > self.config.context_length:
+                raise ContextLengthError(f"{t} tokens exceed the context window of {self.config.context_length}")
             input_pos = torch.arange(t, device=tokens.device)
         if cache is not None:
             mask, is_causal = cache.prepare(input_pos)
-        else:
-            if int(input_pos.max()) >= self.config.context_length:
-                raise ContextLengthError(
-                    f"{int(input_pos.max()) + 1} positions exceed the context window of {self.config.context_length}"
-                )
+        else:  # no cache: positions are 0..t-1, as in training
             mask, is_causal = None, t > 1
         x = self.embed_tokens(tokens)
         if self._inv_freq is None or self._inv_freq.device != x.device:

