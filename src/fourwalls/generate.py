@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import ContextLengthError, UsageError
-from fourwalls.model.transformer import KVCache, Transformer
+from fourwalls.model.transformer import KVCache, Transformer, decode_threads
 from fourwalls.tokenizer import Tokenizer
 
 
@@ -140,7 +140,11 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
         for _ in range(budget):
             tokens = torch.tensor([fed], dtype=torch.long, device=device)
             input_pos = torch.arange(pos, pos + len(fed), device=device)
-            logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
+            if len(fed) == 1:
+                with decode_threads():
+                    logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
+            else:
+                logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
             if session is not None:
                 session.tokens.extend(fed)
             pos += len(fed)

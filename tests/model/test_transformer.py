@@ -71,3 +71,19 @@ def test_config_round_trips_through_hf_json():
     for name in TINY + ["llama-3.2-1b", "qwen2.5-0.5b"]:
         cfg = PRESETS[name]
         assert ModelConfig.from_hf(cfg.to_hf(), name=cfg.name) == cfg
+
+
+def test_single_row_fast_path_equals_torch_linear():
+    from fourwalls.model.transformer import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 40, bias=True)
+    x = torch.randn(1, 1, 96)
+    with torch.inference_mode():
+        fast = layer(x)  # one row at inference: the OpenBLAS path
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert fast.shape == ref.shape == (1, 1, 40)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    y = layer(x)  # with grad enabled: the ordinary path, differentiable
+    y.sum().backward()
+    assert layer.weight.grad is not None
