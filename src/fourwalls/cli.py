@@ -189,6 +189,75 @@ def cmd_models_rm(args: argparse.Namespace) -> None:
     print(f"removed {args.name}")
 
 
+def _train_flags(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per step, over all processes (default 4)")
+    g.add_argument("--grad-accum", type=int, default=1, help="batches accumulated per step (default 1)")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor"])
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 disables (default 1)")
+    g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and always on SIGTERM)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with bf16 instructions)")
+    g.add_argument("--run-dir", type=Path,
+                   help="checkpoints, metrics.jsonl, loss.png (default $FOURWALLS_HOME/runs/NAME)")
+    g.add_argument("--resume", nargs="?", const="auto", choices=["auto"],
+                   help="continue from the run folder's last checkpoint")
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from fourwalls.train.loop import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       warmup_steps=args.warmup_steps, schedule=args.schedule, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+                       save_every=args.save_every, keep=args.keep, seed=args.seed, bf16=args.bf16)
+
+
+def _report(ref: Any, result: dict[str, Any], run_dir: Path) -> None:
+    val = f", validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f})" if "val_loss" in result else ""
+    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps{val}; curves in {run_dir}/loss.png")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+    from fourwalls.train.recipes import pretrain
+
+    cfg = _train_config(args)
+    ref, result = pretrain(Path(args.data), args.preset, args.name, cfg, seq_len=args.seq_len,
+                           vocab_size=args.vocab_size, val_fraction=args.val_fraction, run_dir=args.run_dir,
+                           resume=bool(args.resume))
+    _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from fourwalls.model.lora import LoRAConfig
+    from fourwalls.store import Store
+    from fourwalls.train.recipes import finetune
+
+    cfg = _train_config(args)
+    lora = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      target_modules=tuple(args.lora_targets.split(",")))
+    ref, result = finetune(args.model, Path(args.data), args.method, args.name, cfg, lora, shape=args.format,
+                           max_len=args.max_len, pack=args.pack, val_fraction=args.val_fraction,
+                           val_data=Path(args.val_data) if args.val_data else None,
+                           skip_bad_lines=args.skip_bad_lines, run_dir=args.run_dir, resume=bool(args.resume))
+    _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from fourwalls.train.recipes import merge
+
+    ref = merge(args.adapter, args.name)
+    print(f"stored {ref.name} ({ref.digest})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fourwalls.store import DEFAULT_MODEL
 
@@ -216,6 +285,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=256, help="tokens the window advances (default 256)")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("pretrain", help="train a tokenizer and a small model from scratch on a text file")
+    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--preset", default="tiny-8m", help="model shape (default tiny-8m; see model/config.py)")
+    p.add_argument("--name", required=True, help="store the result under this name")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: the preset's)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    _train_flags(p, lr=1e-3, steps=500)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a model (full or LoRA) on JSONL data")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--data", required=True, help="JSONL: {text} | {instruction,input,output} | {messages}")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "instruct", "chat"])
+    p.add_argument("--method", default="lora", choices=["full", "lora"])
+    p.add_argument("--name", required=True, help="store the result under this name")
+    p.add_argument("--max-len", type=int, default=512, help="longest sequence; longer ones are truncated")
+    p.add_argument("--pack", action="store_true", help="pack examples into full sequences")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share for validation")
+    p.add_argument("--val-data", help="a separate JSONL validation file (instead of --val-fraction)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    _train_flags(p, lr=2e-4, steps=100)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model")
+    p.add_argument("adapter")
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=cmd_merge)
 
     models = sub.add_parser("models", help="the model store: import, list, show, rm")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)

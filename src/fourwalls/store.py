@@ -20,6 +20,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class ModelRef:
     digest: str
     manifest: dict[str, Any] = field(default_factory=dict)
     bundled: bool = False
+    kind: str = "model"  # or "adapter": a LoRA adapter whose manifest names its base
 
 
 @dataclass
@@ -137,10 +139,11 @@ class Store:
         """A stored name, the bundled default, or a path to a GGUF file / HF folder."""
         f = self._name_file(name_or_path)
         if _NAME.fullmatch(name_or_path) and f.is_file():
-            digest = json.loads(f.read_text())["digest"]
-            folder = self.root / "models" / digest
+            entry = json.loads(f.read_text())
+            kind = entry.get("kind", "model")
+            folder = self.root / ("adapters" if kind == "adapter" else "models") / entry["digest"]
             manifest = json.loads((folder / "manifest.json").read_text())
-            return ModelRef(name_or_path, folder, digest, manifest)
+            return ModelRef(name_or_path, folder, entry["digest"], manifest, kind=kind)
         if name_or_path == DEFAULT_MODEL:
             gguf_path = bundled_gguf()
             if gguf_path is None:
@@ -159,6 +162,15 @@ class Store:
 
     def load(self, name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         ref = self.resolve(name_or_path)
+        if ref.kind == "adapter":  # the base model with the adapter attached (unmerged)
+            from fourwalls.model.lora import load_adapter
+
+            base = self.load(ref.manifest["base"], dtype)
+            if base.digest != ref.manifest["base_digest"]:
+                raise FormatError(f"adapter '{ref.name}' was trained on {ref.manifest['base_digest']}, but "
+                                  f"'{ref.manifest['base']}' is now {base.digest}")
+            load_adapter(base.model, ref.path)
+            return LoadedModel(ref.name, ref.digest, base.model, base.tokenizer)
         if ref.path.is_dir():
             cfg, state, tok = read_hf(ref.path, ref.name)
         else:
@@ -169,7 +181,8 @@ class Store:
             else:
                 cfg, state, tok = read_checkpoint(ref.path, ref.name)
                 try:
-                    self._write_folder(cached, cfg, state, tok, {"source": str(ref.path)})
+                    self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok), WEIGHTS,
+                                       {"source": str(ref.path)}, target=cached)
                 except OSError:
                     pass  # a read-only or full home only costs the next start the same seconds
         return LoadedModel(ref.name, ref.digest, build_model(cfg, state, dtype), tok)
@@ -181,32 +194,43 @@ class Store:
         """Store a model under ``name``: written to tmp/, renamed into place, then the name is pointed at it."""
         self._check_new_name(name)
         manifest = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": _now(),
             "source": source,
             "arch": cfg.arch,
             "parameters": cfg.num_parameters,
             "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
             "lineage": lineage or {},
         }
-        digest = self._write_folder(None, cfg, state, tokenizer, manifest)
+        digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), WEIGHTS,
+                                    manifest)
         _atomic_write(self._name_file(name), json.dumps({"digest": digest}))
         return self.resolve(name)
 
-    def _write_folder(self, target: Path | None, cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
-                      manifest: dict[str, Any]) -> str:
-        """Write a read-only model folder at ``target`` (default: models/<digest>) in one rename; return the digest."""
+    def add_adapter(self, name: str, base: ModelRef, write: Callable[[Path], None],
+                    lineage: dict[str, Any] | None = None) -> ModelRef:
+        """Store a PEFT-format adapter (``write(folder)`` writes it) trained on the stored model ``base``."""
+        self._check_new_name(name)
+        manifest = {"kind": "adapter", "created": _now(), "base": base.name, "base_digest": base.digest,
+                    "lineage": lineage or {}}
+        digest = self._write_folder(self.root / "adapters", write, "adapter_model.safetensors", manifest)
+        _atomic_write(self._name_file(name), json.dumps({"digest": digest, "kind": "adapter"}))
+        return self.resolve(name)
+
+    def _write_folder(self, parent: Path, write: Callable[[Path], None], weights: str, manifest: dict[str, Any],
+                      target: Path | None = None) -> str:
+        """Write a read-only folder at ``target`` (default: parent/<digest of weights>) in one rename."""
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=tmp_root))
         try:
-            write_hf(tmp, cfg, state, tokenizer)
-            digest = sha256_file(tmp / WEIGHTS)
+            write(tmp)
+            digest = sha256_file(tmp / weights)
             (tmp / "manifest.json").write_text(json.dumps({"digest": digest, **manifest}, indent=2))
             for f in tmp.iterdir():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
                 f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # stored models are immutable
-            target = target or self.root / "models" / digest
+            target = target or parent / digest
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():  # same weights already stored: keep the first copy
                 _rmtree(tmp)
@@ -244,16 +268,23 @@ class Store:
             if name == DEFAULT_MODEL:
                 raise UsageError(f"'{name}' is bundled with fourwalls and cannot be removed")
             raise NotFoundError(f"model '{name}' not found; `fourwalls models list` shows what is installed")
-        digest = json.loads(f.read_text())["digest"]
+        ref = self.resolve(name)
+        users = [n for n, d in self.names().items() if n != name and self.resolve(n).manifest.get("base") == name]
+        if users:
+            raise UsageError(f"'{name}' is the base of adapter(s) {', '.join(users)}; remove those first")
         f.unlink()
-        if digest not in self.names().values():
-            _rmtree(self.root / "models" / digest)
+        if ref.digest not in self.names().values():
+            _rmtree(ref.path)
 
     def list(self) -> list[ModelRef]:
         refs = [self.resolve(n) for n in self.names()]
         if bundled_gguf() is not None:
             refs.insert(0, self.resolve(DEFAULT_MODEL))
         return refs
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _rmtree(path: Path) -> None:
@@ -267,6 +298,15 @@ def _rmtree(path: Path) -> None:
 
 def describe(ref: ModelRef) -> dict[str, Any]:
     """What `models show` prints: architecture, parameters, dtype, size on disk, digest, lineage."""
+    if ref.kind == "adapter":
+        cfg_json = json.loads((ref.path / "adapter_config.json").read_text())
+        size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
+        return {"name": ref.name, "digest": ref.digest, "kind": "adapter", "base": ref.manifest["base"],
+                "base_digest": ref.manifest["base_digest"], "architecture": "lora",
+                "parameters": ref.manifest.get("parameters", 0), "rank": cfg_json.get("r"),
+                "alpha": cfg_json.get("lora_alpha"), "target_modules": cfg_json.get("target_modules"),
+                "dtype": "float32", "size_bytes": size, "path": str(ref.path), "bundled": False,
+                "created": ref.manifest.get("created"), "lineage": ref.manifest.get("lineage", {})}
     if ref.path.is_dir():
         hf = json.loads((ref.path / "config.json").read_text())
         cfg = ModelConfig.from_hf(hf, ref.name)

@@ -1,0 +1,116 @@
+"""Crash-proof checkpoints: written to a temporary folder, fsynced, renamed; a half-written one is never read.
+
+A checkpoint holds the trainable weights (safetensors), the optimizer state (tensors and numbers only, loaded with
+``weights_only=True``), the step and data position, and the RNG states of Python, NumPy and torch, so a resumed run
+continues bit for bit as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fourwalls.errors import FormatError, FourwallsError, UsageError
+
+_STEP = re.compile(r"step-(\d{8})")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters() lists a tied weight once, which safetensors needs.
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+         keep: int = 3) -> Path:
+    """Write checkpoint ``step`` under ``folder`` atomically and keep the newest ``keep``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
+    target = folder / f"step-{step:08d}"
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state, "rng": rng_state()}))
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        _fsync_dir(folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest(folder)
+        raise FourwallsError(f"could not write the checkpoint at step {step} ({e.strerror or e}); "
+                             + (f"the checkpoint at step {prev[1]} is intact" if prev else "no earlier checkpoint")
+                             + ": free space, then resume with --resume") from None
+    for old in sorted(_steps(folder))[:-keep]:
+        shutil.rmtree(folder / f"step-{old:08d}", ignore_errors=True)
+    return target
+
+
+def _steps(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return [int(m.group(1)) for p in folder.iterdir()
+            if (m := _STEP.fullmatch(p.name)) and (p / "state.json").is_file()]
+
+
+def latest(folder: Path) -> tuple[Path, int] | None:
+    steps = _steps(folder)
+    return (folder / f"step-{max(steps):08d}", max(steps)) if steps else None
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, identity: dict[str, Any]) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from a checkpoint; refuse one made for another model or data."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"checkpoint {path} is unreadable ({e})") from None
+    for key, value in identity.items():
+        if state.get("identity", {}).get(key) != value:
+            raise UsageError(f"cannot resume from {path}: its {key} is {state.get('identity', {}).get(key)!r}, "
+                             f"this run's is {value!r}; start a new run folder or use the same {key}")
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    if set(weights) != {n for n, p in params.items() if p.requires_grad}:
+        raise UsageError(f"checkpoint {path} holds other trainable weights than this run (a different method?)")
+    with torch.no_grad():
+        for name, t in weights.items():
+            params[name].copy_(t)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    set_rng_state(state["rng"])
+    return state

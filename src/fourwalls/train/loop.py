@@ -1,0 +1,246 @@
+"""The one training loop. Pretraining, fine-tuning, distillation and unlearning differ only in data and objective.
+
+Under ``torchrun --nproc-per-node N`` the same loop runs data-parallel (DDP; gloo on CPU, NCCL on GPU): every rank
+takes its share of each global batch and only rank 0 writes checkpoints, metrics and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from fourwalls.errors import FourwallsError, UsageError
+from fourwalls.train import checkpoint
+from fourwalls.train.data import Dataset, batches, collate
+from fourwalls.train.objectives import causal_lm
+
+Objective = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+
+
+class TrainingInterrupted(FourwallsError):
+    """SIGTERM/SIGINT: the loop saved a checkpoint at a step boundary and stopped."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4  # global: split across ranks under torchrun
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant
+    optimizer: str = "adamw"  # adamw | sgd | adafactor
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only on a signal and at the end
+    keep: int = 3
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast (helps only where the CPU has bf16 instructions)
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, "--steps must be at least 1"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch size and gradient accumulation must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.schedule in ("cosine", "linear", "constant"), "--schedule must be cosine, linear or constant"),
+            (self.optimizer in ("adamw", "sgd", "adafactor"), "--optimizer must be adamw, sgd or adafactor"),
+            (0 <= self.warmup_steps < self.steps, "--warmup-steps must be below --steps"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine or linear decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":  # factored second moments: memory-light for big matrices
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def evaluate(model: nn.Module, ds: Dataset, objective: Objective, batch_size: int, pad_id: int) -> float:
+    """Mean loss over a whole dataset, weighted by the tokens each batch scores."""
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(ds), batch_size):
+            loss, m = objective(model, collate(ds.examples[i : i + batch_size], pad_id))
+            total += loss.item() * m["tokens"]
+            count += m["tokens"]
+    return total / max(count, 1.0)
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, run_dir: Path,
+          objective: Objective = causal_lm, resume: bool = False, identity: dict[str, Any] | None = None,
+          pad_id: int = 0) -> dict[str, Any]:
+    """Train ``model`` in place; checkpoints, metrics.jsonl and loss.png go to ``run_dir``. Returns final metrics."""
+    cfg.validate()
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise UsageError(f"the batch size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
+    identity = {**(identity or {}), "data_digest": train_ds.digest}
+    ckpt_dir = run_dir / "checkpoints"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters")
+    optimizer = make_optimizer(cfg, params)
+    step, start_time = 0, time.time()
+    torch.manual_seed(cfg.seed)
+    if resume:
+        found = checkpoint.latest(ckpt_dir)
+        if found is None:
+            raise UsageError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
+        state = checkpoint.load(found[0], model, optimizer, identity)
+        step = state["step"]
+    elif checkpoint.latest(ckpt_dir) is not None:
+        raise UsageError(f"{run_dir} already holds checkpoints; pass --resume to continue, or pick a new run folder")
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    metrics_path = run_dir / "metrics.jsonl"
+    records = _load_metrics(metrics_path, step) if resume else []
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    stream = batches(train_ds, cfg.batch_size, cfg.seed, pad_id, start=step * cfg.grad_accum)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
+    tokens_seen, tick = 0.0, time.perf_counter()
+    model.train()
+    try:
+        while step < cfg.steps:
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, tokens = 0.0, 0.0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v[rank::world] for k, v in next(stream).items()}
+                with autocast:
+                    loss, m = objective(ddp, batch)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                tokens += m["tokens"]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens * world
+            elapsed = time.perf_counter() - tick
+            rec = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
+                   "tokens_per_s": round(tokens_seen / elapsed, 1)}
+            if cfg.eval_every and step % cfg.eval_every == 0 and val_ds is not None and step < cfg.steps:
+                rec.update(_validation(model, val_ds, objective, cfg, pad_id))
+            records.append(rec)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+            if rank == 0:
+                _append_metric(metrics_path, rec)
+            at_save = cfg.save_every and step % cfg.save_every == 0
+            if (at_save or stop["signal"]) and rank == 0:
+                checkpoint.save(ckpt_dir, step, model, optimizer, {"identity": identity, "config": asdict(cfg)},
+                                cfg.keep)
+            if stop["signal"]:
+                raise TrainingInterrupted(f"stopped by signal {stop['signal']} at step {step}; a checkpoint was "
+                                          f"saved in {ckpt_dir}: run the same command with --resume to continue")
+    finally:
+        bar.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    model.eval()
+    final = {"step": step, "train_loss": records[-1]["loss"] if records else None,
+             "seconds": round(time.time() - start_time, 1)}
+    if val_ds is not None:
+        final.update(_validation(model, val_ds, objective, cfg, pad_id))
+    if rank == 0:
+        _append_metric(metrics_path, {"step": step, **{k: v for k, v in final.items() if k.startswith("val")}})
+        plot_losses(metrics_path, run_dir / "loss.png")
+    return final
+
+
+def _validation(model: nn.Module, ds: Dataset, objective: Objective, cfg: TrainConfig, pad_id: int) -> dict:
+    was_training = model.training
+    model.eval()
+    loss = evaluate(model, ds, objective, cfg.batch_size, pad_id)
+    model.train(was_training)
+    return {"val_loss": round(loss, 6), "val_ppl": round(math.exp(min(loss, 50)), 4)}
+
+
+def _load_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """Metrics of a resumed run: drop what the interrupted run logged after its last checkpoint."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line torn by the kill
+            continue
+        if rec["step"] <= up_to_step:
+            kept.append(rec)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _append_metric(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    """Training and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

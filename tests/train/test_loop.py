@@ -1,0 +1,145 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fourwalls.errors import FourwallsError, UsageError
+from fourwalls.store import Store
+from fourwalls.train import checkpoint
+from fourwalls.train.data import load_text_corpus, split
+from fourwalls.train.loop import TrainConfig, lr_at, train
+from tests.conftest import tiny_model
+from tests.test_tokenizer import byte_tokenizer
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    if CORPUS.is_file():
+        path.write_text(CORPUS.read_text()[:60_000])
+    else:
+        path.write_text((Path(__file__).parents[1] / "fixtures" / "english.txt").read_text() * 20)
+    return path
+
+
+def _pretrain_cmd(home, corpus, name, steps, extra=()):
+    return [sys.executable, "-m", "fourwalls.cli", "pretrain", "--data", str(corpus), "--preset", "tiny-llama",
+            "--name", name, "--steps", str(steps), "--seq-len", "64", "--vocab-size", "400", "--batch-size", "4",
+            "--lr", "3e-3", "--warmup-steps", "5", "--run-dir", str(home / "runs" / name), *extra]
+
+
+def _env(home):
+    return {**os.environ, "FOURWALLS_HOME": str(home), "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def _kill_after_checkpoint(cmd, env, ckpt_dir, sig):
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while checkpoint.latest(ckpt_dir) is None or checkpoint.latest(ckpt_dir)[1] < 20:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, corpus):
+    home = tmp_path / "home"
+    steps, every = "400", ["--save-every", "10"]
+    ref = subprocess.run(_pretrain_cmd(home, corpus, "straight", steps), env=_env(home), capture_output=True,
+                         text=True)
+    assert ref.returncode == 0, ref.stderr
+    cmd = _pretrain_cmd(home, corpus, "killed", steps, every)
+    rc, _ = _kill_after_checkpoint(cmd, _env(home), home / "runs" / "killed" / "checkpoints", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    stopped_at = checkpoint.latest(home / "runs" / "killed" / "checkpoints")[1]
+    assert stopped_at < 400
+    again = subprocess.run(cmd + ["--resume"], env=_env(home), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    store = Store(home)
+    assert store.resolve("killed").digest == store.resolve("straight").digest  # same weights, bit for bit
+    steps_logged = [json.loads(line)["step"] for line in (home / "runs/killed/metrics.jsonl").read_text().splitlines()]
+    assert steps_logged[:400] == list(range(1, 401))  # no step logged twice after the resume
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    home = tmp_path / "home"
+    cmd = _pretrain_cmd(home, corpus, "termed", "2000", ["--save-every", "10"])
+    rc, err = _kill_after_checkpoint(cmd, _env(home), home / "runs" / "termed" / "checkpoints", signal.SIGTERM)
+    assert rc == 2
+    assert "--resume" in err and "Traceback" not in err
+    assert not (home / "names" / "termed.json").exists()  # nothing half-done in the store
+
+
+def _tiny_run(tmp_path, corpus, **kw):
+    tok = byte_tokenizer()
+    train_ds, val_ds = split(load_text_corpus(corpus, tok, 32), 0.1, 0)
+    model = tiny_model()
+    cfg = TrainConfig(steps=kw.pop("steps", 6), batch_size=2, lr=1e-3, progress=False, **kw)
+    return model, train_ds, val_ds, cfg
+
+
+def test_loss_goes_down_and_outputs_are_written(tmp_path, corpus):
+    model, train_ds, val_ds, cfg = _tiny_run(tmp_path, corpus, steps=30, eval_every=10)
+    before = None
+    from fourwalls.train.loop import evaluate
+    from fourwalls.train.objectives import causal_lm
+
+    before = evaluate(model, val_ds, causal_lm, 4, 0)
+    result = train(model, train_ds, val_ds, cfg, tmp_path / "run")
+    assert result["val_loss"] < before - 0.5
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val_loss" in r for r in recs) == 3  # steps 10, 20 and the end
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adafactor"])
+def test_other_optimizers_train(tmp_path, corpus, opt):
+    model, train_ds, val_ds, cfg = _tiny_run(tmp_path, corpus, optimizer=opt, steps=3)
+    w0 = model.layers[0].mlp.up_proj.weight.clone()
+    train(model, train_ds, None, cfg, tmp_path / "run")
+    assert not torch.equal(w0, model.layers[0].mlp.up_proj.weight)
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 100) == pytest.approx(0.1)
+    assert lr_at(TrainConfig(steps=100, lr=1.0, schedule="linear", min_lr_ratio=0), 50) == pytest.approx(0.5)
+
+
+def test_resume_refuses_other_data_and_existing_run(tmp_path, corpus):
+    model, train_ds, val_ds, cfg = _tiny_run(tmp_path, corpus, save_every=3)
+    train(model, train_ds, None, cfg, tmp_path / "run")
+    with pytest.raises(UsageError, match="already holds checkpoints"):
+        train(tiny_model(), train_ds, None, cfg, tmp_path / "run")
+    train_ds.digest = "sha256-other"
+    with pytest.raises(UsageError, match="data_digest"):
+        train(tiny_model(), train_ds, None, cfg, tmp_path / "run", resume=True)
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, corpus, monkeypatch):
+    model, train_ds, _, cfg = _tiny_run(tmp_path, corpus, save_every=2)
+    real, calls = checkpoint.save_file, []
+
+    def flaky(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", flaky)
+    with pytest.raises(FourwallsError, match="No space left on device.*step 2 is intact"):
+        train(model, train_ds, None, cfg, tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert checkpoint.latest(ckpts)[1] == 2
+    assert [p.name for p in ckpts.iterdir()] == ["step-00000002"]  # no temporary left behind
