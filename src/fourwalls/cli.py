@@ -221,6 +221,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _report(ref: Any, result: dict[str, Any], run_dir: Path) -> None:
+    if ref is None:  # a torchrun worker other than rank 0
+        return
     val = f", validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f})" if "val_loss" in result else ""
     print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps{val}; curves in {run_dir}/loss.png")
 

@@ -143,3 +143,26 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, corpus, 
     ckpts = tmp_path / "run" / "checkpoints"
     assert checkpoint.latest(ckpts)[1] == 2
     assert [p.name for p in ckpts.iterdir()] == ["step-00000002"]  # no temporary left behind
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, corpus):
+    home = tmp_path / "home"
+    common = ["--steps", "6", "--batch-size", "4", "--seed", "1"]
+    one = subprocess.run(_pretrain_cmd(home, corpus, "one", "6", common[2:]), env=_env(home), capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr
+    cmd = _pretrain_cmd(home, corpus, "two", "6", common[2:])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                "-m", "fourwalls.cli", *cmd[3:]]
+    two = subprocess.run(torchrun, env=_env(home), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+
+    def losses(name):
+        recs = [json.loads(x) for x in (home / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if "loss" in r]
+
+    a, b = losses("one"), losses("two")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert a[-1] < a[0]
+    assert Store(home).resolve("two").manifest["lineage"]["method"] == "pretrain"  # rank 0 stored it once

@@ -98,6 +98,11 @@ def evaluate(model: nn.Module, ds: Dataset, objective: Objective, batch_size: in
     return total / max(count, 1.0)
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 when alone); only rank 0 writes files."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def _dist() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -155,6 +160,10 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += m["tokens"]
+            if world > 1:  # log the loss of the whole global batch, not this rank's share
+                t = torch.tensor([loss_sum])
+                dist.all_reduce(t)
+                loss_sum = t.item() / world
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

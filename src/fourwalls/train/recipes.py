@@ -19,7 +19,7 @@ from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.store import ModelRef, Store
 from fourwalls.tokenizer import Tokenizer
 from fourwalls.train import data as D
-from fourwalls.train.loop import TrainConfig, train
+from fourwalls.train.loop import TrainConfig, rank, train
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,7 +49,7 @@ def train_tokenizer(corpus: Path, vocab_size: int) -> Tokenizer:
 
 def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len: int = 256,
              vocab_size: int | None = None, val_fraction: float = 0.05, run_dir: Path | None = None,
-             resume: bool = False, store: Store | None = None) -> tuple[ModelRef, dict[str, Any]]:
+             resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
     """Train a tokenizer and a model from scratch on a text file; store it as ``name``."""
     store = store or Store()
     store._check_new_name(name)
@@ -61,9 +61,10 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
     if resume and tok_file.is_file():  # the tokenizer is part of the run: a resumed run reuses it
         tok = Tokenizer.from_dir(run_dir)
     else:
-        tok = train_tokenizer(data, vocab_size or base.vocab_size)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tok.save(run_dir)
+        tok = train_tokenizer(data, vocab_size or base.vocab_size)  # deterministic: every rank trains the same
+        if rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tok.save(run_dir)
     eos = tok.token_id("<|endoftext|>")
     mcfg = base.replace(name=name, vocab_size=tok.vocab_size, context_length=max(seq_len, base.context_length),
                         bos_token_id=None, eos_token_ids=(eos,))
@@ -73,6 +74,8 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
     train_ds, val_ds = D.split(D.load_text_corpus(data, tok, seq_len), val_fraction, cfg.seed)
     identity = {"method": "pretrain", "preset": preset_name, "seq_len": seq_len}
     result = train(model, train_ds, val_ds, cfg, run_dir, resume=resume, identity=identity, pad_id=eos)
+    if rank() != 0:  # only rank 0 writes to the store
+        return None, result
     lineage = {"method": "pretrain", "preset": preset_name, "data": str(data), "data_digest": train_ds.digest,
                "seq_len": seq_len, "hyperparameters": asdict(cfg), "val_loss": result.get("val_loss"),
                "command": _command()}
@@ -82,7 +85,7 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
 def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConfig, lora: Any = None,
              shape: str = "auto", max_len: int = 512, pack: bool = False, val_fraction: float = 0.1,
              val_data: Path | None = None, skip_bad_lines: bool = False, run_dir: Path | None = None,
-             resume: bool = False, store: Store | None = None) -> tuple[ModelRef, dict[str, Any]]:
+             resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
     """Fine-tune a stored model (full or LoRA) on JSONL data; store the new model or adapter as ``name``."""
     from fourwalls.model.lora import LoRAConfig, attach_lora, save_adapter
 
@@ -117,6 +120,8 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
     lineage = {"method": method, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
                "data_digest": ds.digest, "data_stats": ds.stats, "hyperparameters": asdict(cfg),
                "val_loss": result.get("val_loss"), "command": _command()}
+    if rank() != 0:  # only rank 0 writes to the store
+        return None, result
     if method == "lora":
         lineage["lora"] = asdict(lora)
         ref = store.add_adapter(name, base_ref, lambda d: save_adapter(d, model, lora, base_ref.name), lineage)
