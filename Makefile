@@ -25,7 +25,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/fourwalls chat
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.installed-test

@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
     p.add_argument("--data", required=True, help="JSONL: {text} | {instruction,input,output} | {messages}")
     p.add_argument("--format", default="auto", choices=["auto", "text", "instruct", "chat"])
-    p.add_argument("--method", default="lora", choices=["full", "lora"])
+    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"],
+                   help="qlora: the frozen base in 4-bit NF4 (less memory), LoRA on top")
     p.add_argument("--name", required=True, help="store the result under this name")
     p.add_argument("--max-len", type=int, default=512, help="longest sequence; longer ones are truncated")
     p.add_argument("--pack", action="store_true", help="pack examples into full sequences")

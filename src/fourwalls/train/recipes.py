@@ -89,8 +89,8 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
     """Fine-tune a stored model (full or LoRA) on JSONL data; store the new model or adapter as ``name``."""
     from fourwalls.model.lora import LoRAConfig, attach_lora, save_adapter
 
-    if method not in ("full", "lora"):
-        raise UsageError(f"unknown method '{method}'; choose full or lora")
+    if method not in ("full", "lora", "qlora"):
+        raise UsageError(f"unknown method '{method}'; choose full, lora or qlora")
     store = store or Store()
     store._check_new_name(name)
     base_ref = store.resolve(model_name)
@@ -109,10 +109,15 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
         train_ds = D.pack(train_ds, max_len)
     model = lm.model
     lora = lora or LoRAConfig()
-    if method == "lora":
+    if method == "qlora":  # the frozen base held in 4-bit NF4, LoRA trained on top
+        from fourwalls.model.quant import quantize_nf4
+
+        quantize_nf4(model)
+    if method != "full":
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same seed gives the same run
         attach_lora(model, lora)
     identity = {"method": method, "base_digest": lm.digest, "max_len": max_len, "pack": pack,
-                **({"lora": asdict(lora)} if method == "lora" else {})}
+                **({"lora": asdict(lora)} if method != "full" else {})}
     run_dir = _run_dir(store, name, run_dir)
     pad = eos if eos is not None else 0
     result = train(model, train_ds, val_ds, cfg, run_dir, resume=resume, identity=json.loads(json.dumps(identity)),
@@ -122,7 +127,7 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
                "val_loss": result.get("val_loss"), "command": _command()}
     if rank() != 0:  # only rank 0 writes to the store
         return None, result
-    if method == "lora":
+    if method != "full":
         lineage["lora"] = asdict(lora)
         ref = store.add_adapter(name, base_ref, lambda d: save_adapter(d, model, lora, base_ref.name), lineage)
     else:
