@@ -260,6 +260,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"stored {ref.name} ({ref.digest})")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from fourwalls.export import export_model
+
+    out = export_model(args.name, args.format, Path(args.out), args.dtype, args.force)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fourwalls.store import DEFAULT_MODEL
 
@@ -322,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--name", required=True)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a model as GGUF (llama.cpp, Ollama) or an HF folder")
+    p.add_argument("name", help="stored model or adapter (adapters are merged into their base)")
+    p.add_argument("--format", required=True, choices=["gguf", "hf"])
+    p.add_argument("--out", required=True, help="file (gguf) or folder (hf) to write")
+    p.add_argument("--dtype", default="f32", help="GGUF weight type: f32, f16 or q8_0 (default f32)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="the model store: import, list, show, rm")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)

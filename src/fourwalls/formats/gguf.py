@@ -163,7 +163,8 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], name: st
     tokens = meta.get("tokenizer.ggml.tokens")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
-    eos_ids = tuple(dict.fromkeys(i for i in (eos, eot) if i is not None))
+    eom = meta.get("tokenizer.ggml.eom_token_id")
+    eos_ids = tuple(dict.fromkeys(i for i in (eos, eot, eom) if i is not None))
     cfg = ModelConfig(
         name=name,
         arch=_ARCHS[arch_name],
@@ -175,7 +176,7 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], name: st
         n_kv_heads=count("attention.head_count_kv", n_heads),
         head_dim=positive("attention.key_length", meta.get(f"{arch_name}.attention.key_length") or dim // n_heads),
         hidden_dim=count("feed_forward_length"),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=float(f'{get("attention.layer_norm_rms_epsilon", 1e-5):.7g}'),  # stored as f32: 1e-5 not 9.99e-6
         rope_theta=float(get("rope.freq_base", 10000.0)),
         context_length=count("context_length"),
         tie_embeddings="output.weight" not in tensors,
@@ -184,15 +185,16 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], name: st
         eos_token_ids=eos_ids,
     )
     if "rope_freqs.weight" in tensors:
-        cfg = cfg.replace(rope_scaling=_llama3_scaling(cfg, _dequantize(tensors["rope_freqs.weight"])))
+        orig = meta.get(f"{arch_name}.rope.scaling.original_context_length", 8192)
+        cfg = cfg.replace(rope_scaling=_llama3_scaling(cfg, _dequantize(tensors["rope_freqs.weight"]), int(orig)))
     return cfg
 
 
-def _llama3_scaling(cfg: ModelConfig, factors: np.ndarray) -> RopeScaling:
+def _llama3_scaling(cfg: ModelConfig, factors: np.ndarray, original_context: int = 8192) -> RopeScaling:
     """llama.cpp stores Llama-3 RoPE scaling as per-frequency divisors; recover the parameters that made them."""
     from fourwalls.model.transformer import rope_inv_freq
 
-    scaling = RopeScaling(factor=float(factors.max()))
+    scaling = RopeScaling(factor=float(f"{factors.max():.7g}"), original_max_position_embeddings=original_context)
     base = rope_inv_freq(cfg.replace(rope_scaling=None))
     expected = base / rope_inv_freq(cfg.replace(rope_scaling=scaling))
     if not np.allclose(expected.numpy(), factors, rtol=1e-3):

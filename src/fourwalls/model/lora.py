@@ -2,6 +2,8 @@
 
 A LoRALinear keeps the frozen base layer and adds ``B(A(x)) * alpha / r`` with A Kaiming-initialised and B zero,
 so an untrained adapter changes nothing. ``merge_lora`` folds the product back into plain Linear layers.
+On disk an adapter is what HF PEFT writes for a ``*ForCausalLM``: ``adapter_config.json`` and
+``adapter_model.safetensors`` with keys ``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``.
 """
 
 from __future__ import annotations
@@ -21,25 +23,51 @@ from fourwalls.errors import FormatError, NotFoundError, UnsupportedError, Usage
 from fourwalls.model.transformer import Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PREFIX = "base_model.model.model."  # what PEFT writes for a LlamaForCausalLM's decoder layers
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model.model."  # PEFT's name for a *ForCausalLM's decoder ("model.") inside its wrapper
+
+# PEFT options that change what an adapter computes; fourwalls refuses a file that turns any of them on.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "use_rslora": "rank-stabilised scaling (alpha / sqrt(r))",
+    "fan_in_fan_out": "transposed (Conv1D-style) base weights",
+    "rank_pattern": "per-layer ranks",
+    "alpha_pattern": "per-layer alphas",
+    "modules_to_save": "fully trained extra modules",
+    "lora_bias": "trained LoRA bias terms",
+    "layers_to_transform": "adapting only some layers",
+    "layer_replication": "replicated layers",
+    "exclude_modules": "excluded modules",
+    "target_parameters": "LoRA on raw parameters",
+    "trainable_token_indices": "trained token embeddings",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+}
 
 
 @dataclass
 class LoRAConfig:
+    """Rank, scale (``alpha / r``), dropout and target layer names of a LoRA adapter."""
+
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = TARGETS
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        if self.r < 1:
-            raise UsageError(f"LoRA rank must be at least 1, not {self.r}")
+        # A JSON round trip of asdict() gives a list; one bare name is one target, not its letters.
+        names = self.target_modules
+        self.target_modules = (names,) if isinstance(names, str) else tuple(names)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise UsageError(f"LoRA rank r must be an integer of at least 1, not {self.r!r}")
         if not 0 <= self.dropout < 1:
-            raise UsageError("LoRA dropout must be in [0, 1)")
-        unknown = sorted(set(self.target_modules) - set(TARGETS))
-        if unknown or not self.target_modules:
-            raise UsageError(f"unknown LoRA target module(s) {unknown}; choose from {', '.join(TARGETS)}")
+            raise UsageError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
+        if not self.target_modules:
+            raise UsageError(f"LoRA needs at least one target module; choose from {', '.join(TARGETS)}")
+        unknown = [t for t in self.target_modules if t not in TARGETS]
+        if unknown:
+            raise UsageError(f"unknown LoRA target module(s) {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(TARGETS)}")
 
     @property
     def scaling(self) -> float:
@@ -47,22 +75,31 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
+    """A frozen base layer plus a trainable low-rank update: ``base(x) + B(A(dropout(x))) * alpha / r``."""
+
     def __init__(self, base: nn.Module, cfg: LoRAConfig) -> None:
         super().__init__()
-        self.base = base
-        self.lora_A = nn.Linear(base.in_features, cfg.r, bias=False)
-        self.lora_B = nn.Linear(cfg.r, base.out_features, bias=False)
+        self.base = base  # a Linear, or a quantized layer with in/out_features and dequantize() (QLoRA)
+        device = next(iter([*base.parameters(), *base.buffers()])).device
+        # fp32 adapter weights whatever the base's dtype (PEFT does the same): Adam's small steps survive.
+        self.lora_A = nn.Linear(base.in_features, cfg.r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(cfg.r, base.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.train(base.training)  # attached to a model in eval mode (serving), dropout must stay off
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        y = self.base(x)
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (update * self.scaling).to(y.dtype)
 
     def merged_weight(self) -> Tensor:
+        """``base.weight + scaling * B @ A`` in the base's dtype (a quantized base is dequantized first)."""
         base = self.base.dequantize() if hasattr(self.base, "dequantize") else self.base.weight
-        return base + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        return (base.float() + delta.to(base.device)).to(base.dtype)
 
 
 def _targets(model: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
@@ -75,10 +112,14 @@ def _targets(model: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Module, 
     return found
 
 
+def _check_no_lora(model: nn.Module) -> None:
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UsageError("this model already has LoRA layers; merge them first (merge_lora / `fourwalls merge`)")
+
+
 def attach_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Wrap the targeted layers in LoRALinear and freeze everything else; returns the layers wrapped."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise UsageError("this model already has LoRA layers; merge them first")
+    _check_no_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
     names = []
@@ -89,7 +130,7 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Replace every LoRALinear by a plain Linear with the merged weight."""
+    """Replace every LoRALinear by a plain Linear with the merged weight; the model trains as a whole again."""
     for module in list(model.modules()):
         for attr, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
@@ -100,6 +141,8 @@ def merge_lora(model: nn.Module) -> None:
                 if bias is not None:
                     merged.bias = nn.Parameter(bias.detach().clone())
                 setattr(module, attr, merged)
+    for p in model.parameters():  # attach_lora froze them
+        p.requires_grad_(True)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -114,65 +157,85 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(folder: Path, model: nn.Module, cfg: LoRAConfig, base_model: str = "") -> None:
     """Write adapter_config.json + adapter_model.safetensors, the files HF PEFT reads."""
+    weights = lora_state_dict(model)
+    if not weights:
+        raise UsageError("the model has no LoRA layers to save; attach_lora (or load_adapter) first")
     folder.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
               "lora_dropout": cfg.dropout, "target_modules": list(cfg.target_modules), "bias": "none",
               "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True,
               "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
-    save_file(lora_state_dict(model), str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.cpu() for k, v in weights.items()}, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 def read_adapter_config(folder: Path) -> LoRAConfig:
     """Parse a PEFT adapter_config.json, refusing the options fourwalls does not implement."""
-    path = folder / "adapter_config.json"
+    if not folder.is_dir():
+        raise NotFoundError(f"no such adapter folder: {folder}")
+    path = folder / CONFIG_FILE
     if not path.is_file():
-        raise NotFoundError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
+        raise NotFoundError(f"{folder} is not a LoRA adapter folder (no {CONFIG_FILE})")
     try:
-        c: dict[str, Any] = json.loads(path.read_text())
-    except ValueError as e:
+        c: Any = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise FormatError(f"{path} is not a JSON object")
     if c.get("peft_type", "LORA") != "LORA":
-        raise UnsupportedError(f"adapter type {c.get('peft_type')} is not supported; fourwalls loads LoRA")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("use_rslora", False)):
-        if c.get(key, False) != ok:
-            raise UnsupportedError(f"{path}: {key}={c.get(key)} is not supported")
-    if c.get("bias", "none") != "none" or c.get("modules_to_save") or c.get("rank_pattern") or c.get("alpha_pattern"):
-        raise UnsupportedError(f"{path}: bias terms, modules_to_save and per-layer ranks are not supported")
-    targets = c.get("target_modules") or []
+        raise UnsupportedError(f"{path}: adapter type {c.get('peft_type')} is not supported; fourwalls loads LoRA")
+    for key, what in _UNSUPPORTED.items():
+        if c.get(key):
+            raise UnsupportedError(f"{path}: {key}={json.dumps(c[key])} ({what}) is not supported")
+    if c.get("bias", "none") != "none":
+        raise UnsupportedError(f"{path}: bias={c['bias']!r} (trained base biases) is not supported; use 'none'")
+    targets = c.get("target_modules")
     if isinstance(targets, str):
-        raise UnsupportedError(f"{path}: a regex target_modules is not supported; list the module names")
+        raise UnsupportedError(f"{path}: target_modules={targets!r} (a regex or 'all-linear') is not supported; "
+                               "list the module names")
     try:
         return LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
-                          target_modules=tuple(targets))
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{path} lacks a valid {e}") from None
+                          target_modules=tuple(targets or ()))
+    except KeyError as e:
+        raise FormatError(f"{path} lacks the field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{path} has an invalid r, lora_alpha or lora_dropout ({e})") from None
     except UsageError as e:
         raise UnsupportedError(f"{path}: {e}") from None
 
 
 def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
-    """Attach a PEFT-format adapter (saved by fourwalls or by HF PEFT) to ``model``."""
+    """Attach a PEFT-format adapter (saved by fourwalls or by HF PEFT) to ``model``; returns its config."""
+    _check_no_lora(model)
     cfg = read_adapter_config(folder)
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        bin_hint = " (fourwalls loads no pickled adapter_model.bin)" if (folder / "adapter_model.bin").exists() else ""
+        raise NotFoundError(f"{folder} has no {WEIGHTS_FILE}{bin_hint}")
     try:
-        weights = load_file(str(folder / "adapter_model.safetensors"))
-    except FileNotFoundError:
-        raise NotFoundError(f"{folder} has no adapter_model.safetensors") from None
-    except (SafetensorError, OSError) as e:
-        raise FormatError(f"{folder / 'adapter_model.safetensors'} is unreadable ({e})") from None
-    attach_lora(model, cfg)
-    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
-    # PEFT names the weights with or without the adapter name ("lora_A.default.weight" in memory, not on disk).
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{path} is not a valid safetensors file ({e}); it may be truncated") from None
+    # PEFT's in-memory names carry the adapter name ("lora_A.default.weight"); files written by older code may too.
     weights = {k.replace(".default.weight", ".weight"): v for k, v in weights.items()}
-    if set(weights) != set(expected):
-        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        raise FormatError(f"adapter in {folder} does not fit this model: missing {missing[:2]}, unexpected {extra[:2]}")
+    # Check every name and shape before touching the model, so a bad file leaves it as it was.
+    expected = {}
+    for parent, attr, qual in _targets(model, cfg.target_modules):
+        layer = getattr(parent, attr)
+        expected[f"{_PREFIX}{qual}.lora_A.weight"] = (cfg.r, layer.in_features)
+        expected[f"{_PREFIX}{qual}.lora_B.weight"] = (layer.out_features, cfg.r)
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise FormatError(f"adapter in {folder} does not fit this model: missing {missing[:2]}, "
+                          f"unexpected {extra[:2]}")
+    for key, shape in expected.items():
+        if tuple(weights[key].shape) != shape:
+            raise FormatError(f"adapter tensor '{key}' has shape {tuple(weights[key].shape)}, this model and "
+                              f"r={cfg.r} imply {shape}")
+    attach_lora(model, cfg)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for key, tensor in weights.items():
-            if tensor.shape != expected[key]:
-                raise FormatError(f"adapter tensor {key} has shape {tuple(tensor.shape)}, expected "
-                                  f"{tuple(expected[key])}")
             qual, part = key.removeprefix(_PREFIX).rsplit(".", 2)[:2]
             getattr(modules[qual], part).weight.copy_(tensor)
     return cfg

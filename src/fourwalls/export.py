@@ -1,0 +1,45 @@
+"""Export a stored model (or an adapter, merged into its base) to GGUF or to an HF folder: run it anywhere."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from fourwalls.errors import UsageError
+from fourwalls.formats.gguf_write import QTYPES, write_gguf
+from fourwalls.formats.hf import write_hf
+from fourwalls.store import Store
+
+
+def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", force: bool = False,
+                 store: Store | None = None) -> Path:
+    """Write ``name_or_path`` as ``fmt`` ("gguf" or "hf") at ``out``; nothing is left half-written."""
+    if fmt not in ("gguf", "hf"):
+        raise UsageError(f"unknown export format '{fmt}'; choose gguf or hf")
+    if fmt == "gguf" and dtype not in QTYPES:
+        raise UsageError(f"unknown GGUF type '{dtype}'; choose {', '.join(QTYPES)}")
+    if fmt == "hf" and dtype != "f32":
+        raise UsageError("--dtype applies to GGUF exports; HF folders keep the stored dtype")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    lm = (store or Store()).load(name_or_path)
+    from fourwalls.model.lora import LoRALinear, merge_lora
+
+    if any(isinstance(m, LoRALinear) for m in lm.model.modules()):
+        merge_lora(lm.model)  # llama.cpp and plain transformers load full weights
+    state = lm.model.state_dict()
+    if fmt == "gguf":
+        write_gguf(out, lm.config, state, lm.tokenizer, dtype)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write_hf(tmp, lm.config, state, lm.tokenizer)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
