@@ -161,7 +161,7 @@ def cmd_models_list(args: argparse.Namespace) -> None:
         return
     print(f"{'NAME':32} {'DIGEST':19} {'ARCH':6} {'PARAMS':>8} {'DTYPE':24} {'SIZE':>9}")
     for r in rows:
-        name = r["name"] + (" (bundled)" if r["bundled"] else "")
+        name = r["name"] + (" (bundled)" if r["bundled"] else "") + (f" (on {r['base']})" if "base" in r else "")
         print(f"{name:32} {r['digest'][:19]:19} {r['architecture']:6} {r['parameters'] / 1e6:7.1f}M "
               f"{r['dtype']:24} {r['size_bytes'] / 2**20:7.1f}MB")
 

@@ -23,16 +23,18 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
         raise UsageError("--dtype applies to GGUF exports; HF folders keep the stored dtype")
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to replace it")
+    if fmt == "gguf" and out.is_dir():
+        raise UsageError(f"{out} is a folder; a GGUF export is one file, so give a file name such as {out}/model.gguf")
     lm = (store or Store()).load(name_or_path)
     from fourwalls.model.lora import LoRALinear, merge_lora
 
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):
         merge_lora(lm.model)  # llama.cpp and plain transformers load full weights
     state = lm.model.state_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf":
         write_gguf(out, lm.config, state, lm.tokenizer, dtype)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         write_hf(tmp, lm.config, state, lm.tokenizer)

@@ -299,11 +299,15 @@ def _rmtree(path: Path) -> None:
 def describe(ref: ModelRef) -> dict[str, Any]:
     """What `models show` prints: architecture, parameters, dtype, size on disk, digest, lineage."""
     if ref.kind == "adapter":
+        from safetensors import safe_open
+
         cfg_json = json.loads((ref.path / "adapter_config.json").read_text())
         size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
+        with safe_open(str(ref.path / "adapter_model.safetensors"), framework="pt") as f:
+            n_params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
         return {"name": ref.name, "digest": ref.digest, "kind": "adapter", "base": ref.manifest["base"],
                 "base_digest": ref.manifest["base_digest"], "architecture": "lora",
-                "parameters": ref.manifest.get("parameters", 0), "rank": cfg_json.get("r"),
+                "parameters": n_params, "rank": cfg_json.get("r"),
                 "alpha": cfg_json.get("lora_alpha"), "target_modules": cfg_json.get("target_modules"),
                 "dtype": "float32", "size_bytes": size, "path": str(ref.path), "bundled": False,
                 "created": ref.manifest.get("created"), "lineage": ref.manifest.get("lineage", {})}

@@ -110,7 +110,7 @@ class Tokenizer:
             template = (folder / "chat_template.jinja").read_text()
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        keep = {k: cfg[k] for k in ("add_bos_token", "add_eos_token", "model_max_length") if k in cfg}
+        keep = {k: cfg[k] for k in ("add_bos_token", "add_eos_token", "model_max_length", "gguf_pre") if k in cfg}
         return cls(backend, template, _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token")), keep)
 
     @classmethod
@@ -158,7 +158,8 @@ class Tokenizer:
             steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, vocab[bos])]))
         backend.post_processor = processors.Sequence(steps)
-        return cls(backend, meta.get("tokenizer.chat_template"), bos, eos, {"add_bos_token": add_bos})
+        # gguf_pre: the GGUF export writes the same llama.cpp pre-tokenizer name back
+        return cls(backend, meta.get("tokenizer.chat_template"), bos, eos, {"add_bos_token": add_bos, "gguf_pre": pre})
 
 
 def _token_str(tok: Any) -> str | None:

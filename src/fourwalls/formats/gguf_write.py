@@ -120,7 +120,11 @@ def _add_model_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, qtype: str) -> Non
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)  # float32, as llama.cpp requires: 1e-5 reads back as 9.99999975e-06
+    w.add_layer_norm_rms_eps(cfg.norm_eps)  # float32, as llama.cpp requires
+    if cfg.rope_scaling is not None:
+        # The rope_freqs tensor carries the scaling; the reader needs the original context to recover the
+        # parameters. llama.cpp reads this key for YaRN only, and writing no rope.scaling.factor keeps it so.
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_position_embeddings)
 
 
 def gguf_tensors(cfg: ModelConfig, state: dict[str, Tensor], qtype: str) -> dict[str, tuple[np.ndarray, Any]]:
