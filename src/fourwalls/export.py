@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+
+import torch
 
 from fourwalls.errors import UsageError
 from fourwalls.formats.gguf_write import QTYPES, write_gguf
 from fourwalls.formats.hf import write_hf
-from fourwalls.store import Store
+from fourwalls.store import DTYPES, Store
 
 
 def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", force: bool = False,
@@ -25,7 +27,9 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if fmt == "gguf" and out.is_dir():
         raise UsageError(f"{out} is a folder; a GGUF export is one file, so give a file name such as {out}/model.gguf")
-    lm = (store or Store()).load(name_or_path)
+    store = store or Store()
+    stored_dtype = DTYPES.get(store.resolve(name_or_path).manifest.get("dtype"), torch.float32)
+    lm = store.load(name_or_path, stored_dtype)  # GGUF export converts each tensor to float32 as it goes
     from fourwalls.model.lora import LoRALinear, merge_lora
 
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):
@@ -35,7 +39,8 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
     if fmt == "gguf":
         write_gguf(out, lm.config, state, lm.tokenizer, dtype)
         return out
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's permissions
+    tmp.mkdir()
     try:
         write_hf(tmp, lm.config, state, lm.tokenizer)
         if out.exists():

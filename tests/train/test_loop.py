@@ -68,7 +68,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, corpus):
     store = Store(home)
     assert store.resolve("killed").digest == store.resolve("straight").digest  # same weights, bit for bit
     steps_logged = [json.loads(line)["step"] for line in (home / "runs/killed/metrics.jsonl").read_text().splitlines()]
-    assert steps_logged[:400] == list(range(1, 401))  # no step logged twice after the resume
+    assert steps_logged[1:401] == list(range(1, 401))  # step 0 is the first validation; no step logged twice
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
@@ -98,7 +98,7 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path, corpus):
     result = train(model, train_ds, val_ds, cfg, tmp_path / "run")
     assert result["val_loss"] < before - 0.5
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum("val_loss" in r for r in recs) == 3  # steps 10, 20 and the end
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 10, 20, 30]  # before, every 10, the end
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,9 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer
     vocab = gguf_vocab(cfg, tokenizer)  # checks the tokenizer before a byte is written
     tensors = gguf_tensors(cfg, state, qtype)
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # not mkstemp: keep the umask's permissions
+    w = _Writer(tmp, cfg.arch)  # opens the file at write_header_to_file
     try:
-        w = _Writer(tmp, cfg.arch)
         _add_model_metadata(w, cfg, qtype)
         _add_vocab(w, vocab)
         for name, (data, raw_type) in tensors.items():
@@ -65,6 +63,7 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
+        w.close()
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)

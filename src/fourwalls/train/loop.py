@@ -136,6 +136,9 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics_path = run_dir / "metrics.jsonl"
     records = _load_metrics(metrics_path, step) if resume else []
+    if not resume and val_ds is not None and rank == 0:  # where the curve starts: the model before training
+        metrics_path.unlink(missing_ok=True)
+        _append_metric(metrics_path, {"step": 0, **_validation(model, val_ds, objective, cfg, pad_id)})
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
