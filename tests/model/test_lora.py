@@ -208,6 +208,8 @@ def saved(tmp_path, **config_changes):
     ({"target_modules": ["q_proj", "lm_head"]}, UnsupportedError, "lm_head"),
     ({"target_modules": "all-linear"}, UnsupportedError, "all-linear"),
     ({"peft_type": "IA3"}, UnsupportedError, "IA3"),
+    ({"kasa_config": {"k": 1}}, UnsupportedError, "kasa_config"),
+    ({"init_lora_weights": "pissa_niter_4"}, UnsupportedError, "init_lora_weights.*pissa"),
     ({"r": 8}, FormatError, r"shape \(4, 64\).*r=8"),  # config and tensors disagree
     ({"target_modules": ["q_proj"]}, FormatError, "unexpected"),
 ])

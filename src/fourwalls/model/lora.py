@@ -42,7 +42,15 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trained token embeddings",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
+    "arrow_config": "Arrow routing among adapters",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
 }
+# Initialisations that only set A and B; the others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) also rewrite the base
+# weights, and PEFT redoes that when it loads such an adapter, so it is wrong on the original base.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 @dataclass
@@ -187,6 +195,11 @@ def read_adapter_config(folder: Path) -> LoRAConfig:
     for key, what in _UNSUPPORTED.items():
         if c.get(key):
             raise UnsupportedError(f"{path}: {key}={json.dumps(c[key])} ({what}) is not supported")
+    init = c.get("init_lora_weights", True)
+    if (init.lower() if isinstance(init, str) else init) not in _PLAIN_INITS:
+        raise UnsupportedError(f"{path}: init_lora_weights={json.dumps(init)} changes the base weights or the layer "
+                               "type; convert it to plain LoRA in PEFT (save_pretrained with "
+                               "path_initial_model_for_weight_conversion)")
     if c.get("bias", "none") != "none":
         raise UnsupportedError(f"{path}: bias={c['bias']!r} (trained base biases) is not supported; use 'none'")
     targets = c.get("target_modules")
