@@ -138,12 +138,12 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, Tensor], qtype: str) -> dict
         w = state[key].detach().to(device="cpu", dtype=torch.float32)
         if cfg.arch == "llama" and (".q_proj." in key or ".k_proj." in key):
             w = _permute(w, cfg.n_heads if ".q_proj." in key else cfg.n_kv_heads)
-        out[name] = _encode(name, np.ascontiguousarray(w.numpy()), qtype)
+        out[name] = _encode(np.ascontiguousarray(w.numpy()), qtype)
     return out
 
 
 def _order(key: str) -> tuple[int, int, str]:
-    # token_embd, then the blocks in numeric order, then output_norm and output (as llama.cpp's converter writes)
+    # token_embd, then the blocks in numeric order, then output and output_norm
     if key.startswith("layers."):
         return (1, int(key.split(".")[1]), key)
     return (0 if key.startswith("embed_tokens") else 2, 0, key)
@@ -158,7 +158,7 @@ def _gguf_name(key: str) -> str:
     raise UnsupportedError(f"tensor '{key}' has no GGUF name (LoRA or quantized layers must be merged first)")
 
 
-def _encode(name: str, data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
+def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     if data.ndim != 2 or qtype == "f32":  # norms and biases stay F32, as in llama.cpp
         return data, _Q.F32
     if qtype == "f16":
