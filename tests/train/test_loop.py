@@ -166,3 +166,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path, corpus):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert a[-1] < a[0]
     assert Store(home).resolve("two").manifest["lineage"]["method"] == "pretrain"  # rank 0 stored it once
+
+
+def test_bf16_autocast_trains(tmp_path, corpus):
+    model, train_ds, _, cfg = _tiny_run(tmp_path, corpus, bf16=True, steps=2)
+    w0 = model.layers[0].mlp.up_proj.weight.clone()
+    result = train(model, train_ds, None, cfg, tmp_path / "run")
+    assert result["train_loss"] is not None and not torch.equal(w0, model.layers[0].mlp.up_proj.weight)
+    assert model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # master weights stay fp32

@@ -46,7 +46,8 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features, self.block_size = in_f, out_f, block_size
         blocks = weight.detach().float().reshape(-1, block_size)
         absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        idx = (blocks / absmax).unsqueeze(-1).sub(NF4_LEVELS).abs().argmin(-1).to(torch.uint8).flatten()
+        # Nearest level = which gap between neighbouring levels' midpoints the value falls in (no 16x temporary).
+        idx = torch.bucketize(blocks / absmax, (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2).to(torch.uint8).flatten()
         self.register_buffer("packed", (idx[0::2] << 4) | idx[1::2])
         self.register_buffer("absmax", absmax.squeeze(1))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -69,4 +70,9 @@ def quantize_nf4(model: nn.Module, block_size: int = 64) -> int:
             if isinstance(child, Linear):
                 setattr(module, child_name, NF4Linear(child.weight, child.bias, block_size))
                 count += 1
+    # Weights loaded from safetensors share one memory map of the file, which stays mapped (and resident) while any
+    # of them lives: own copies of what stays in full precision let the fp32 matrices really go.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
     return count
