@@ -11,7 +11,7 @@ from fourwalls.store import DEFAULT_MODEL, Store, describe
 from fourwalls.train import checkpoint
 from fourwalls.train.loop import TrainConfig
 from fourwalls.train.recipes import finetune, merge, pretrain
-from tests.train.test_loop import _env, _kill_after_checkpoint, corpus  # noqa: F401  (fixture)
+from tests.train.test_loop import _env, _kill_after_checkpoint
 
 CHATS = [
     ("What colour is the office door?", "The office door is painted teal."),
@@ -31,7 +31,7 @@ def chat_file(tmp_path, rows=CHATS, name="chats.jsonl"):
 
 
 @pytest.fixture
-def tiny_base(tmp_path, corpus):  # noqa: F811
+def tiny_base(tmp_path, corpus):
     store = Store(tmp_path / "home")
     pretrain(corpus, "tiny-llama", "tiny-base", TrainConfig(steps=5, progress=False), seq_len=64, vocab_size=400,
              store=store)
@@ -84,7 +84,7 @@ def test_lora_run_killed_and_resumed_is_bit_identical(tiny_base, tmp_path):
     assert store.resolve("killed").digest == store.resolve("straight").digest  # adapter weights bit for bit
 
 
-def test_resume_against_another_base_is_refused(tiny_base, tmp_path, corpus):  # noqa: F811
+def test_resume_against_another_base_is_refused(tiny_base, tmp_path, corpus):
     data = chat_file(tmp_path)
     cfg = TrainConfig(steps=4, batch_size=2, save_every=2, progress=False)
     finetune("tiny-base", data, "lora", "a1", cfg, max_len=64, store=tiny_base, run_dir=tmp_path / "run")

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +15,6 @@ from fourwalls.train.data import load_text_corpus, split
 from fourwalls.train.loop import TrainConfig, lr_at, train
 from tests.conftest import tiny_model
 from tests.test_tokenizer import byte_tokenizer
-
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    if CORPUS.is_file():
-        path.write_text(CORPUS.read_text()[:60_000])
-    else:
-        path.write_text((Path(__file__).parents[1] / "fixtures" / "english.txt").read_text() * 20)
-    return path
 
 
 def _pretrain_cmd(home, corpus, name, steps, extra=()):
