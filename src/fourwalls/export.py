@@ -6,12 +6,10 @@ import secrets
 import shutil
 from pathlib import Path
 
-import torch
-
 from fourwalls.errors import UsageError
 from fourwalls.formats.gguf_write import QTYPES, write_gguf
 from fourwalls.formats.hf import write_hf
-from fourwalls.store import DTYPES, Store
+from fourwalls.store import Store
 
 
 def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", force: bool = False,
@@ -27,9 +25,7 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if fmt == "gguf" and out.is_dir():
         raise UsageError(f"{out} is a folder; a GGUF export is one file, so give a file name such as {out}/model.gguf")
-    store = store or Store()
-    stored_dtype = DTYPES.get(store.resolve(name_or_path).manifest.get("dtype"), torch.float32)
-    lm = store.load(name_or_path, stored_dtype)  # GGUF export converts each tensor to float32 as it goes
+    lm = (store or Store()).load(name_or_path, dtype=None)  # as stored; GGUF export converts each tensor as it goes
     from fourwalls.model.lora import LoRALinear, merge_lora
 
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):

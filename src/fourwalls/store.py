@@ -160,8 +160,11 @@ class Store:
             return ModelRef(path.name, path, digest, {"source": str(path)})
         raise NotFoundError(f"model '{name_or_path}' not found; `fourwalls models list` shows what is installed")
 
-    def load(self, name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+        """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype."""
         ref = self.resolve(name_or_path)
+        if dtype is None:
+            dtype = DTYPES.get(ref.manifest.get("dtype", ""), torch.float32)
         if ref.kind == "adapter":  # the base model with the adapter attached (unmerged)
             from fourwalls.model.lora import load_adapter
 
@@ -192,7 +195,7 @@ class Store:
     def add(self, name: str, cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
             lineage: dict[str, Any] | None = None, source: str | None = None) -> ModelRef:
         """Store a model under ``name``: written to tmp/, renamed into place, then the name is pointed at it."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         manifest = {
             "created": _now(),
             "source": source,
@@ -209,7 +212,7 @@ class Store:
     def add_adapter(self, name: str, base: ModelRef, write: Callable[[Path], None],
                     lineage: dict[str, Any] | None = None) -> ModelRef:
         """Store a PEFT-format adapter (``write(folder)`` writes it) trained on the stored model ``base``."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         manifest = {"kind": "adapter", "created": _now(), "base": base.name, "base_digest": base.digest,
                     "lineage": lineage or {}}
         digest = self._write_folder(self.root / "adapters", write, "adapter_model.safetensors", manifest)
@@ -243,7 +246,7 @@ class Store:
 
     def import_model(self, path: Path, name: str, dtype: str = "auto") -> ModelRef:
         """Import a GGUF file or HF folder; GGUF weights are dequantized to fp32 unless ``dtype`` says otherwise."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         if dtype != "auto" and dtype not in DTYPES:
             raise UsageError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}")
         cfg, state, tok = read_checkpoint(path, name)
@@ -254,7 +257,7 @@ class Store:
             lineage["source_digest"] = sha256_file(path)
         return self.add(name, cfg, state, tok, lineage=lineage, source=str(path))
 
-    def _check_new_name(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
         if not _NAME.fullmatch(name):
             raise UsageError(f"invalid model name '{name}': use letters, digits, '.', '_' and '-' (max 64)")
         if self._name_file(name).exists() or name == DEFAULT_MODEL:

@@ -192,11 +192,10 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], name: st
 
 def _llama3_scaling(cfg: ModelConfig, factors: np.ndarray, original_context: int = 8192) -> RopeScaling:
     """llama.cpp stores Llama-3 RoPE scaling as per-frequency divisors; recover the parameters that made them."""
-    from fourwalls.model.transformer import rope_inv_freq
+    from fourwalls.model.transformer import rope_freq_divisors
 
     scaling = RopeScaling(factor=float(f"{factors.max():.7g}"), original_max_position_embeddings=original_context)
-    base = rope_inv_freq(cfg.replace(rope_scaling=None))
-    expected = base / rope_inv_freq(cfg.replace(rope_scaling=scaling))
+    expected = rope_freq_divisors(cfg.replace(rope_scaling=scaling))
     if not np.allclose(expected.numpy(), factors, rtol=1e-3):
         raise UnsupportedError("this GGUF's rope_freqs tensor does not match Llama-3 RoPE scaling")
     return scaling

@@ -177,10 +177,9 @@ def _permute(w: Tensor, n_heads: int) -> Tensor:
 
 def rope_freqs(cfg: ModelConfig) -> np.ndarray:
     """Llama-3 RoPE scaling as llama.cpp stores it: one divisor per frequency (plain / scaled inverse frequency)."""
-    from fourwalls.model.transformer import rope_inv_freq
+    from fourwalls.model.transformer import rope_freq_divisors
 
-    factors = rope_inv_freq(cfg.replace(rope_scaling=None)) / rope_inv_freq(cfg)
-    return factors.numpy().astype(np.float32)
+    return rope_freq_divisors(cfg).numpy().astype(np.float32)
 
 
 # --- tokenizer --------------------------------------------------------------------------------

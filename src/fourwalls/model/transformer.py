@@ -37,6 +37,11 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> Tenso
     return torch.where(medium, smoothed, scaled)
 
 
+def rope_freq_divisors(cfg: ModelConfig) -> Tensor:
+    """Llama-3 scaling as llama.cpp stores it: each frequency's divisor (plain over scaled inverse frequency)."""
+    return rope_inv_freq(cfg.replace(rope_scaling=None)) / rope_inv_freq(cfg)
+
+
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin tables for positions of shape [T] (shared) or [B, T] (per row)."""
     angles = positions.to(inv_freq.device).float()[..., None] * inv_freq

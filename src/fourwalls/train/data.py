@@ -213,7 +213,7 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
 
 def batches(ds: Dataset, batch_size: int, seed: int, pad_id: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
     """Endless batches (epoch after epoch), starting at global batch index ``start``."""
-    per_epoch = len(batch_order(len(ds), batch_size, seed, 0))
+    per_epoch = max(1, len(ds) // batch_size)  # as many batches as batch_order makes
     index = start
     while True:
         epoch, pos = divmod(index, per_epoch)

@@ -52,7 +52,7 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
              resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
     """Train a tokenizer and a model from scratch on a text file; store it as ``name``."""
     store = store or Store()
-    store._check_new_name(name)
+    store.check_new_name(name)
     base = preset(preset_name)
     run_dir = _run_dir(store, name, run_dir)
     if not data.is_file():
@@ -92,7 +92,7 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
     if method not in ("full", "lora", "qlora"):
         raise UsageError(f"unknown method '{method}'; choose full, lora or qlora")
     store = store or Store()
-    store._check_new_name(name)
+    store.check_new_name(name)
     base_ref = store.resolve(model_name)
     if base_ref.kind == "adapter":
         raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) or fine-tune its base")
@@ -143,7 +143,7 @@ def merge(adapter: str, name: str, store: Store | None = None) -> ModelRef:
     ref = store.resolve(adapter)
     if ref.kind != "adapter":
         raise UsageError(f"'{adapter}' is not an adapter; `fourwalls models list` shows which are")
-    store._check_new_name(name)
+    store.check_new_name(name)
     lm = store.load(adapter)
     merge_lora(lm.model)
     lineage = {"method": "merge", "adapter": adapter, "adapter_digest": ref.digest, "base": ref.manifest["base"],
