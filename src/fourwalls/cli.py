@@ -267,6 +267,32 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from fourwalls.engine import EngineConfig
+    from fourwalls.serve.server import ServeConfig, serve
+
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, where = spec.partition("=")
+        if not sep or not name or not where:
+            raise UsageError(f"--adapter takes NAME=PATH (a PEFT folder or a stored adapter), not {spec!r}")
+        adapters[name] = where
+    checks = [(args.max_batch >= 1, "--max-batch"), (args.max_model_len is None or args.max_model_len >= 16,
+              "--max-model-len (at least 16)"), (args.max_queue >= 0, "--max-queue"),
+              (args.prefill_chunk >= 1, "--prefill-chunk"), (args.drain_timeout >= 0, "--drain-timeout"),
+              (args.request_timeout > 0, "--request-timeout"), (args.max_body_bytes >= 1024, "--max-body-bytes")]
+    for ok, flag in checks:
+        if not ok:
+            raise UsageError(f"{flag} is out of range")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
+                          prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
+    serve(ServeConfig(args.model, args.host, args.port, adapters, Path(args.api_keys) if args.api_keys else None,
+                      engine, args.drain_timeout, args.max_body_bytes, args.log_requests))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fourwalls.store import DEFAULT_MODEL
 
@@ -337,6 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="f32", help="GGUF weight type: f32, f16 or q8_0 (default f32)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API (127.0.0.1 unless --host)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter (PEFT folder or stored adapter) under NAME (repeatable)")
+    p.add_argument("--api-keys", metavar="FILE", help="JSON file of sha256-hashed API keys with scopes and limits")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-model-len", type=int, help="tokens per request, prompt + output (default: the "
+                   "model's context, at most 4096)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens fed per step (default 256)")
+    p.add_argument("--request-timeout", type=float, default=600, help="seconds per request (default 600)")
+    p.add_argument("--drain-timeout", type=float, default=30, help="seconds SIGTERM waits for requests in "
+                   "flight (default 30)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--log-requests", action="store_true", help="log prompts and completions (off by default)")
+    p.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="the model store: import, list, show, rm")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)

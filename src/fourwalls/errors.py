@@ -27,3 +27,15 @@ class UnsupportedError(FourwallsError):
 
 class ContextLengthError(FourwallsError):
     """A prompt (plus the tokens to generate) does not fit the model's context window."""
+
+
+class OverloadedError(FourwallsError):
+    """The server cannot take the request now (queue full, draining); retry later or elsewhere."""
+
+    http_status = 503
+
+
+class RequestTimeoutError(FourwallsError):
+    """A request ran past its time limit."""
+
+    http_status = 504

@@ -92,6 +92,18 @@ class TokenInfo:
     top: list[tuple[int, float]] | None = None
 
 
+def pick(logits: Tensor, history: Tensor, p: SamplingParams, generator: torch.Generator) -> TokenInfo:
+    """Sample the next token from one row of fp32 logits, with its logprobs when asked for."""
+    info = TokenInfo(sample(apply_penalties(logits, history, p), p, generator))
+    if p.logprobs is not None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        info.logprob = float(logprobs[info.id])
+        if p.logprobs:
+            top = torch.topk(logprobs, p.logprobs)
+            info.top = list(zip(top.indices.tolist(), top.values.tolist()))
+    return info
+
+
 @dataclass
 class Chunk:
     """A piece of streamed output: new text, the tokens behind it, and why generation ended (on the last)."""
@@ -148,14 +160,8 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
             if session is not None:
                 session.tokens.extend(fed)
             pos += len(fed)
-            next_id = sample(apply_penalties(logits, history, p), p, gen)
-            info = TokenInfo(next_id)
-            if p.logprobs is not None:
-                logprobs = torch.log_softmax(logits, dim=-1)
-                info.logprob = float(logprobs[next_id])
-                if p.logprobs:
-                    top = torch.topk(logprobs, p.logprobs)
-                    info.top = list(zip(top.indices.tolist(), top.values.tolist()))
+            info = pick(logits, history, p, gen)
+            next_id = info.id
             yield info
             if next_id in eos:
                 return
@@ -172,32 +178,54 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class Detokenizer:
+    """Turns sampled tokens into streamed text; stop strings are cut and never streamed, nor is what could still
+    grow into one."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), eos_ids: Sequence[int] = ()) -> None:
+        self.tokenizer, self.stop, self.eos = tokenizer, list(stop), set(eos_ids)
+        self.decoder = tokenizer.stream_decoder()
+        self.text, self.sent = "", 0  # all text so far, and how much of it has been streamed
+        self.pending: list[TokenInfo] = []
+        self.hold = max((len(s) for s in self.stop), default=0)
+
+    def push(self, info: TokenInfo) -> Chunk | None:
+        """Take one token; return a chunk when there is text to send or the output ended (EOS or stop string)."""
+        self.pending.append(info)
+        if info.id in self.eos:
+            return self.finish("stop")
+        self.text += self.decoder.step(self.tokenizer.backend, info.id) or ""
+        text, safe = self.text, len(self.text)
+        if self.stop:
+            hits = [i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = text[:min(hits)]
+                return self.finish("stop")
+            safe -= max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if safe > self.sent:
+            chunk = Chunk(text[self.sent:safe], self.pending)
+            self.sent, self.pending = safe, []
+            return chunk
+        return None
+
+    def finish(self, reason: str) -> Chunk:
+        """The last chunk: whatever was held back, and why the output ended."""
+        chunk = Chunk(self.text[self.sent:], self.pending, reason)
+        self.sent, self.pending = len(self.text), []
+        return chunk
+
+
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,
            eos_ids: Sequence[int] = (), session: Session | None = None) -> Iterator[Chunk]:
     """Generate and detokenize incrementally; stop strings are cut from the output and never streamed."""
-    decoder = tokenizer.stream_decoder()
-    text, sent = "", 0  # all text so far, and how much of it has been streamed
-    pending: list[TokenInfo] = []
-    hold = max((len(s) for s in p.stop), default=0)
+    detok = Detokenizer(tokenizer, p.stop, eos_ids)
     for info in generate_tokens(model, prompt, p, eos_ids, session):
-        pending.append(info)
-        if info.id in eos_ids:
-            yield Chunk(text[sent:], pending, "stop")
-            return
-        text += decoder.step(tokenizer.backend, info.id) or ""
-        if p.stop:
-            hits = [i for i in (text.find(s, max(0, sent - hold)) for s in p.stop) if i >= 0]
-            if hits:
-                yield Chunk(text[sent:min(hits)], pending, "stop")
+        chunk = detok.push(info)
+        if chunk is not None:
+            yield chunk
+            if chunk.finish_reason:
                 return
-            # Hold back a tail that could still grow into a stop string.
-            safe = len(text) - max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        else:
-            safe = len(text)
-        if safe > sent:
-            yield Chunk(text[sent:safe], pending)
-            sent, pending = safe, []
-    yield Chunk(text[sent:], pending, "length")
+    yield detok.finish("length")
 
 
 def complete(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,

@@ -217,9 +217,8 @@ def read_adapter_config(folder: Path) -> LoRAConfig:
         raise UnsupportedError(f"{path}: {e}") from None
 
 
-def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
-    """Attach a PEFT-format adapter (saved by fourwalls or by HF PEFT) to ``model``; returns its config."""
-    _check_no_lora(model)
+def read_adapter(folder: Path, model: nn.Module) -> tuple[LoRAConfig, dict[str, tuple[Tensor, Tensor]]]:
+    """Read and check a PEFT-format adapter against ``model``: its config and ``{layer name: (A, B)}``."""
     cfg = read_adapter_config(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
@@ -231,7 +230,6 @@ def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
         raise FormatError(f"{path} is not a valid safetensors file ({e}); it may be truncated") from None
     # PEFT's in-memory names carry the adapter name ("lora_A.default.weight"); files written by older code may too.
     weights = {k.replace(".default.weight", ".weight"): v for k, v in weights.items()}
-    # Check every name and shape before touching the model, so a bad file leaves it as it was.
     expected = {}
     for parent, attr, qual in _targets(model, cfg.target_modules):
         layer = getattr(parent, attr)
@@ -245,10 +243,22 @@ def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
         if tuple(weights[key].shape) != shape:
             raise FormatError(f"adapter tensor '{key}' has shape {tuple(weights[key].shape)}, this model and "
                               f"r={cfg.r} imply {shape}")
+    layers = {}
+    for key in expected:
+        qual, part = key.removeprefix(_PREFIX).rsplit(".", 2)[:2]
+        if part == "lora_A":
+            layers[qual] = (weights[key], weights[f"{_PREFIX}{qual}.lora_B.weight"])
+    return cfg, layers
+
+
+def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
+    """Attach a PEFT-format adapter (saved by fourwalls or by HF PEFT) to ``model``; returns its config."""
+    _check_no_lora(model)
+    cfg, layers = read_adapter(folder, model)  # every name and shape checked first: a bad file changes nothing
     attach_lora(model, cfg)
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for key, tensor in weights.items():
-            qual, part = key.removeprefix(_PREFIX).rsplit(".", 2)[:2]
-            getattr(modules[qual], part).weight.copy_(tensor)
+        for qual, (a, b) in layers.items():
+            modules[qual].lora_A.weight.copy_(a)
+            modules[qual].lora_B.weight.copy_(b)
     return cfg

@@ -108,13 +108,17 @@ class KVCache:
     ``update`` and attends over the filled prefix only, so a decode step costs what the context costs.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
-        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.max_len = max_len
+    def __init__(self, k: list[Tensor], v: list[Tensor]) -> None:
+        self.k, self.v = k, v  # per layer [batch, kv_heads, max_len, head_dim]; views of a larger pool work too
+        self.max_len = k[0].shape[2]
         self.start = self.end = 0
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> KVCache:
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)])
 
     def prepare(self, input_pos: Tensor) -> tuple[Tensor | None, bool]:
         """Set the write window for these positions; return (attention mask, is_causal)."""
@@ -205,11 +209,12 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         w = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len or self.config.context_length, w.dtype, w.device)
+        return KVCache.allocate(self.config, batch_size, max_len or self.config.context_length, w.dtype, w.device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False) -> Tensor:
-        """Logits for ``tokens`` [B, T] at ``input_pos`` [T] (default 0..T-1); ``last_only`` keeps the last one."""
+        """Logits for ``tokens`` [B, T] at ``input_pos`` [T] (default 0..T-1), or [B, T] when each row has its own
+        positions (a cache that supports it: the serving engine's); ``last_only`` keeps the last position."""
         t = tokens.shape[1]
         if input_pos is None:
             if t > self.config.context_length:

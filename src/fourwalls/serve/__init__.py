@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: validates, authorizes and hands requests to the engine."""

@@ -1,0 +1,141 @@
+"""The FastAPI app: the OpenAI routes, health and metrics, and a gate that every request passes first."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
+
+from fourwalls.errors import FourwallsError
+from fourwalls.serve.openai import router
+from fourwalls.serve.state import ServerState, error_from, error_response
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/healthz", "/readyz",
+          "/metrics", "/openapi.json", "/docs")
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
+    app.state.fourwalls = state
+    app.include_router(router)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """Alive, and the engine loop is ticking (a stuck engine turns this red)."""
+        stalled = time.monotonic() - state.engine.last_tick
+        if not state.engine.thread.is_alive() or stalled > state.stall_timeout:
+            return error_response(503, f"the engine loop has not ticked for {stalled:.0f} s")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Ready for traffic: the model is loaded and the server is not draining."""
+        if state.draining:
+            return error_response(503, "draining")
+        if not state.engine.thread.is_alive():
+            return error_response(503, "the engine is not running")
+        return JSONResponse({"status": "ready", "model": state.lm.name, "digest": state.lm.digest})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(FourwallsError)
+    async def fourwalls_error(_: Request, e: FourwallsError) -> Response:
+        return error_from(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+        return error_response(400, message, param=loc[0] if loc else None, code=first.get("type"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> Response:
+        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, e: Exception) -> Response:
+        return error_response(500, f"internal error ({type(e).__name__})")
+
+    return Gate(app, state)  # type: ignore[return-value]
+
+
+class Gate:
+    """Pure ASGI, around the whole app: refuses work while draining, caps the body size, stamps the model digest
+    on every response and counts responses by route and status."""
+
+    def __init__(self, app: FastAPI, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    def __getattr__(self, name: str) -> Any:  # tests and tools reach app.state, app.openapi() ... through us
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, status = scope["path"], [500]
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                MutableHeaders(scope=message).append("x-fourwalls-model-digest", self.state.lm.digest)
+            await send(message)
+
+        try:
+            if self.state.draining and path.startswith("/v1/"):
+                await error_response(503, "the server is draining; retry on another replica",
+                                     headers={"Retry-After": "1", "Connection": "close"})(scope, receive, stamped)
+                return
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(receive)
+                if body is None:
+                    limit = self.state.max_body_bytes
+                    await error_response(413, f"the request body exceeds {limit} bytes",
+                                         code="request_too_large")(scope, receive, stamped)
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, stamped)
+        finally:
+            route = path if path in ROUTES else "/v1/adapters/{name}" if path.startswith("/v1/adapters/") else "other"
+            self.state.metrics.requests.labels(route, str(status[0])).inc()
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it passes the limit."""
+        limit, parts, size = self.state.max_body_bytes, [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return None
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then wait for the client to disconnect, as the server would tell us
+
+    return replay
+

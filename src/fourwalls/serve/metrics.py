@@ -1,0 +1,34 @@
+"""Prometheus metrics, named as vLLM names them (with a fourwalls_ prefix), in a registry of the app's own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fourwalls.engine import Engine
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, engine: Engine) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("fourwalls_http_requests", "HTTP requests by route and status code",
+                                ["route", "status"], registry=r)
+        self.finished = Counter("fourwalls_requests_finished", "Generations by how they ended",
+                                ["reason"], registry=r)
+        self.adapter_requests = Counter("fourwalls_adapter_requests", "Generations by LoRA adapter ('' = base)",
+                                        ["adapter"], registry=r)
+        self.ttft = Histogram("fourwalls_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY,
+                              registry=r)
+        self.itl = Histogram("fourwalls_inter_token_latency_seconds", "Time between output tokens",
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("fourwalls_e2e_request_latency_seconds", "Time from arrival to the last token",
+                             buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("fourwalls_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("fourwalls_generation_tokens", "Tokens generated", registry=r)
+        Gauge("fourwalls_num_requests_waiting", "Requests queued for a KV-cache row",
+              registry=r).set_function(lambda: engine.num_waiting)
+        Gauge("fourwalls_num_requests_running", "Requests in the running batch",
+              registry=r).set_function(lambda: engine.num_running)
+        Gauge("fourwalls_kv_cache_usage_ratio", "Fraction of the KV-cache pool in use",
+              registry=r).set_function(lambda: engine.kv_usage)

@@ -1,0 +1,304 @@
+"""The OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models, and adapter loading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fourwalls.engine import Request as EngineRequest
+from fourwalls.errors import FourwallsError, NotFoundError
+from fourwalls.generate import Chunk, SamplingParams, TokenInfo
+from fourwalls.serve.auth import ForbiddenError, Key
+from fourwalls.serve.schemas import AdapterLoad, ChatCompletionRequest, CompletionRequest, Sampling
+from fourwalls.serve.state import Batch, ServerState, error_from
+
+log = logging.getLogger("fourwalls.requests")
+router = APIRouter()
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.fourwalls
+
+
+def get_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> Key | None:
+    state = get_state(request)
+    return None if state.keys is None else state.keys.authenticate(authorization)
+
+
+State = Annotated[ServerState, Depends(get_state)]
+AuthKey = Annotated[Key | None, Depends(get_key)]
+
+
+def _params(body: Sampling, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+    seed = None if body.seed is None else (body.seed + index) & (2**63 - 1)  # n choices: n different seeds
+    return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
+                          top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          seed=seed, stop=body.stop_list(), logprobs=logprobs)
+
+
+async def _start(state: ServerState, key: Key | None, body: Sampling, prompts: list[list[int]],
+                 max_tokens: int | None, default_max: int | None, logprobs: int | None) -> Batch:
+    """Check a request against the key, the context window and the grammar, and queue its choices."""
+    adapter = state.resolve_model(body.model)
+    if key is not None:
+        if not key.may_use(body.model) and not (adapter and key.may_use(adapter)):
+            raise ForbiddenError(f"this API key may not use model '{body.model}'")
+        state.keys.admit(key, sum(map(len, prompts)) * body.n)
+    if len(body.stop_list()) > 4 or any(not s for s in body.stop_list()):
+        raise _bad("stop takes at most 4 non-empty strings", "stop")
+    requests = []
+    for prompt in prompts:
+        n = max_tokens or (default_max or state.engine.config.max_len - len(prompt))
+        state.engine.check(len(prompt), max(n, 1))
+        for i in range(body.n):
+            constraint = _constraint(state, body)
+            requests.append(EngineRequest(prompt, _params(body, n, logprobs, i), lambda ev: None, adapter,
+                                          constraint))
+    return Batch(state, requests, adapter)
+
+
+def _constraint(state: ServerState, body: Sampling) -> Any:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return state.grammars.json(None)
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise _bad("response_format json_schema needs json_schema.schema", "response_format")
+    try:
+        return state.grammars.json(fmt.json_schema.schema_)
+    except FourwallsError as e:
+        raise _bad(str(e), "response_format") from None
+
+
+def _bad(message: str, param: str) -> FourwallsError:
+    e = FourwallsError(message)
+    e.param = param  # type: ignore[attr-defined]
+    return e
+
+
+def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
+    if adapter is None:
+        return {}
+    return {"x-fourwalls-adapter-digest": state.engine.adapters[adapter].digest}
+
+
+async def _collect(batch: Batch, request: Request) -> list[list[Chunk]]:
+    """Every choice's chunks; gives up (cancelling the generation) if the client disconnects meanwhile."""
+    out: list[list[Chunk]] = [[] for _ in batch.requests]
+    events = batch.events().__aiter__()
+    try:
+        while True:
+            task = asyncio.ensure_future(events.__anext__())
+            while not task.done():
+                await asyncio.wait([task], timeout=1.0)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    raise asyncio.CancelledError
+            try:
+                i, chunk = task.result()
+            except StopAsyncIteration:
+                return out
+            out[i].append(chunk)
+    finally:
+        batch.cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(batch: Batch, frame: Any, usage: bool, key: Key | None) -> AsyncIterator[str]:
+    """Server-sent events: one frame per chunk, an optional usage frame, then [DONE]."""
+    try:
+        async for i, chunk in batch.events():
+            yield _sse(frame(i, chunk))
+        if usage:
+            yield _sse({**frame(0, None), "choices": [], "usage": _usage(batch)})
+    except FourwallsError as e:
+        yield _sse(json.loads(error_from(e).body))
+    finally:
+        batch.cancel()  # the client went away (or an error): free the engine's rows now
+        batch.spend(key)
+    yield "data: [DONE]\n\n"
+
+
+def _usage(batch: Batch) -> dict[str, int]:
+    p, c = batch.prompt_tokens, batch.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _log(state: ServerState, kind: str, prompt: Any, outputs: list[str]) -> None:
+    if state.log_requests:
+        log.info("%s prompt=%r completion=%r", kind, prompt, outputs)
+
+
+# --- routes ---------------------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def list_models(state: State, key: AuthKey) -> Any:
+    base = state.lm.name
+    data = [{"id": base, "object": "model", "created": state.created, "owned_by": "fourwalls", "root": base,
+             "parent": None, "digest": state.lm.digest, "max_model_len": state.engine.config.max_len}]
+    for name, a in list(state.engine.adapters.items()):
+        data.append({"id": name, "object": "model", "created": state.created, "owned_by": "fourwalls",
+                     "root": base, "parent": base, "digest": a.digest})
+    if key is not None:
+        data = [m for m in data if key.may_use(m["id"])]
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State,
+                      key: AuthKey) -> Response:
+    tok = state.lm.tokenizer
+    if isinstance(body.prompt, str):
+        texts, prompts = [body.prompt], [tok.encode(body.prompt)]
+    elif body.prompt and all(isinstance(x, int) for x in body.prompt):
+        vocab = state.lm.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.prompt):
+            raise _bad(f"prompt token ids must be in [0, {vocab})", "prompt")
+        texts, prompts = [tok.decode(body.prompt)], [list(body.prompt)]
+    else:
+        texts = [str(p) for p in body.prompt]
+        prompts = [tok.encode(t) for t in texts]
+    if not prompts or any(not p for p in prompts):
+        raise _bad("the prompt is empty", "prompt")
+    batch = await _start(state, key, body, prompts, body.max_tokens, 16, body.logprobs)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    headers = _headers(state, batch.adapter)
+    echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
+
+    def choice(i: int, text: str, tokens: list[TokenInfo], finish: str | None) -> dict[str, Any]:
+        lp = _completion_logprobs(state, tokens) if body.logprobs is not None else None
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    if body.stream:
+        def frame(i: int, c: Chunk | None) -> dict[str, Any]:
+            choices = [] if c is None else [choice(i, c.text, c.tokens, c.finish_reason)]
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": choices}
+
+        if body.echo:
+            raise _bad("echo is not supported with stream", "echo")
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(batch, frame, usage, key), media_type="text/event-stream",
+                                 headers=headers)
+    try:
+        outs = await _collect(batch, request)
+    finally:
+        batch.spend(key)
+    choices = [choice(i, echo[i] + "".join(c.text for c in cs), [t for c in cs for t in c.tokens],
+                      cs[-1].finish_reason) for i, cs in enumerate(outs)]
+    _log(state, "completion", texts, [c["text"] for c in choices])
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                         "choices": choices, "usage": _usage(batch)}, headers=headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
+                           key: AuthKey) -> Response:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    prompt = state.lm.tokenizer.encode_chat(messages)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    batch = await _start(state, key, body, [prompt], body.max_completion_tokens or body.max_tokens, None, logprobs)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    headers = _headers(state, batch.adapter)
+
+    def lp(tokens: list[TokenInfo]) -> dict[str, Any] | None:
+        return {"content": [_chat_logprob(state, t) for t in tokens]} if logprobs is not None else None
+
+    if body.stream:
+        started: set[int] = set()
+
+        def frame(i: int, c: Chunk | None) -> dict[str, Any]:
+            choices = []
+            if c is not None:
+                delta: dict[str, Any] = {"content": c.text}
+                if i not in started:
+                    started.add(i)
+                    delta["role"] = "assistant"
+                choices = [{"index": i, "delta": delta, "logprobs": lp(c.tokens), "finish_reason": c.finish_reason}]
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": choices}
+
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(batch, frame, usage, key), media_type="text/event-stream",
+                                 headers=headers)
+    try:
+        outs = await _collect(batch, request)
+    finally:
+        batch.spend(key)
+    choices = []
+    for i, cs in enumerate(outs):
+        tokens = [t for c in cs for t in c.tokens]
+        choices.append({"index": i, "message": {"role": "assistant", "content": "".join(c.text for c in cs)},
+                        "logprobs": lp(tokens), "finish_reason": cs[-1].finish_reason})
+    _log(state, "chat", messages, [c["message"]["content"] for c in choices])
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                         "choices": choices, "usage": _usage(batch)}, headers=headers)
+
+
+def _token_text(state: ServerState, token: int) -> str:
+    return state.lm.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _chat_logprob(state: ServerState, t: TokenInfo) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(state, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {**entry(t.id, t.logprob), "top_logprobs": [entry(i, v) for i, v in (t.top or [])]}
+
+
+def _completion_logprobs(state: ServerState, tokens: list[TokenInfo]) -> dict[str, Any]:
+    texts = [_token_text(state, t.id) for t in tokens]
+    offsets, pos = [], 0
+    for text in texts:
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{_token_text(state, i): v for i, v in (t.top or [])} for t in tokens],
+            "text_offset": offsets}
+
+
+def _admin(key: Key | None) -> None:
+    if key is not None and not key.admin:
+        raise ForbiddenError("loading and unloading adapters needs an admin API key")
+
+
+@router.post("/v1/adapters")
+async def load_adapter(body: AdapterLoad, state: State,
+                       key: AuthKey) -> Any:
+    _admin(key)
+    if body.name == state.lm.name:
+        raise _bad(f"'{body.name}' is the base model's name", "name")
+    folder = Path(body.path)
+    if not folder.is_dir():
+        ref = state.store.resolve(body.path)  # an adapter in the store, by name
+        if ref.kind != "adapter":
+            raise _bad(f"'{body.path}' is a model, not an adapter", "path")
+        folder = ref.path
+    adapter = await asyncio.to_thread(state.engine.add_adapter, body.name, folder)
+    return {"id": adapter.name, "object": "model", "parent": state.lm.name, "digest": adapter.digest}
+
+
+@router.delete("/v1/adapters/{name}")
+async def unload_adapter(name: str, state: State,
+                         key: AuthKey) -> Any:
+    _admin(key)
+    if name not in state.engine.adapters:
+        raise NotFoundError(f"adapter '{name}' is not loaded")
+    state.engine.remove_adapter(name)
+    return {"id": name, "object": "model", "deleted": True}

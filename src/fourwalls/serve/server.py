@@ -1,0 +1,97 @@
+"""Run the server: load the model, start the engine, serve with uvicorn, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from fourwalls.engine import Engine, EngineConfig
+from fourwalls.engine.grammar import Grammars
+from fourwalls.errors import UsageError
+from fourwalls.serve.app import create_app
+from fourwalls.serve.auth import KeyRing
+from fourwalls.serve.metrics import Metrics
+from fourwalls.serve.state import ServerState
+from fourwalls.store import Store
+
+log = logging.getLogger("fourwalls.serve")
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder or stored adapter name
+    api_keys: Path | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    drain_timeout: float = 30.0
+    max_body_bytes: int = 1 << 20
+    log_requests: bool = False
+    stall_timeout: float = 30.0
+
+
+def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
+    """Load the model and its adapters and start the engine (the server's state, ready to serve)."""
+    store = store or Store()
+    keys = KeyRing.load(cfg.api_keys) if cfg.api_keys else None
+    lm = store.load(cfg.model)
+    engine = Engine(lm.model, lm.tokenizer, lm.config.eos_token_ids, cfg.engine)
+    for name, where in cfg.adapters.items():
+        folder = Path(where)
+        if not folder.is_dir():
+            ref = store.resolve(where)
+            if ref.kind != "adapter":
+                raise UsageError(f"--adapter {name}={where}: '{where}' is a model, not an adapter")
+            folder = ref.path
+        engine.add_adapter(name, folder)
+    grammars = Grammars(lm.tokenizer, lm.config.vocab_size, lm.config.eos_token_ids)
+    state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
+                        cfg.stall_timeout)
+    engine.start()
+    return state
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, except that SIGTERM drains first: /readyz and new requests get 503 while the requests in
+    flight finish (up to the drain timeout), then the server exits with status 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.fw_state, self.drain_timeout = state, drain_timeout
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self.fw_state.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.fw_state.draining = True
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        engine = self.fw_state.engine
+        deadline = time.monotonic() + self.drain_timeout
+        log.info("draining: %d running, %d waiting", engine.num_running, engine.num_waiting)
+        while (engine.num_running or engine.num_waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the last responses flush
+        self.should_exit = True
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Serve ``cfg.model`` until SIGTERM (drain, then exit) or Ctrl-C."""
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: reachable from other machines; protect it with --api-keys", cfg.host)
+    state = build_state(cfg)
+    config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
+                            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
+    try:
+        _Server(config, state, cfg.drain_timeout).run()
+    finally:
+        state.engine.stop()

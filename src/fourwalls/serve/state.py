@@ -1,0 +1,127 @@
+"""What the routes share: the loaded model, its engine, and the server's settings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from fourwalls.engine import Engine, Request
+from fourwalls.engine.grammar import Grammars
+from fourwalls.errors import FourwallsError, NotFoundError
+from fourwalls.generate import Chunk
+from fourwalls.serve.auth import KeyRing
+from fourwalls.serve.metrics import Metrics
+from fourwalls.store import LoadedModel, Store
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable", 504: "timeout"}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The OpenAI error object."""
+    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_from(e: FourwallsError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after)} if hasattr(e, "retry_after") else None
+    if e.http_status == 503:
+        headers = {"Retry-After": "1"}
+    return error_response(e.http_status, str(e), getattr(e, "param", None), getattr(e, "code", None), headers)
+
+
+@dataclass
+class ServerState:
+    lm: LoadedModel
+    engine: Engine
+    grammars: Grammars
+    metrics: Metrics
+    store: Store
+    keys: KeyRing | None = None
+    max_body_bytes: int = 1 << 20
+    log_requests: bool = False
+    stall_timeout: float = 30.0
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def resolve_model(self, name: str) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 for anything else."""
+        base = self.lm.name
+        if name == base:
+            return None
+        adapter = name.removeprefix(base + ":") if name.startswith(base + ":") else name
+        if adapter in self.engine.adapters:
+            return adapter
+        e = NotFoundError(f"model '{name}' does not exist; GET /v1/models lists the base model and its adapters")
+        e.param, e.code = "model", "model_not_found"  # type: ignore[attr-defined]
+        raise e
+
+
+class Batch:
+    """The engine requests behind one API call (n choices of each prompt), read as one stream of
+    (choice index, event); records the latency metrics on the way."""
+
+    def __init__(self, state: ServerState, requests: list[Request], adapter: str | None) -> None:
+        self.state, self.requests, self.adapter = state, requests, adapter
+        self.queue: asyncio.Queue[tuple[int, Chunk | FourwallsError]] = asyncio.Queue()
+        self.open = len(requests)
+        self.start = time.monotonic()
+        self.last: list[float | None] = [None] * len(requests)
+        self.completion_tokens = 0
+        loop = asyncio.get_running_loop()
+        for i, r in enumerate(requests):
+            r.emit = lambda ev, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+        try:
+            for r in requests:
+                state.engine.submit(r)
+        except FourwallsError:
+            self.cancel()
+            raise
+        m = state.metrics
+        m.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
+        m.adapter_requests.labels(adapter or "").inc(len(requests))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt) for r in self.requests)
+
+    async def events(self) -> Any:
+        """Yield (index, chunk) until every request has finished; a failed request raises its error."""
+        m = self.state.metrics
+        while self.open:
+            i, ev = await self.queue.get()
+            now = time.monotonic()
+            if isinstance(ev, FourwallsError):
+                self.open -= 1
+                m.finished.labels("timeout" if ev.http_status == 504 else "error").inc()
+                raise ev
+            n = len(ev.tokens)
+            if n:
+                last = self.last[i]
+                if last is None:
+                    m.ttft.observe(now - self.start)
+                else:  # a chunk of several tokens (text held back for a stop string) shares the wait
+                    for _ in range(n):
+                        m.itl.observe((now - last) / n)
+                self.last[i] = now
+                self.completion_tokens += n
+                m.generation_tokens.inc(n)
+            if ev.finish_reason:
+                self.open -= 1
+                m.finished.labels(ev.finish_reason).inc()
+                m.e2e.observe(now - self.start)
+            yield i, ev
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            r.cancel()
+
+    def spend(self, key: Any) -> None:
+        if key is not None and self.state.keys is not None:
+            self.state.keys.spend(key, self.prompt_tokens + self.completion_tokens)

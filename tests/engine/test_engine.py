@@ -1,0 +1,186 @@
+"""The continuous-batching engine on tiny random models: batching must not change what a request generates."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import tokenizers
+import torch
+
+from fourwalls.engine import Engine, EngineConfig, Request
+from fourwalls.errors import ContextLengthError, FourwallsError, NotFoundError, OverloadedError, RequestTimeoutError
+from fourwalls.generate import SamplingParams, generate_tokens
+from fourwalls.model.lora import LoRAConfig, attach_lora, load_adapter, save_adapter
+from fourwalls.tokenizer import Tokenizer
+from tests.conftest import tiny_model
+
+
+def word_tokenizer(n: int = 512) -> Tokenizer:
+    vocab = {f"w{i}": i for i in range(n)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    return Tokenizer(backend)
+
+
+class Run:
+    """A request submitted to an engine, with what came back."""
+
+    def __init__(self, engine: Engine, prompt: list[int], adapter: str | None = None, **params) -> None:
+        self.events, self.done = [], threading.Event()
+        self.request = Request(prompt, SamplingParams(**params), self._emit, adapter)
+        engine.submit(self.request)
+
+    def _emit(self, ev) -> None:
+        self.events.append(ev)
+        if isinstance(ev, FourwallsError) or ev.finish_reason:
+            self.done.set()
+
+    def tokens(self, timeout: float = 60) -> list[int]:
+        assert self.done.wait(timeout), "the request did not finish"
+        assert not isinstance(self.events[-1], FourwallsError), self.events[-1]
+        return [t.id for ev in self.events for t in ev.tokens]
+
+
+@pytest.fixture
+def make_engine():
+    engines = []
+
+    def make(model, **cfg) -> Engine:
+        engine = Engine(model, word_tokenizer(), [], EngineConfig(**cfg))
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        e.stop()
+
+
+def alone(model, prompt, **params) -> list[int]:
+    return [t.id for t in generate_tokens(model, prompt, SamplingParams(**params))]
+
+
+MIXED = [  # prompt length, sampling: greedy and seeded sampling, finishing at different steps
+    (1, dict(max_new_tokens=12, temperature=0)),
+    (37, dict(max_new_tokens=5, temperature=0)),
+    (9, dict(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=1)),
+    (20, dict(max_new_tokens=3, temperature=0)),
+    (50, dict(max_new_tokens=15, temperature=1.0, top_k=20, seed=7)),
+    (4, dict(max_new_tokens=9, temperature=0, repetition_penalty=1.3)),
+    (16, dict(max_new_tokens=18, temperature=0.7, min_p=0.1, seed=3, presence_penalty=0.5)),
+    (30, dict(max_new_tokens=7, temperature=0)),
+]
+
+
+def test_a_request_generates_the_same_tokens_alone_or_in_a_mixed_batch(make_engine):
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n, _ in MIXED]
+    # 4 rows for 8 requests: some wait for a row; prompts prefill in chunks of 8 while others decode.
+    engine = make_engine(model, max_batch=4, max_len=128, prefill_chunk=8)
+    runs = [Run(engine, p, **kw) for p, (_, kw) in zip(prompts, MIXED)]
+    for run, prompt, (_, kw) in zip(runs, prompts, MIXED):
+        assert run.tokens() == alone(model, prompt, **kw)
+    assert engine.num_running == 0 and engine.kv_usage == 0
+
+
+def _random_adapter(model, folder, seed, r):
+    torch.manual_seed(seed)
+    m = copy.deepcopy(model)
+    cfg = LoRAConfig(r=r, alpha=2 * r, target_modules=("q_proj", "v_proj", "down_proj") if r == 4 else
+                     ("o_proj", "gate_proj", "up_proj"))
+    attach_lora(m, cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0)
+    save_adapter(folder, m, cfg)
+
+
+def test_requests_for_different_adapters_share_a_batch_and_match_each_adapter_alone(make_engine, tmp_path):
+    model = tiny_model()
+    _random_adapter(model, tmp_path / "a1", 1, r=4)
+    _random_adapter(model, tmp_path / "a2", 2, r=8)  # another rank and other layers: padded into one stack
+    engine = make_engine(model, max_batch=8, max_len=64)
+    engine.add_adapter("a1", tmp_path / "a1")
+    engine.add_adapter("a2", tmp_path / "a2")
+    prompt = [417, 23, 301, 77, 9, 250, 111, 480, 66, 3]
+    names = [None, "a1", "a2", "a1", None, "a2"]
+    runs = [Run(engine, prompt, name, max_new_tokens=10, temperature=0) for name in names]
+    outs = [r.tokens() for r in runs]
+    for name in ("a1", "a2"):
+        with_adapter = copy.deepcopy(model)
+        load_adapter(with_adapter, tmp_path / name)
+        expected = alone(with_adapter, prompt, max_new_tokens=10, temperature=0)
+        assert all(o == expected for o, n in zip(outs, names) if n == name)
+    base = alone(model, prompt, max_new_tokens=10, temperature=0)
+    assert outs[0] == outs[4] == base
+    assert outs[1] != base and outs[2] != base and outs[1] != outs[2]
+
+
+def test_unknown_and_removed_adapters_are_refused(make_engine, tmp_path):
+    model = tiny_model()
+    _random_adapter(model, tmp_path / "a1", 1, r=4)
+    engine = make_engine(model, max_len=64)
+    with pytest.raises(NotFoundError):
+        Run(engine, [1, 2], "a1", max_new_tokens=2)
+    engine.add_adapter("a1", tmp_path / "a1")
+    assert Run(engine, [1, 2], "a1", max_new_tokens=2, temperature=0).tokens()
+    engine.remove_adapter("a1")
+    with pytest.raises(NotFoundError):
+        Run(engine, [1, 2], "a1", max_new_tokens=2)
+
+
+def test_full_queue_is_refused_and_cancelling_frees_the_row(make_engine):
+    engine = make_engine(tiny_model(), max_batch=1, max_len=256, max_queue=1)
+    long = Run(engine, [1, 2, 3], max_new_tokens=250, temperature=0)
+    while engine.num_running == 0:
+        time.sleep(0.01)
+    queued = Run(engine, [4, 5], max_new_tokens=3, temperature=0)
+    with pytest.raises(OverloadedError):
+        Run(engine, [6], max_new_tokens=3)
+    long.request.cancel()
+    assert len(queued.tokens(timeout=10)) == 3  # it got the freed row
+    assert not long.done.is_set() or long.events[-1].finish_reason is None
+
+
+def test_a_request_past_its_timeout_ends_with_an_error(make_engine):
+    engine = make_engine(tiny_model(), max_len=256, request_timeout=0.2)
+    model_forward = engine.model.forward
+
+    def slow(*a, **kw):
+        time.sleep(0.05)
+        return model_forward(*a, **kw)
+
+    engine.model.forward = slow
+    run = Run(engine, [1, 2, 3], max_new_tokens=200, temperature=0)
+    assert run.done.wait(10)
+    assert isinstance(run.events[-1], RequestTimeoutError)
+    assert engine.num_running == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine):
+    engine = make_engine(tiny_model(), max_len=64)
+    real = engine.model.forward
+    calls = []
+
+    def broken_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*a, **kw)
+
+    engine.model.forward = broken_once
+    first = Run(engine, [1, 2, 3], max_new_tokens=4, temperature=0)
+    assert first.done.wait(10) and isinstance(first.events[-1], FourwallsError)
+    assert len(Run(engine, [1, 2, 3], max_new_tokens=4, temperature=0).tokens()) == 4
+
+
+def test_a_request_that_cannot_fit_is_refused_with_both_numbers(make_engine):
+    engine = make_engine(tiny_model(), max_len=64)
+    with pytest.raises(ContextLengthError, match="60 tokens and max_tokens is 10.*64"):
+        Run(engine, list(range(1, 61)), max_new_tokens=10)
