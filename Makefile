@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/fourwalls chat
+	$(VENV)/bin/fourwalls serve
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests benchmarks examples

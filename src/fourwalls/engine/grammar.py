@@ -24,7 +24,9 @@ class Grammars:
     def json(self, schema: dict[str, Any] | None = None) -> Constraint:
         """A constraint for JSON that fits ``schema`` (None: any JSON object). Raises UsageError if it is invalid."""
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or {"type": "object"})
+            # Compact JSON: a model left to choose its whitespace can spend its whole budget on newlines.
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or {"type": "object"},
+                                                                     defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as e:
             raise UsageError(f"invalid JSON schema: {e}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
