@@ -28,6 +28,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/fourwalls serve
 
 test: $(VENV)/.installed-test
+	scripts/install-nginx
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/pytest
 

@@ -39,3 +39,9 @@ class RequestTimeoutError(FourwallsError):
     """A request ran past its time limit."""
 
     http_status = 504
+
+
+class InternalError(FourwallsError):
+    """A bug in fourwalls, not the user's doing (the server answers 500)."""
+
+    http_status = 500

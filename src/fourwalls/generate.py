@@ -37,7 +37,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (0.01 <= self.repetition_penalty <= 10, "repetition_penalty must be in [0.01, 10]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
@@ -70,7 +70,7 @@ def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator) -> int
     """Pick the next token from one row of logits [V] (fp32)."""
     if p.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / p.temperature
+    logits = logits / max(p.temperature, 1e-4)  # a vanishing temperature must not overflow to inf - inf = nan
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -26,6 +26,7 @@ from fourwalls.engine.multilora import Adapter, AdapterSet
 from fourwalls.errors import (
     ContextLengthError,
     FourwallsError,
+    InternalError,
     NotFoundError,
     OverloadedError,
     RequestTimeoutError,
@@ -176,7 +177,7 @@ class Engine:
             except Exception as e:  # a bug must cost the requests in flight, not the server
                 log.exception("engine step failed")
                 for r in self.rows:
-                    r.emit(FourwallsError(f"internal engine error: {type(e).__name__}"))
+                    r.emit(InternalError(f"internal engine error: {type(e).__name__}"))
                 self.rows, self.decoding = [], 0
 
     def _reap(self) -> None:
@@ -245,7 +246,16 @@ class Engine:
             self._remove(i)
 
     def _sample(self, r: Request, logits: torch.Tensor) -> bool:
-        """Pick ``r``'s next token and emit what it adds; True when ``r`` is finished."""
+        """Pick ``r``'s next token and emit what it adds; True when ``r`` is finished (or failed: one request's
+        bad luck must not cost the rest of the batch)."""
+        try:
+            return self._sample_one(r, logits)
+        except Exception as e:
+            log.exception("sampling failed")
+            r.emit(InternalError(f"sampling failed: {type(e).__name__}"))
+            return True
+
+    def _sample_one(self, r: Request, logits: torch.Tensor) -> bool:
         p = r.params
         if r.constraint is not None:
             logits = r.constraint.mask(logits)

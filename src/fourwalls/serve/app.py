@@ -25,6 +25,18 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
     app.state.fourwalls = state
     app.include_router(router)
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the served model's name as the example of every ``model`` field."""
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for component in schema.get("components", {}).get("schemas", {}).values():
+                if "model" in component.get("properties", {}):
+                    component["properties"]["model"]["examples"] = [state.lm.name]
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -1,0 +1,70 @@
+"""SIGTERM drains a real `fourwalls serve` process: not ready, new work refused, work in flight finished, exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fourwalls.store import DEFAULT_MODEL, bundled_gguf
+from tests.serve.conftest import free_port
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bundled_gguf() is None, reason="the bundled model package is not installed")]
+FOURWALLS = Path(sys.executable).with_name("fourwalls")
+
+
+def start(port: int, home: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "FOURWALLS_HOME": str(home)}
+    proc = subprocess.Popen([str(FOURWALLS), "serve", "--port", str(port), "--max-model-len", "512", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the server did not become ready"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def test_sigterm_drains_then_exits_0(session_store):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(port, session_store.root, "--drain-timeout", "60")
+    try:
+        stream_lines: list[str] = []
+        body = {"model": DEFAULT_MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 60, "temperature": 0,
+                "stream": True}
+
+        def consume():
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                stream_lines.extend(ln for ln in r.iter_lines() if ln.startswith("data:"))
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        while not stream_lines:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        refused = httpx.post(f"{url}/v1/completions", json={"model": DEFAULT_MODEL, "prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+        reader.join(120)
+        assert stream_lines[-1] == "data: [DONE]"
+        last = json.loads(stream_lines[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] in ("length", "stop")  # the request in flight finished
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
