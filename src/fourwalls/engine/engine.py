@@ -33,7 +33,7 @@ from fourwalls.errors import (
     UsageError,
 )
 from fourwalls.generate import Chunk, Detokenizer, SamplingParams, pick
-from fourwalls.model.transformer import Transformer, decode_threads
+from fourwalls.model.transformer import Linear, Transformer, decode_threads
 from fourwalls.tokenizer import Tokenizer
 
 log = logging.getLogger("fourwalls.engine")
@@ -57,6 +57,7 @@ class Request:
     emit: Callable[[Event], None]
     adapter: str | None = None
     constraint: Constraint | None = None
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     # Engine state, set on submission.
     arrival: float = 0.0
     cancelled: bool = False
@@ -121,7 +122,7 @@ class Engine:
                 raise OverloadedError(f"the queue is full ({self.config.max_queue} waiting); retry later")
             req.arrival = time.monotonic()
             req.history = torch.tensor(req.prompt, dtype=torch.long)
-            req.detok = Detokenizer(self.tokenizer, req.params.stop, self.eos_ids)
+            req.detok = Detokenizer(self.tokenizer, req.params.stop, [] if req.ignore_eos else self.eos_ids)
             req.generator = req.params.generator()
             self.waiting.append(req)
         self.wake.set()
@@ -235,7 +236,7 @@ class Engine:
         tokens = torch.tensor([[r.next_input] for r in batch], device=device)
         positions = torch.tensor([[r.pos] for r in batch], device=device)
         with self.adapter_set.select([r.adapter for r in batch]), \
-                decode_threads() if len(batch) == 1 else nullcontext():
+                decode_threads() if len(batch) <= Linear.FAST_ROWS else nullcontext():
             logits = self.model(tokens, positions, self.pool.decode(len(batch)))[:, -1].float()
         done = []
         for i, r in enumerate(batch):

@@ -73,26 +73,30 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a fast path for one row at inference (decoding at batch 1).
+    """nn.Linear with a fast path for the few rows of inference decoding (one token for each of up to 32 rows).
 
-    Decoding one token reads every weight once, so its speed is the matrix-vector product's memory bandwidth.
-    Torch's CPU wheels multiply through MKL, whose sgemv reached about half of OpenBLAS's bandwidth on the AMD
-    CPUs measured here; NumPy ships OpenBLAS and a NumPy view of the weight costs nothing. Training, batches and
-    other dtypes take the ordinary path. Run torch single-threaded meanwhile (see ``decode_threads``): torch's
-    idle OpenMP workers spin and starve OpenBLAS's threads.
+    Decoding reads every weight once per step, so its speed is the matrix product's memory bandwidth. Torch's CPU
+    wheels multiply through MKL, whose sgemv reached about half of OpenBLAS's bandwidth on the AMD CPUs measured
+    here (and its small-M sgemm was slower too: 16 rows took 156 ms per step against OpenBLAS's 126); NumPy ships
+    OpenBLAS and a NumPy view of the weight costs nothing. Training, prompts and other dtypes take the ordinary
+    path. Run torch single-threaded meanwhile (see ``decode_threads``): torch's idle OpenMP workers spin and
+    starve OpenBLAS's threads.
     """
 
+    FAST_ROWS = 32
+
     def forward(self, x: Tensor) -> Tensor:
-        if (x.dim() == 3 and x.shape[0] * x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
-            y = torch.from_numpy(x.numpy() @ self.weight.detach().numpy().T)
+        if (x.dim() == 3 and x.shape[0] * x.shape[1] <= self.FAST_ROWS and x.dtype == torch.float32
+                and x.device.type == "cpu" and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
+            rows = x.reshape(-1, x.shape[-1]).numpy()
+            y = torch.from_numpy(rows @ self.weight.detach().numpy().T).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
 @contextmanager
 def decode_threads() -> Iterator[None]:
-    """Torch single-threaded while decoding one row: the matrix-vector products run on OpenBLAS's own threads."""
+    """Torch single-threaded while decoding: the matrix products run on OpenBLAS's own threads (``Linear``)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

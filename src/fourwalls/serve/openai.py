@@ -63,7 +63,7 @@ async def _start(state: ServerState, key: Key | None, body: Sampling, prompts: l
         for i in range(body.n):
             constraint = _constraint(state, body)
             requests.append(EngineRequest(prompt, _params(body, n, logprobs, i), lambda ev: None, adapter,
-                                          constraint))
+                                          constraint, body.ignore_eos))
     return Batch(state, requests, adapter)
 
 

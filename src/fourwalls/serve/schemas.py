@@ -47,6 +47,7 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (as in vLLM)")
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
