@@ -1,9 +1,11 @@
 """Many LoRA adapters over one base model, mixed in one batch.
 
-Every targetable Linear is wrapped once in a MultiLoRALinear that holds the A and B matrices of all loaded adapters
-stacked (slot 0 is "no adapter": zeros; ranks are zero-padded to the largest; B carries the adapter's alpha / r).
-Before each forward the engine sets the slot of every batch row; each row then gathers its own A and B (as in
-Punica/S-LoRA), so requests for different adapters share one batched pass over the base weights.
+Every targetable Linear is wrapped once in a MultiLoRALinear holding the A and B matrices of all loaded adapters
+side by side: A_cat [sum of ranks, in] and B_cat [out, sum of ranks] (B carries each adapter's alpha / r; an adapter
+that does not target a layer has zeros there). A step computes ``x @ A_cat^T``, zeroes in each row the columns of
+the adapters that row did not ask for, and multiplies by ``B_cat^T``: one pass over the base weights for the whole
+batch, and each adapter's weights read once per step rather than gathered once per row (as in S-LoRA/Punica, with
+dense products instead of their custom kernels).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class Adapter:
 
 
 class RowSlots:
-    """Shared by all wrapped layers: each batch row's adapter slot, or None when no row uses an adapter."""
+    """Shared by all wrapped layers: which adapter columns each batch row keeps ([rows, sum of ranks]), or None
+    when no row of the batch uses an adapter."""
 
-    idx: Tensor | None = None
+    mask: Tensor | None = None
 
 
 class MultiLoRALinear(nn.Module):
@@ -41,16 +44,16 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         self.base, self.slots = base, slots
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.A: Tensor | None = None  # [slots, r, in]
-        self.B: Tensor | None = None  # [slots, out, r]
+        self.A: Tensor | None = None  # [sum of ranks, in]
+        self.B: Tensor | None = None  # [out, sum of ranks]
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        idx = self.slots.idx
-        if idx is None or self.A is None:
+        mask = self.slots.mask
+        if mask is None or self.A is None:
             return y
-        a, b = self.A[idx], self.B[idx]  # per row
-        return y + torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2)).to(y.dtype)
+        xa = (x.to(self.A.dtype) @ self.A.T) * mask[:, None, :]  # [B, T, ranks]: each row keeps its adapter's
+        return y + (xa @ self.B.T).to(y.dtype)
 
 
 class AdapterSet:
@@ -67,7 +70,8 @@ class AdapterSet:
                     setattr(module, attr, wrapped)
                     self.layers[f"layers.{qual}.{attr}"] = wrapped
         self.adapters: dict[str, Adapter] = {}
-        self.slot_of: dict[str, int] = {}
+        self.columns: dict[str, slice] = {}  # each adapter's columns in the stacked matrices
+        self.total_rank = 0
 
     def read(self, name: str, folder: Path) -> Adapter:
         """Read and check a PEFT-format folder against the model (no change to what is served yet)."""
@@ -81,27 +85,33 @@ class AdapterSet:
     def install(self, adapters: list[Adapter]) -> None:
         """Serve exactly these adapters: restack every wrapped layer (called between engine steps)."""
         self.adapters = {a.name: a for a in adapters}
-        self.slot_of = {a.name: i + 1 for i, a in enumerate(adapters)}
-        rank = max((a.rank for a in adapters), default=0)
+        self.columns: dict[str, slice] = {}
+        start = 0
+        for a in adapters:
+            self.columns[a.name] = slice(start, start + a.rank)
+            start += a.rank
+        self.total_rank = start
         for qual, layer in self.layers.items():
             if not any(qual in a.layers for a in adapters):  # no adapter touches it: no extra work
                 layer.A = layer.B = None
                 continue
-            A = torch.zeros(len(adapters) + 1, rank, layer.in_features)
-            B = torch.zeros(len(adapters) + 1, layer.out_features, rank)
-            for i, adapter in enumerate(adapters, 1):
-                if qual in adapter.layers:
-                    a, b = adapter.layers[qual]
-                    A[i, : a.shape[0]] = a
-                    B[i, :, : b.shape[1]] = b
+            A = torch.zeros(start, layer.in_features)
+            B = torch.zeros(layer.out_features, start)
+            for a in adapters:
+                if qual in a.layers:
+                    A[self.columns[a.name]], B[:, self.columns[a.name]] = a.layers[qual]
             layer.A, layer.B = A, B
 
     @contextmanager
     def select(self, names: list[str | None]) -> Iterator[None]:
         """Within the block, batch row i uses adapter ``names[i]`` (None: the base model)."""
-        slots = [self.slot_of[n] if n else 0 for n in names]
-        self.slots.idx = torch.tensor(slots) if any(slots) else None
+        if any(names):
+            mask = torch.zeros(len(names), self.total_rank)
+            for i, name in enumerate(names):
+                if name:
+                    mask[i, self.columns[name]] = 1.0
+            self.slots.mask = mask
         try:
             yield
         finally:
-            self.slots.idx = None
+            self.slots.mask = None
