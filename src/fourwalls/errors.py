@@ -45,3 +45,25 @@ class InternalError(FourwallsError):
     """A bug in fourwalls, not the user's doing (the server answers 500)."""
 
     http_status = 500
+
+
+class AuthError(FourwallsError):
+    """No API key, or an unknown one."""
+
+    http_status = 401
+
+
+class ForbiddenError(FourwallsError):
+    """The API key may not do this (another model, or an admin route)."""
+
+    http_status = 403
+
+
+class RateLimitError(FourwallsError):
+    """A per-key budget is spent; ``retry_after`` says in how many seconds it frees up."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -21,25 +21,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fourwalls.errors import FormatError, FourwallsError
+from fourwalls.errors import AuthError, FormatError, RateLimitError
 
 WINDOW = 60.0
-
-
-class AuthError(FourwallsError):
-    http_status = 401
-
-
-class ForbiddenError(FourwallsError):
-    http_status = 403
-
-
-class RateLimitError(FourwallsError):
-    http_status = 429
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fourwalls.engine import Request as EngineRequest
-from fourwalls.errors import FourwallsError, NotFoundError
+from fourwalls.errors import ForbiddenError, FourwallsError, NotFoundError
 from fourwalls.generate import Chunk, SamplingParams, TokenInfo
-from fourwalls.serve.auth import ForbiddenError, Key
+from fourwalls.serve.auth import Key
 from fourwalls.serve.schemas import AdapterLoad, ChatCompletionRequest, CompletionRequest, Sampling
 from fourwalls.serve.state import Batch, ServerState, error_from
 
@@ -114,6 +114,19 @@ async def _collect(batch: Batch, request: Request) -> list[list[Chunk]]:
         batch.cancel()
 
 
+async def _respond(batch: Batch, body: Sampling, request: Request, key: Key | None, frame: Any,
+                   headers: dict[str, str]) -> Response | list[list[Chunk]]:
+    """A streaming response of ``frame(choice, chunk)`` events, or (not streaming) every choice's chunks."""
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(batch, frame, usage, key), media_type="text/event-stream",
+                                 headers=headers)
+    try:
+        return await _collect(batch, request)
+    finally:
+        batch.spend(key)
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -175,6 +188,8 @@ async def completions(body: CompletionRequest, request: Request, state: State,
         prompts = [tok.encode(t) for t in texts]
     if not prompts or any(not p for p in prompts):
         raise _bad("the prompt is empty", "prompt")
+    if body.echo and body.stream:
+        raise _bad("echo is not supported with stream", "echo")
     batch = await _start(state, key, body, prompts, body.max_tokens, 16, body.logprobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
@@ -184,21 +199,13 @@ async def completions(body: CompletionRequest, request: Request, state: State,
         lp = _completion_logprobs(state, tokens) if body.logprobs is not None else None
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
-    if body.stream:
-        def frame(i: int, c: Chunk | None) -> dict[str, Any]:
-            choices = [] if c is None else [choice(i, c.text, c.tokens, c.finish_reason)]
-            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": choices}
+    def frame(i: int, c: Chunk | None) -> dict[str, Any]:
+        choices = [] if c is None else [choice(i, c.text, c.tokens, c.finish_reason)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
 
-        if body.echo:
-            raise _bad("echo is not supported with stream", "echo")
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(batch, frame, usage, key), media_type="text/event-stream",
-                                 headers=headers)
-    try:
-        outs = await _collect(batch, request)
-    finally:
-        batch.spend(key)
+    outs = await _respond(batch, body, request, key, frame, headers)
+    if isinstance(outs, Response):
+        return outs
     choices = [choice(i, echo[i] + "".join(c.text for c in cs), [t for c in cs for t in c.tokens],
                       cs[-1].finish_reason) for i, cs in enumerate(outs)]
     _log(state, "completion", texts, [c["text"] for c in choices])
@@ -219,27 +226,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     def lp(tokens: list[TokenInfo]) -> dict[str, Any] | None:
         return {"content": [_chat_logprob(state, t) for t in tokens]} if logprobs is not None else None
 
-    if body.stream:
-        started: set[int] = set()
+    started: set[int] = set()
 
-        def frame(i: int, c: Chunk | None) -> dict[str, Any]:
-            choices = []
-            if c is not None:
-                delta: dict[str, Any] = {"content": c.text}
-                if i not in started:
-                    started.add(i)
-                    delta["role"] = "assistant"
-                choices = [{"index": i, "delta": delta, "logprobs": lp(c.tokens), "finish_reason": c.finish_reason}]
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": choices}
+    def frame(i: int, c: Chunk | None) -> dict[str, Any]:
+        choices = []
+        if c is not None:
+            delta: dict[str, Any] = {"content": c.text}
+            if i not in started:
+                started.add(i)
+                delta["role"] = "assistant"
+            choices = [{"index": i, "delta": delta, "logprobs": lp(c.tokens), "finish_reason": c.finish_reason}]
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": choices}
 
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(batch, frame, usage, key), media_type="text/event-stream",
-                                 headers=headers)
-    try:
-        outs = await _collect(batch, request)
-    finally:
-        batch.spend(key)
+    outs = await _respond(batch, body, request, key, frame, headers)
+    if isinstance(outs, Response):
+        return outs
     choices = []
     for i, cs in enumerate(outs):
         tokens = [t for c in cs for t in c.tokens]
