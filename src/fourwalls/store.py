@@ -160,6 +160,16 @@ class Store:
             return ModelRef(path.name, path, digest, {"source": str(path)})
         raise NotFoundError(f"model '{name_or_path}' not found; `fourwalls models list` shows what is installed")
 
+    def adapter_folder(self, where: str) -> Path:
+        """A LoRA adapter's PEFT folder: ``where`` itself if it is a folder, else the stored adapter of that name."""
+        folder = Path(where)
+        if folder.is_dir():
+            return folder
+        ref = self.resolve(where)
+        if ref.kind != "adapter":
+            raise UsageError(f"'{where}' is a model, not an adapter")
+        return ref.path
+
     def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
         """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype."""
         ref = self.resolve(name_or_path)

@@ -8,17 +8,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fourwalls.engine import Request as EngineRequest
-from fourwalls.errors import ForbiddenError, FourwallsError, NotFoundError
+from fourwalls.errors import ForbiddenError, FourwallsError, NotFoundError, UsageError
 from fourwalls.generate import Chunk, SamplingParams, TokenInfo
 from fourwalls.serve.auth import Key
-from fourwalls.serve.schemas import AdapterLoad, ChatCompletionRequest, CompletionRequest, Sampling
+from fourwalls.serve.schemas import MAX_STOP, AdapterLoad, ChatCompletionRequest, CompletionRequest, Sampling
 from fourwalls.serve.state import Batch, ServerState, error_from
 
 log = logging.getLogger("fourwalls.requests")
@@ -46,7 +45,7 @@ def _params(body: Sampling, max_tokens: int, logprobs: int | None, index: int) -
                           seed=seed, stop=body.stop_list(), logprobs=logprobs)
 
 
-async def _start(state: ServerState, key: Key | None, body: Sampling, prompts: list[list[int]],
+def _start(state: ServerState, key: Key | None, body: Sampling, prompts: list[list[int]],
                  max_tokens: int | None, default_max: int | None, logprobs: int | None) -> Batch:
     """Check a request against the key, the context window and the grammar, and queue its choices."""
     adapter = state.resolve_model(body.model)
@@ -54,8 +53,8 @@ async def _start(state: ServerState, key: Key | None, body: Sampling, prompts: l
         if not key.may_use(body.model) and not (adapter and key.may_use(adapter)):
             raise ForbiddenError(f"this API key may not use model '{body.model}'")
         state.keys.admit(key, sum(map(len, prompts)) * body.n)
-    if len(body.stop_list()) > 4 or any(not s for s in body.stop_list()):
-        raise _bad("stop takes at most 4 non-empty strings", "stop")
+    if len(body.stop_list()) > MAX_STOP or any(not s for s in body.stop_list()):
+        raise _bad(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
     requests = []
     for prompt in prompts:
         n = max_tokens or (default_max or state.engine.config.max_len - len(prompt))
@@ -190,7 +189,7 @@ async def completions(body: CompletionRequest, request: Request, state: State,
         raise _bad("the prompt is empty", "prompt")
     if body.echo and body.stream:
         raise _bad("echo is not supported with stream", "echo")
-    batch = await _start(state, key, body, prompts, body.max_tokens, 16, body.logprobs)
+    batch = _start(state, key, body, prompts, body.max_tokens, 16, body.logprobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
     echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
@@ -219,7 +218,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     prompt = state.lm.tokenizer.encode_chat(messages)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    batch = await _start(state, key, body, [prompt], body.max_completion_tokens or body.max_tokens, None, logprobs)
+    batch = _start(state, key, body, [prompt], body.max_completion_tokens or body.max_tokens, None, logprobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
 
@@ -286,12 +285,10 @@ async def load_adapter(body: AdapterLoad, state: State,
     _admin(key)
     if body.name == state.lm.name:
         raise _bad(f"'{body.name}' is the base model's name", "name")
-    folder = Path(body.path)
-    if not folder.is_dir():
-        ref = state.store.resolve(body.path)  # an adapter in the store, by name
-        if ref.kind != "adapter":
-            raise _bad(f"'{body.path}' is a model, not an adapter", "path")
-        folder = ref.path
+    try:
+        folder = state.store.adapter_folder(body.path)
+    except UsageError as e:
+        raise _bad(str(e), "path") from None
     adapter = await asyncio.to_thread(state.engine.add_adapter, body.name, folder)
     return {"id": adapter.name, "object": "model", "parent": state.lm.name, "digest": adapter.digest}
 

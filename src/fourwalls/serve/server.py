@@ -45,13 +45,10 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
     lm = store.load(cfg.model)
     engine = Engine(lm.model, lm.tokenizer, lm.config.eos_token_ids, cfg.engine)
     for name, where in cfg.adapters.items():
-        folder = Path(where)
-        if not folder.is_dir():
-            ref = store.resolve(where)
-            if ref.kind != "adapter":
-                raise UsageError(f"--adapter {name}={where}: '{where}' is a model, not an adapter")
-            folder = ref.path
-        engine.add_adapter(name, folder)
+        try:
+            engine.add_adapter(name, store.adapter_folder(where))
+        except UsageError as e:
+            raise UsageError(f"--adapter {name}={where}: {e}") from None
     grammars = Grammars(lm.tokenizer, lm.config.vocab_size, lm.config.eos_token_ids)
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
                         cfg.stall_timeout)

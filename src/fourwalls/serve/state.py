@@ -84,7 +84,7 @@ class Batch:
             self.cancel()
             raise
         m = state.metrics
-        m.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
+        m.prompt_tokens.inc(self.prompt_tokens)
         m.adapter_requests.labels(adapter or "").inc(len(requests))
 
     @property
