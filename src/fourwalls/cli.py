@@ -253,6 +253,22 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from fourwalls.compress.distill import distill
+    from fourwalls.store import Store
+
+    cfg = _train_config(args)
+    ref, result = distill(args.teacher, args.name, Path(args.data), cfg, student_layers=args.student_layers,
+                          student_preset=args.student_preset, temperature=args.temperature, alpha=args.alpha,
+                          beta=args.beta, seq_len=args.seq_len, cache_teacher=args.cache_teacher,
+                          cache_top_k=args.cache_top_k, val_fraction=args.val_fraction, run_dir=args.run_dir,
+                          resume=bool(args.resume))
+    _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
+    if ref is not None:
+        print(f"student vs teacher on held-out data: cross-entropy {result['val_ce']:.4f}, "
+              f"KL {result['val_kl']:.4f} nats/token")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from fourwalls.train.recipes import merge
 
@@ -265,6 +281,36 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = export_model(args.name, args.format, Path(args.out), args.dtype, args.force)
     print(f"wrote {out}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from fourwalls.compress.quantize import quantize
+
+    ref, r = quantize(args.model, args.scheme, args.name, group_size=args.group_size,
+                      calibration=Path(args.calibration) if args.calibration else None, samples=args.samples)
+    size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
+    awq = f", AWQ mean alpha {r['awq_mean_alpha']:.2f}" if "awq_mean_alpha" in r else ""
+    print(f"stored {ref.name} ({ref.digest}): {args.scheme}, {size / 2**20:.0f} MB on disk{awq}; "
+          f"`fourwalls compare {args.model} {ref.name} --text FILE` shows what it cost")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from fourwalls.eval.compare import compare, table
+
+    rows = compare(args.models, Path(args.text), Path(args.out), decode_tokens=args.decode_tokens)
+    print(table(rows))
+    print(f"wrote {args.out}/compare.md, compare.json and compare.png")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from fourwalls.compress.prune import prune
+
+    ref, r = prune(args.model, args.method, args.sparsity, args.name, pattern=args.pattern,
+                   calibration=Path(args.calibration) if args.calibration else None, samples=args.samples)
+    print(f"stored {ref.name} ({ref.digest}): {r['sparsity_pruned_layers']:.2%} of the weights of {r['layers']} "
+          f"linear layers zeroed, {r['sparsity_all']:.2%} of all parameters")
+    print(f"stored dense in fp32 ({r['size_bytes'] / 2**20:.0f} MB): as large as the unpruned model in fp32 and no "
+          "faster to decode on this CPU (no sparse kernels)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -351,6 +397,26 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p, lr=2e-4, steps=100)
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("distill", help="train a smaller student to match a teacher model (knowledge distillation)")
+    p.add_argument("--teacher", required=True, help="stored name or path of the teacher")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--student-layers", type=int, metavar="K",
+                   help="keep K of the teacher's layers, evenly spaced with first and last (weights copied)")
+    g.add_argument("--student-preset", metavar="P", help="a smaller preset, randomly initialised, teacher's vocab")
+    p.add_argument("--data", required=True, help="a UTF-8 text file, or JSONL (*.jsonl) as finetune reads it")
+    p.add_argument("--name", required=True, help="store the student under this name")
+    p.add_argument("--temperature", type=float, default=2.0, help="softens both distributions (default 2)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the data's cross-entropy (default 0.5)")
+    p.add_argument("--beta", type=float, default=0.5,
+                   help="weight of the temperature²-scaled KL to the teacher (default 0.5)")
+    p.add_argument("--seq-len", type=int, default=256, help="text block length / longest JSONL example")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--cache-teacher", nargs="?", const=True, default=False, type=Path, metavar="DIR",
+                   help="compute the teacher's top-k logits once and reuse them (default DIR: the store's cache)")
+    p.add_argument("--cache-top-k", type=int, default=64, help="logits kept per token in the cache (default 64)")
+    _train_flags(p, lr=5e-4, steps=200)
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model")
     p.add_argument("adapter")
     p.add_argument("--name", required=True)
@@ -360,9 +426,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="stored model or adapter (adapters are merged into their base)")
     p.add_argument("--format", required=True, choices=["gguf", "hf"])
     p.add_argument("--out", required=True, help="file (gguf) or folder (hf) to write")
-    p.add_argument("--dtype", default="f32", help="GGUF weight type: f32, f16 or q8_0 (default f32)")
+    p.add_argument("--dtype", default="f32", help="GGUF weight type: f32, f16, q8_0, q4_0 or q4_1 (default f32)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="weight-only int8/int4 quantization (or a bf16/fp16 cast) of a model")
+    p.add_argument("model", help="stored name or path")
+    p.add_argument("--scheme", required=True, choices=["int8", "int4", "bf16", "fp16"],
+                   help="int8: per output channel; int4: per group of input weights")
+    p.add_argument("--group-size", type=int, default=64, help="int4: weights sharing one scale; must divide the "
+                   "layer widths (default 64)")
+    p.add_argument("--calibration", metavar="FILE", help="int4: text to calibrate activation-aware scales on (AWQ)")
+    p.add_argument("--samples", type=int, default=16, help="calibration blocks of 256 tokens (default 16)")
+    p.add_argument("--name", required=True, help="store the result under this name")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("compare", help="size, memory, speed and perplexity of model variants, side by side")
+    p.add_argument("models", nargs="+", help="stored names or paths; the first is the reference")
+    p.add_argument("--text", required=True, help="UTF-8 text to measure perplexity on (your own data)")
+    p.add_argument("--out", default="compare-report", help="folder for compare.md/.json/.png (default "
+                   "./compare-report)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed per model (default 64)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("prune", help="zero a fraction of each linear layer's weights (magnitude or Wanda)")
+    p.add_argument("model", help="stored name or path")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda"],
+                   help="magnitude: |W|; wanda: |W| times the input's norm on --calibration text")
+    p.add_argument("--sparsity", type=float, help="fraction of each row's weights to zero, e.g. 0.5")
+    p.add_argument("--pattern", metavar="N:M", help="keep N of every M consecutive weights, e.g. 2:4 (sparsity 0.5)")
+    p.add_argument("--calibration", metavar="FILE", help="text file the wanda scores are measured on")
+    p.add_argument("--samples", type=int, default=32, help="calibration blocks of 256 tokens (default 32)")
+    p.add_argument("--name", required=True, help="store the result under this name")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API (127.0.0.1 unless --host)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")

@@ -30,15 +30,19 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
 
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):
         merge_lora(lm.model)  # llama.cpp and plain transformers load full weights
+    if lm.config.quantization:  # llama.cpp and transformers know their own block formats, not ours: re-encode
+        from fourwalls.model.quant import dequantize_model
+
+        dequantize_model(lm.model)
     state = lm.model.state_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf":
-        write_gguf(out, lm.config, state, lm.tokenizer, dtype)
+        write_gguf(out, lm.model.config, state, lm.tokenizer, dtype)
         return out
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's permissions
     tmp.mkdir()
     try:
-        write_hf(tmp, lm.config, state, lm.tokenizer)
+        write_hf(tmp, lm.model.config, state, lm.tokenizer)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)

@@ -145,7 +145,7 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
     gen = p.generator()
     eos = set(eos_ids)
     history = torch.tensor(prompt, dtype=torch.long)
-    device = model.embed_tokens.weight.device
+    device = model.device
     fed = list(prompt[reuse:])
     pos = reuse
     with torch.inference_mode():
@@ -153,7 +153,7 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
             tokens = torch.tensor([fed], dtype=torch.long, device=device)
             input_pos = torch.arange(pos, pos + len(fed), device=device)
             if len(fed) == 1:
-                with decode_threads():
+                with decode_threads(model):
                     logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
             else:
                 logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()

@@ -102,17 +102,20 @@ class LoadedModel:
 
 
 def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Transformer:
-    """A Transformer holding ``state`` (cast to ``dtype``), without allocating random weights first."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    state = {k: v.to(dtype) for k, v in state.items()}
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    """A Transformer holding ``state`` (float tensors cast to ``dtype``), without allocating random weights first.
+
+    A quantized model (``cfg.quantization``) gets its quantized layers; their integer tensors stay as stored.
+    """
+    from fourwalls.model.quant import skeleton, tie
+
+    model = skeleton(cfg)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
+             if not (cfg.tie_embeddings and k.startswith("lm_head."))}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (cfg.tie_embeddings and k.startswith("lm_head."))]
     if missing or unexpected:
         raise FormatError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
+    tie(model)
     return model.eval()
 
 
@@ -211,7 +214,8 @@ class Store:
             "source": source,
             "arch": cfg.arch,
             "parameters": cfg.num_parameters,
-            "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
+            "dtype": (cfg.quantization or {}).get("scheme")
+            or str(next(v.dtype for v in state.values() if v.is_floating_point())).removeprefix("torch."),
             "lineage": lineage or {},
         }
         digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), WEIGHTS,

@@ -79,8 +79,7 @@ class Engine:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
         self.config = config or EngineConfig()
         self.config.max_len = min(self.config.max_len, model.config.context_length)
-        w = model.embed_tokens.weight
-        self.pool = KVPool(model.config, self.config.max_batch, self.config.max_len, w.dtype, w.device)
+        self.pool = KVPool(model.config, self.config.max_batch, self.config.max_len, model.dtype, model.device)
         self.adapter_set = AdapterSet(model)
         self.adapters: dict[str, Adapter] = {}  # what requests may name; installed at the next step
         self.rows: list[Request] = []  # row i of the pool; decoding requests first, then those prefilling
@@ -219,7 +218,7 @@ class Engine:
         i = self.decoding
         r = self.rows[i]
         chunk = r.prompt[r.pos: r.pos + self.config.prefill_chunk]
-        device = self.model.embed_tokens.weight.device
+        device = self.model.device
         tokens = torch.tensor([chunk], device=device)
         positions = torch.arange(r.pos, r.pos + len(chunk), device=device)
         with self.adapter_set.select([r.adapter]):
@@ -232,11 +231,11 @@ class Engine:
 
     def _decode(self) -> None:
         batch = self.rows[: self.decoding]
-        device = self.model.embed_tokens.weight.device
+        device = self.model.device
         tokens = torch.tensor([[r.next_input] for r in batch], device=device)
         positions = torch.tensor([[r.pos] for r in batch], device=device)
         with self.adapter_set.select([r.adapter for r in batch]), \
-                decode_threads() if len(batch) <= Linear.FAST_ROWS else nullcontext():
+                decode_threads(self.model) if len(batch) <= Linear.FAST_ROWS else nullcontext():
             logits = self.model(tokens, positions, self.pool.decode(len(batch)))[:, -1].float()
         done = []
         for i, r in enumerate(batch):

@@ -24,9 +24,10 @@ from fourwalls.model.config import ModelConfig
 from fourwalls.tokenizer import _GPT2_PRES, _LLAMA3_SPLIT, _QWEN2_SPLIT, _SPLITS, Tokenizer
 
 _Q = gguf.GGMLQuantizationType
-QTYPES = {"f32": _Q.F32, "f16": _Q.F16, "q8_0": _Q.Q8_0}
+QTYPES = {"f32": _Q.F32, "f16": _Q.F16, "q8_0": _Q.Q8_0, "q4_0": _Q.Q4_0, "q4_1": _Q.Q4_1}
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+               "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
 _GGUF_NAMES = {v: k for k, v in _TOP_NAMES.items()} | {v: k for k, v in _LAYER_NAMES.items()}
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = (int(t) for t in (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL,
                                                                 gguf.TokenType.USER_DEFINED, gguf.TokenType.UNUSED))
@@ -36,7 +37,9 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer
                qtype: str = "f32") -> None:
     """Write a model as one GGUF file that llama.cpp (and Ollama) loads, atomically (temp file, fsync, rename).
 
-    ``qtype``: f32; f16 or q8_0 for the 2-D weight matrices (norms, biases and RoPE factors stay F32).
+    ``qtype``: f32; f16, q8_0, q4_0 or q4_1 for the 2-D weight matrices (norms, biases and RoPE factors stay
+    F32; 4-bit files keep the embedding table in q8_0). fourwalls' int4 (asymmetric, groups of 32) maps onto
+    q4_1 almost exactly; q4_0 is symmetric and re-rounds every weight.
     """
     if qtype not in QTYPES:
         raise UsageError(f"unknown GGUF type '{qtype}'; choose {', '.join(QTYPES)}")
@@ -138,7 +141,9 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, Tensor], qtype: str) -> dict
         w = state[key].detach().to(device="cpu", dtype=torch.float32)
         if cfg.arch == "llama" and (".q_proj." in key or ".k_proj." in key):
             w = _permute(w, cfg.n_heads if ".q_proj." in key else cfg.n_kv_heads)
-        out[name] = _encode(np.ascontiguousarray(w.numpy()), qtype)
+        # As llama.cpp's Q4_0 files do, the embedding table (and the head, tied to it here) keeps more bits: 8.
+        tensor_qtype = "q8_0" if qtype.startswith("q4") and key in ("embed_tokens.weight", "lm_head.weight") else qtype
+        out[name] = _encode(np.ascontiguousarray(w.numpy()), tensor_qtype)
     return out
 
 
@@ -164,7 +169,7 @@ def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     if qtype == "f16":
         return data.astype(np.float16), _Q.F16
     try:
-        return gguf.quants.quantize(data, _Q.Q8_0), _Q.Q8_0
+        return gguf.quants.quantize(data, QTYPES[qtype]), QTYPES[qtype]
     except gguf.QuantError:  # a row length that is not a multiple of 32: llama.cpp's converter falls back to F16
         return data.astype(np.float16), _Q.F16
 

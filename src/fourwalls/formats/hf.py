@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -77,13 +76,13 @@ def read_hf(folder: Path, name: str | None = None) -> tuple[ModelConfig, dict[st
 
 def check_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> None:
     """Refuse weights whose names or shapes do not fit the config, naming the first mismatch."""
-    from fourwalls.model.transformer import Transformer
+    from fourwalls.model.quant import skeleton
 
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-        state.pop("lm_head.weight", None)
+    expected = {k: v.shape for k, v in skeleton(cfg).state_dict().items()}
+    if cfg.tie_embeddings:  # the head is the embedding table
+        for table in (expected, state):
+            for key in [k for k in table if k.startswith("lm_head.")]:
+                del table[key]
     for key, shape in expected.items():
         if key not in state:
             raise FormatError(f"checkpoint lacks tensor '{key}'")
@@ -98,9 +97,9 @@ def write_hf(folder: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer
              metadata: dict[str, str] | None = None) -> None:
     """Write an HF-compatible folder (the caller picks the folder; the store makes it atomic)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.contiguous()
-               for k, v in state.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    dtype = next(iter(tensors.values())).dtype
+    tensors = {(k if k.startswith("lm_head.") else f"model.{k}"): v.contiguous()
+               for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
+    dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())  # quantized weights are int8/uint8
     hf = cfg.to_hf()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", **(metadata or {})})

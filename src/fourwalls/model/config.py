@@ -40,6 +40,8 @@ class ModelConfig:
     qkv_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    # Weight-only quantization of the stored weights (model/quant.py's QuantConfig as a dict), None for float.
+    quantization: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +91,10 @@ class ModelConfig:
             )
         elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
             raise UnsupportedError(f"rope scaling '{rs.get('rope_type', rs.get('type'))}' is not supported")
+        quant = hf.get("quantization_config")
+        if quant is not None and quant.get("quant_method") != "fourwalls":
+            raise UnsupportedError(f"'{quant.get('quant_method')}' quantized checkpoints are not supported; import "
+                                   "the float model and `fourwalls quantize` it")
         theta = hf.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
         eos = hf.get("eos_token_id", 2)
         n_heads = hf["num_attention_heads"]
@@ -110,6 +116,7 @@ class ModelConfig:
             qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            quantization={k: v for k, v in quant.items() if k != "quant_method"} if quant else None,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -138,6 +145,8 @@ class ModelConfig:
             hf["mlp_bias"] = False
         if self.rope_scaling is not None:
             hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if self.quantization is not None:
+            hf["quantization_config"] = {"quant_method": "fourwalls", **self.quantization}
         return hf
 
 

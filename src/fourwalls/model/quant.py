@@ -1,5 +1,11 @@
 """Quantized linear layers, swapped in for Linear like LoRA is.
 
+Weight-only int8 and int4 (for deployment): the weights are held in 8 or 4 bits and multiplied by torch's CPU kernels
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with bf16 activations, the only dtype those kernels are
+fast with; everything between the matrix products (norms, RoPE, attention, the KV cache) stays in the model's dtype.
+The embedding table and the output head are held in int8 in both schemes, as one table when they are tied; llama.cpp
+likewise keeps the output head above 4 bits, where quantization error costs the most.
+
 NF4 (QLoRA's 4-bit NormalFloat, Dettmers et al. 2023): blocks of 64 weights share an absmax scale and each weight is
 the index of the nearest of 16 levels placed at quantiles of a normal distribution. The frozen base of a QLoRA run
 is held this way; the matrix is dequantized one layer at a time, in forward and again in backward, so no fp32 copy
@@ -8,12 +14,16 @@ of the base outlives a layer's matmul.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
-from fourwalls.model.transformer import Linear
+from fourwalls.model.config import ModelConfig
+from fourwalls.model.transformer import Linear, Transformer
 
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -76,3 +86,255 @@ def quantize_nf4(model: nn.Module, block_size: int = 64) -> int:
         for p in model.parameters():
             p.data = p.data.clone()
     return count
+
+
+SCHEMES = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model's weights are quantized; stored in config.json as ``quantization_config``."""
+
+    scheme: str  # "int8": symmetric, one scale per output channel; "int4": asymmetric, per group of input weights
+    group_size: int = 64  # int4: input weights sharing one scale and zero
+    input_scales: bool = False  # int4: each layer divides its input by per-channel scales (AWQ-style calibration)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise UsageError(f"unknown quantization scheme '{self.scheme}'; choose {', '.join(SCHEMES)}")
+        if self.scheme == "int4" and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise UsageError(f"group size {self.group_size} must be a power of two, at least 16 (32, 64, 128)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) if self.scheme == "int4" else {"scheme": "int8"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        return cls(**{k: d[k] for k in ("scheme", "group_size", "input_scales") if k in d})
+
+
+def _bf16_rows(x: Tensor, width: int) -> Tensor:
+    return x.reshape(-1, width).to(torch.bfloat16)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: ``w = q * scale`` with q in [-127, 127] and one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._kernel_scale: tuple[Tensor, Tensor] | None = None  # (weight_scale it was made from, its bf16 copy)
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
+        m = cls(weight.shape[1], weight.shape[0], bias is not None)
+        m.weight, m.weight_scale = quantize_int8(weight)
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
+        return m
+
+    def dequantize(self) -> Tensor:
+        return self.weight.float() * self.weight_scale.float()[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._kernel_scale is None or self._kernel_scale[0] is not self.weight_scale:
+            self._kernel_scale = (self.weight_scale, self.weight_scale.to(torch.bfloat16))
+        y = torch.ops.aten._weight_int8pack_mm(_bf16_rows(x, self.in_features), self.weight, self._kernel_scale[1])
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: (q, scale) with ``weight ≈ q * scale[:, None]``."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table in int8 with one scale per token; the tied output head reads the same two tensors."""
+
+    def __init__(self, num_embeddings: int, dim: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_embeddings, dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight).to(self.weight_scale.dtype) * self.weight_scale[tokens][..., None]
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, asymmetric per group of ``group_size`` input weights: ``w = (q - 8) * scale + zero``.
+
+    q in [0, 15]; this is the convention of torch's int4 CPU kernel, whose own packing is made on first use from
+    the plain one stored here (two weights a byte, high nibble first). With ``input_scale`` the layer computes
+    ``(x / s) @ (W * s)^T``: channels with large activations get finer steps (AWQ, Lin et al. 2023).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
+                 input_scale: bool = False, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise UsageError(f"group size {group_size} does not divide the layer width {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, device=device))
+        self.register_buffer("input_scale", torch.ones(in_features, device=device) if input_scale else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._kernel: tuple[Tensor, Tensor, Tensor] | None = None  # (qweight it came from, packed, scales+zeros)
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None, group_size: int = 64,
+                   input_scale: Tensor | None = None) -> Int4Linear:
+        out_f, in_f = weight.shape
+        m = cls(in_f, out_f, group_size, bias is not None, input_scale is not None)
+        w = weight.detach().float()
+        if input_scale is not None:
+            m.input_scale = input_scale.detach().float().clone()
+            w = w * m.input_scale
+        q, m.scales, m.zeros = quantize_int4(w, group_size)
+        m.qweight = (q[:, 0::2] << 4) | q[:, 1::2]
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
+        return m
+
+    def codes(self) -> Tensor:
+        """The 4-bit codes as an [out, in] uint8 tensor."""
+        return torch.stack((self.qweight >> 4, self.qweight & 0xF), dim=-1).reshape(self.out_features, -1)
+
+    def dequantize(self) -> Tensor:
+        q = self.codes().float().view(self.out_features, -1, self.group_size)
+        w = ((q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]).flatten(1)
+        return w if self.input_scale is None else w / self.input_scale.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._kernel is None or self._kernel[0] is not self.qweight:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().int(), 2)
+            sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
+            self._kernel = (self.qweight, packed, sz)
+        rows = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            rows = rows / self.input_scale
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self._kernel[1], self.group_size,
+                                                       self._kernel[2])
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric min/max int4 per group: (codes uint8 [out, in], scales, zeros) in the kernel's convention.
+
+    Scales and zeros are rounded to bf16 first, as the kernel holds them, and the codes chosen against the rounded
+    values: a zero off by bf16's rounding would shift every weight of its group alike, an error that grows with
+    the activations' size rather than the weights' (and LLMs have a few huge activation channels).
+    """
+    out_f, in_f = weight.shape
+    g = weight.detach().float().view(out_f, in_f // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-10).to(torch.bfloat16).float()
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    q = ((g - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.uint8)
+    return q.view(out_f, in_f), scale, zero
+
+
+def layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, layer) for each Linear inside the decoder blocks, in order."""
+    return [(parent, attr, child) for parent in model.layers.modules()
+            for attr, child in parent.named_children() if isinstance(child, Linear)]
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """Refuse a group size that does not divide every quantized layer's width, naming the sizes that would."""
+    widths = sorted({child.in_features for _, _, child in layer_linears(model)})
+    bad = [w for w in widths if w % group_size]
+    if bad:
+        fits = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+        raise UsageError(f"group size {group_size} does not divide the layer width {bad[0]} of this model; "
+                         f"choose {' or '.join(map(str, fits)) or 'int8'}")
+
+
+def quantize_model(model: nn.Module, qcfg: QuantConfig, input_scales: dict[str, Tensor] | None = None,
+                   empty: bool = False) -> int:
+    """Swap every Linear in the decoder blocks for its int8/int4 form, and embeddings and head for int8, in place.
+
+    ``input_scales`` maps a layer's name (``layers.0.mlp.up_proj``) to AWQ scales. ``empty`` builds the quantized
+    layers with zero weights on the model's device (a meta model about to receive a stored state dict).
+    Returns the number of layers quantized.
+    """
+    if getattr(model.config, "quantization", None):
+        raise UsageError("this model is already quantized; quantize its float parent instead")
+    if qcfg.scheme == "int4":
+        check_group_size(model, qcfg.group_size)
+    names = {id(m): f"layers.{n}" for n, m in model.layers.named_modules()}
+    device = model.norm.weight.device
+    count = 0
+    for parent, attr, child in layer_linears(model):
+        has_bias = child.bias is not None
+        if qcfg.scheme == "int8":
+            new = (Int8Linear(child.in_features, child.out_features, has_bias, device) if empty
+                   else Int8Linear.from_float(child.weight, child.bias))
+        else:
+            scale = (input_scales or {}).get(f"{names[id(parent)]}.{attr}")
+            if empty:
+                new = Int4Linear(child.in_features, child.out_features, qcfg.group_size, has_bias,
+                                 qcfg.input_scales, device)
+            else:
+                if qcfg.input_scales and scale is None:
+                    scale = torch.ones(child.in_features)
+                new = Int4Linear.from_float(child.weight, child.bias, qcfg.group_size, scale)
+        setattr(parent, attr, new)
+        count += 1
+    vocab, dim = model.embed_tokens.weight.shape
+    tied = model.config.tie_embeddings
+    embed = Int8Embedding(vocab, dim, device)
+    if not empty:
+        embed.weight, embed.weight_scale = quantize_int8(model.embed_tokens.weight)
+    head = Int8Linear(dim, vocab, device=device) if empty or tied else Int8Linear.from_float(model.lm_head.weight)
+    if tied:  # one table serves both ends, as the float model's one matrix did
+        head.weight, head.weight_scale = embed.weight, embed.weight_scale
+    model.embed_tokens, model.lm_head = embed, head
+    model.config = model.config.replace(quantization=qcfg.as_dict())
+    return count + 1
+
+
+def skeleton(cfg: ModelConfig) -> Transformer:
+    """A model without storage (meta device) in the layout its stored state dict has: float or quantized."""
+    with torch.device("meta"):
+        model = Transformer(cfg.replace(quantization=None))
+        if cfg.quantization:
+            quantize_model(model, QuantConfig.from_dict(cfg.quantization), empty=True)
+    return model
+
+
+def tie(model: Transformer) -> None:
+    """Point a tied head back at the embedding table (after loading a state dict with ``assign``)."""
+    if not model.config.tie_embeddings:
+        return
+    model.lm_head.weight = model.embed_tokens.weight
+    if isinstance(model.lm_head, Int8Linear):
+        model.lm_head.weight_scale = model.embed_tokens.weight_scale
+
+
+def dequantize_model(model: nn.Module) -> None:
+    """Replace quantized layers by float ones holding the dequantized weights (for export and for training)."""
+    for parent, attr, child in [(p, a, c) for p in model.modules() for a, c in p.named_children()
+                                if isinstance(c, Int8Linear | Int4Linear)]:
+        lin = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        lin.weight = nn.Parameter(child.dequantize(), requires_grad=False)
+        if child.bias is not None:
+            lin.bias = nn.Parameter(child.bias.float().clone(), requires_grad=False)
+        setattr(parent, attr, lin)
+    if isinstance(model.embed_tokens, Int8Embedding):
+        e = model.embed_tokens
+        table = e.weight.float() * e.weight_scale.float()[:, None]
+        model.embed_tokens = nn.Embedding(*table.shape, device="meta")
+        model.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
+        if model.config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+    model.config = model.config.replace(quantization=None)

@@ -95,8 +95,14 @@ class Linear(nn.Linear):
 
 
 @contextmanager
-def decode_threads() -> Iterator[None]:
-    """Torch single-threaded while decoding: the matrix products run on OpenBLAS's own threads (``Linear``)."""
+def decode_threads(model: nn.Module) -> Iterator[None]:
+    """Torch single-threaded while decoding when the matrix products run on OpenBLAS's own threads (``Linear``).
+
+    A quantized model's layers run torch's own kernels, which want torch's threads: it keeps them.
+    """
+    if not any(type(m) is Linear for m in model.modules()):
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -211,9 +217,18 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' (and KV cache's) dtype; quantized layers hold their weights in their own."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        w = self.embed_tokens.weight
-        return KVCache.allocate(self.config, batch_size, max_len or self.config.context_length, w.dtype, w.device)
+        return KVCache.allocate(self.config, batch_size, max_len or self.config.context_length, self.dtype,
+                                self.device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False) -> Tensor:

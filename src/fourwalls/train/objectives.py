@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fourwalls.errors import UsageError
 from fourwalls.train.data import IGNORE
 
 
@@ -14,3 +18,54 @@ def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
     return loss, {"tokens": float((targets != IGNORE).sum())}
+
+
+def distillation(teacher: nn.Module | None, temperature: float = 2.0, alpha: float = 0.5, beta: float = 0.5
+                 ) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
+    """Knowledge distillation (Hinton et al. 2015): ``alpha * CE(labels) + beta * T^2 * KL(teacher_T || student_T)``.
+
+    Both terms are means over the positions whose label is not masked; ``_T`` is the softmax of logits / T. The
+    paper writes the soft term as the cross-entropy H(teacher_T, student_T); that differs from the KL only by the
+    teacher's entropy, a constant for the student (same gradients), and the KL reads 0 at a perfect match. Its
+    gradient shrinks as 1/T^2, so the T^2 factor keeps ``beta`` meaning the same at any temperature. The teacher's
+    logits come from ``batch["teacher_logits"]`` when the batch carries them (a cache), else from ``teacher`` run
+    under no_grad. Metrics: ``ce``, ``kl`` (at T), ``kl_t1`` (at T = 1) and ``tokens``.
+    """
+    if not temperature > 0:
+        raise UsageError(f"the distillation temperature must be > 0, not {temperature}")
+    if alpha < 0 or beta < 0 or alpha + beta == 0:
+        raise UsageError(f"--alpha and --beta weigh the two losses: both >= 0 and not both 0 (got {alpha}, {beta})")
+
+    def objective(student: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        logits = student(batch["input_ids"])[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        taught = batch.get("teacher_logits")
+        if taught is None:
+            if teacher is None:
+                raise UsageError("distillation needs a teacher model or teacher logits in the batch")
+            with torch.no_grad():
+                taught = teacher(batch["input_ids"])
+        if taught.shape[-1] != logits.shape[-1]:
+            raise UsageError(f"the teacher's vocabulary ({taught.shape[-1]} tokens) differs from the student's "
+                             f"({logits.shape[-1]}); a student must share its teacher's tokenizer")
+        keep = targets != IGNORE
+        s, t = logits[keep], taught[:, :-1].float()[keep]
+        kl = _kl(t, s, temperature)
+        loss = alpha * ce + beta * temperature**2 * kl
+        with torch.no_grad():
+            kl_t1 = kl if temperature == 1 else _kl(t, s, 1.0)
+        return loss, {"ce": ce.item(), "kl": kl.item(), "kl_t1": kl_t1.item(), "tokens": float(keep.sum())}
+
+    return objective
+
+
+def _kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)) for [N, V] logits.
+
+    Teacher logits of -inf (a top-k cache leaves the rest out) have probability 0 and add exactly 0.
+    """
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    terms = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0)
+    return terms.sum(-1).mean()

@@ -1,0 +1,1 @@
+"""Make smaller variants of a stored model: quantize, prune, distill. Each lands in the store with its lineage."""

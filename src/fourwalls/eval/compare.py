@@ -1,0 +1,171 @@
+"""What `fourwalls compare` does: one table of what each model variant costs and gains, measured on the user's text.
+
+Each model is measured in a fresh process, so its peak RSS is its own (the process's high-water mark while it loads
+the model, generates and prefills; perplexity is computed after that figure is taken). The first model is the
+reference: perplexity and speeds of the others are also given relative to it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fourwalls.errors import FormatError, UsageError
+
+COLUMNS = [  # key, heading, format
+    ("name", "model", "{}"),
+    ("size_mb", "size MB", "{:.1f}"),
+    ("parameters_m", "params M", "{:.1f}"),
+    ("dtype", "weights", "{}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("perplexity_delta", "ppl Δ", "{:+.2%}"),
+    ("decode_tok_s", "decode tok/s", "{:.1f}"),
+    ("decode_ratio", "decode ×", "{:.2f}"),
+    ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
+    ("lineage", "made from", "{}"),
+]
+
+
+def _lineage(manifest: dict[str, Any]) -> str:
+    lin = manifest.get("lineage") or {}
+    method = lin.get("method")
+    if not method:
+        return "imported" if lin.get("imported_from") or manifest.get("source") else "-"
+    settings = ", ".join(f"{k}={v}" for k, v in (lin.get("settings") or {}).items() if k != "method")
+    parent = lin.get("parent") or lin.get("base") or lin.get("adapter") or "?"
+    return f"{method} of {parent}" + (f" ({settings})" if settings else "")
+
+
+def measure(name: str, text: str, decode_tokens: int = 64, prefill_tokens: int = 256,
+            context: int = 512) -> dict[str, Any]:
+    """Size, speed, peak RSS and perplexity of one model (call it in a process of its own for a fair RSS)."""
+    from fourwalls.eval.perplexity import perplexity
+    from fourwalls.generate import SamplingParams, generate_tokens
+    from fourwalls.store import Store, describe
+
+    store = Store()
+    ref = store.resolve(name)
+    info = describe(ref)
+    lm = store.load(name, dtype=None)  # as stored: a bf16 model runs in bf16
+    ids = lm.tokenizer.encode(text)
+    model = lm.model
+    with torch.inference_mode():
+        prompt = torch.tensor([(ids * (prefill_tokens // len(ids) + 1))[:prefill_tokens]])
+        model(prompt[:, :16], last_only=True)  # warm-up: kernels packed, caches touched
+        start = time.perf_counter()
+        model(prompt, last_only=True)
+        prefill = prompt.shape[1] / (time.perf_counter() - start)
+    stamps = []
+    params = SamplingParams(max_new_tokens=decode_tokens, temperature=0)
+    for _ in generate_tokens(model, ids[:16], params):  # no EOS: always decode_tokens tokens
+        stamps.append(time.perf_counter())
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])  # the first token's time is the prompt's
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    ppl = perplexity(model, ids, context=min(context, lm.config.context_length), stride=min(256, context))
+    return {
+        "name": ref.name, "digest": ref.digest, "size_bytes": info["size_bytes"],
+        "size_mb": info["size_bytes"] / 1e6, "parameters": info["parameters"],
+        "parameters_m": info["parameters"] / 1e6, "dtype": info["dtype"], "peak_rss_bytes": peak_rss,
+        "peak_rss_mb": peak_rss / 1e6, "perplexity": ppl.perplexity, "tokens_scored": ppl.tokens,
+        "decode_tok_s": decode, "prefill_tok_s": prefill, "lineage": _lineage(ref.manifest),
+        "lineage_detail": ref.manifest.get("lineage", {}),
+    }
+
+
+def compare(names: list[str], text_file: Path, out: Path | None = None, decode_tokens: int = 64,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Measure each model in its own process; relate each to the first; write compare.{md,json,png} to ``out``."""
+    from fourwalls.store import Store
+
+    if not names:
+        raise UsageError("name at least one model to compare")
+    if decode_tokens < 2:
+        raise UsageError("--decode-tokens must be at least 2")
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"no such text file: {text_file}") from None
+    except UnicodeDecodeError:
+        raise FormatError(f"{text_file} is not UTF-8 text") from None
+    if len(text.split()) < 20:
+        raise UsageError(f"{text_file} is too short to measure perplexity on; give at least a paragraph")
+    store = Store()
+    for name in names:
+        store.resolve(name)  # an unknown name fails now, not after minutes of measuring the others
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for i, name in enumerate(names):
+        if progress:
+            print(f"[{i + 1}/{len(names)}] measuring {name} ...", flush=True)
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:  # a fresh process: its own peak RSS
+            rows.append(pool.submit(measure, name, text, decode_tokens).result())
+    ref = rows[0]
+    for row in rows:
+        row["perplexity_delta"] = row["perplexity"] / ref["perplexity"] - 1
+        row["decode_ratio"] = row["decode_tok_s"] / ref["decode_tok_s"]
+        row["prefill_ratio"] = row["prefill_tok_s"] / ref["prefill_tok_s"]
+        row["size_ratio"] = row["size_bytes"] / ref["size_bytes"]
+    if out is not None:
+        write_report(rows, out, text_file)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (also readable as plain text)."""
+    cells = [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
+    head = [h for _, h, _ in COLUMNS]
+    widths = [max(len(x) for x in col) for col in zip(head, *cells)]
+    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def _atomic(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, text_file: Path) -> None:
+    """compare.md, compare.json and compare.png (size against perplexity) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = (f"# Model comparison\n\nMeasured on `{text_file}`; ratios and deltas against `{rows[0]['name']}`. "
+          "Decode: greedy tokens per second after the first, one sequence. Peak RSS: the measuring process's "
+          "high-water mark while loading, prefilling and decoding.\n\n" + table(rows) + "\n")
+    _atomic(out / "compare.md", lambda p: p.write_text(md))
+    _atomic(out / "compare.json", lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
+    _atomic(out / "compare.png", lambda p: _plot(rows, p))
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([r["size_mb"] for r in rows], [r["perplexity"] for r in rows], s=40)
+    for r in rows:
+        ax.annotate(f"{r['name']}\n{r['decode_tok_s']:.0f} tok/s", (r["size_mb"], r["perplexity"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("size against quality")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
