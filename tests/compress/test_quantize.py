@@ -234,3 +234,23 @@ def test_quantized_model_exports_to_gguf_q8_0_q4_1_and_q4_0(smol_variants, sessi
     # llama.cpp also rounds activations to 8 bits before a Q4_0 product: close, not equal; a wrong block layout
     # would give logits unrelated to these.
     assert cos(torch.tensor(llm.scores[len(ids) - 1]), exported, dim=0) > 0.95
+
+
+def test_a_quantized_model_is_not_trained_directly(tmp_path):
+    from fourwalls.compress.distill import distill
+    from fourwalls.train.loop import TrainConfig
+    from fourwalls.train.recipes import finetune
+
+    store = Store()
+    model = tiny_model()
+    store.add("tiny", model.config, model.state_dict(), byte_tokenizer())
+    quantize("tiny", "int8", "tiny-q8", progress=False)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello there"}\n' * 8)
+    with pytest.raises(UsageError, match="float parent 'tiny'"):
+        finetune("tiny-q8", data, "lora", "ft", TrainConfig(steps=1))
+    with pytest.raises(UsageError, match="quantized"):
+        distill("tiny-q8", "small", data, TrainConfig(steps=1), student_layers=1)
+    with pytest.raises(UsageError, match="already quantized"):
+        quantize("tiny-q8", "int8", "again", progress=False)
+    assert set(store.names()) == {"tiny", "tiny-q8"}

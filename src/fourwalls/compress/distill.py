@@ -206,6 +206,9 @@ def distill(teacher_name: str, name: str, data: Path, cfg: TrainConfig, student_
     if teacher_ref.kind == "adapter":
         raise UsageError(f"'{teacher_name}' is an adapter; merge it first (`fourwalls merge`) or distill its base")
     lm = store.load(teacher_name)
+    if lm.config.quantization and student_layers is not None:
+        raise UsageError(f"'{teacher_name}' is quantized and its layers cannot be trained; take the student's layers "
+                         "from its float parent (a quantized teacher works with --student-preset)")
     teacher, tok, teacher_cfg, teacher_digest = lm.model.eval(), lm.tokenizer, lm.config, lm.digest
     teacher.requires_grad_(False)
     del lm  # with a cache, nothing holds the teacher once the cache is built

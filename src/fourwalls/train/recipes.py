@@ -97,6 +97,9 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
     if base_ref.kind == "adapter":
         raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) or fine-tune its base")
     lm = store.load(model_name)
+    if lm.config.quantization:
+        raise UsageError(f"'{model_name}' is quantized for deployment; fine-tune its float parent "
+                         f"'{base_ref.manifest.get('lineage', {}).get('parent')}' (or use --method qlora on it)")
     if max_len > lm.config.context_length:
         raise UsageError(f"--max-len {max_len} exceeds the model's context window ({lm.config.context_length})")
     tok, eos = lm.tokenizer, (lm.config.eos_token_ids or (None,))[0]
