@@ -158,8 +158,8 @@ def test_unsupported_input_is_refused_before_anything_is_written(tmp_path):
     metaspace.backend.pre_tokenizer = pre_tokenizers.Metaspace()
     with pytest.raises(UnsupportedError, match="pre-tokenizer"):
         write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), metaspace)
-    with pytest.raises(UsageError, match="unknown GGUF type 'q4_0'"):
-        write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), byte_tokenizer(), "q4_0")
+    with pytest.raises(UsageError, match="unknown GGUF type 'q5_0'"):
+        write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), byte_tokenizer(), "q5_0")
     small = model.config.replace(vocab_size=200)
     with pytest.raises(UnsupportedError, match="token id 257"):
         write_gguf(tmp_path / "m.gguf", small, model.state_dict(), byte_tokenizer())
