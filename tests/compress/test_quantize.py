@@ -74,6 +74,33 @@ def test_int4_input_scales_move_error_off_the_loud_channels():
     assert rel_err(scaled.dequantize(), w) < 0.2  # still the same matrix
 
 
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_native_decode_kernel_compute_what_the_stored_weights_say(rows, monkeypatch):
+    """fourwalls' own AVX2 int8 kernel (few rows, fp32 activations) against the dequantized matrix; int4 layers
+    (torch's kernel) alongside."""
+    from fourwalls.model.quant import native
+
+    if native() is None:
+        pytest.skip("no AVX2 or no C compiler here: the layers use torch's kernels")
+    torch.manual_seed(0)
+    x = torch.randn(rows, 192)
+    x[:, :4] *= 40  # outlier channels, as real activations have
+    layers = [Int8Linear.from_float(torch.randn(80, 192), torch.randn(80)),
+              Int4Linear.from_float(torch.randn(80, 192), group_size=32),
+              Int4Linear.from_float(torch.randn(80, 192), group_size=64, input_scale=torch.rand(192) + 0.5)]
+    for layer in layers:
+        with torch.no_grad():
+            y = layer(x[None])[0]
+            reference = x @ layer.dequantize().T + (layer.bias if layer.bias is not None else 0)
+            if isinstance(layer, Int8Linear):
+                assert rel_err(y, reference) < 1e-5  # fp32 throughout: only the summation order differs
+            monkeypatch.setenv("FOURWALLS_NATIVE", "0")
+            native.cache_clear()
+            assert rel_err(layer(x[None])[0], reference) < 0.01  # torch's kernel, bf16 activations
+            monkeypatch.delenv("FOURWALLS_NATIVE")
+            native.cache_clear()
+
+
 def test_group_size_must_divide_the_layer_width():
     with pytest.raises(UsageError, match="does not divide"):
         Int4Linear.from_float(torch.randn(8, 96), group_size=64)
