@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fourwalls.compress.calibrate import calibration_ids, calibration_lineage
 from fourwalls.errors import UsageError
-from fourwalls.model.transformer import Transformer, rope_cos_sin, rope_inv_freq
+from fourwalls.model.transformer import Transformer, block_linears, rope_cos_sin, rope_inv_freq
 from fourwalls.store import ModelRef, Store
 
 METHODS = ("magnitude", "wanda")
@@ -72,11 +72,6 @@ def prune_mask(score: Tensor, sparsity: float, nm: tuple[int, int] | None = None
     return mask.reshape(rows, cols)
 
 
-def prunable_linears(model: Transformer) -> list[tuple[str, nn.Linear]]:
-    """The linear layers inside the decoder blocks; embeddings, norms and lm_head are never pruned."""
-    return [(f"layers.{n}", m) for n, m in model.layers.named_modules() if isinstance(m, nn.Linear)]
-
-
 def _zero(layer: nn.Linear, score: Tensor, sparsity: float, nm: tuple[int, int] | None) -> None:
     layer.weight.masked_fill_(prune_mask(score, sparsity, nm), 0.0)
 
@@ -102,15 +97,15 @@ def _input_sq_norms(block: nn.Module, inputs: list[Tensor], cos: Tensor, sin: Te
 def prune_model(model: Transformer, method: str, sparsity: float, nm: tuple[int, int] | None = None,
                 calibration: Tensor | None = None, chunk: int = 4) -> None:
     """Prune ``model``'s decoder-block linear layers in place; ``wanda`` needs ``calibration`` token ids [n, T]."""
-    layers = prunable_linears(model)
+    layers = block_linears(model)  # embeddings, norms and lm_head are never pruned
     if nm is not None:
-        for name, layer in layers:
+        for name, *_, layer in layers:
             if layer.in_features % nm[1]:
                 raise UsageError(f"pattern {nm[0]}:{nm[1]} needs input widths divisible by {nm[1]}; "
                                  f"{name} has {layer.in_features}")
     with torch.no_grad():
         if method == "magnitude":
-            for _, layer in layers:
+            for *_, layer in layers:
                 _zero(layer, layer.weight.abs(), sparsity, nm)
             return
         if calibration is None:
@@ -129,7 +124,7 @@ def prune_model(model: Transformer, method: str, sparsity: float, nm: tuple[int,
 
 def sparsity_stats(model: Transformer) -> dict[str, Any]:
     """Zeros over the pruned layers and over all parameters (tied embeddings counted once)."""
-    pruned = [m.weight for _, m in prunable_linears(model)]
+    pruned = [m.weight for *_, m in block_linears(model)]
     everything = list(model.parameters())  # parameters() yields a tied tensor once
     z_pruned, n_pruned = sum(int((w == 0).sum()) for w in pruned), sum(w.numel() for w in pruned)
     z_all, n_all = sum(int((p == 0).sum()) for p in everything), sum(p.numel() for p in everything)

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from fourwalls.compress.calibrate import calibration_ids, calibration_lineage
 from fourwalls.errors import UsageError
-from fourwalls.model.quant import QuantConfig, check_group_size, layer_linears, quantize_int4, quantize_model
+from fourwalls.model.quant import QuantConfig, check_group_size, quantize_int4, quantize_model
+from fourwalls.model.transformer import block_linears
 from fourwalls.store import DTYPES, ModelRef, Store
 
 CASTS = {"bf16": "bfloat16", "fp16": "float16"}
@@ -27,7 +28,6 @@ SCHEMES = ("int8", "int4", *CASTS)
 
 def layer_inputs(model: nn.Module, ids: Tensor, rows: int = 256, progress: bool = False) -> dict[str, Tensor]:
     """Each decoder-block Linear's input over the calibration batches: an evenly spaced sample of ``rows`` rows."""
-    names = {id(m): f"layers.{n}" for n, m in model.layers.named_modules()}
     seen: dict[str, list[Tensor]] = {}
     per_batch = max(1, rows // len(ids))
 
@@ -38,8 +38,7 @@ def layer_inputs(model: nn.Module, ids: Tensor, rows: int = 256, progress: bool 
             seen.setdefault(name, []).append(x[::step][:per_batch].float().clone())
         return grab
 
-    handles = [child.register_forward_pre_hook(hook(f"{names[id(parent)]}.{attr}"))
-               for parent, attr, child in layer_linears(model)]
+    handles = [child.register_forward_pre_hook(hook(name)) for name, *_, child in block_linears(model)]
     try:
         with torch.inference_mode():
             for row in tqdm(ids, desc="calibration", unit="sample", disable=not progress):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
 from fourwalls.model.config import ModelConfig
-from fourwalls.model.transformer import Linear, Transformer
+from fourwalls.model.transformer import Linear, Transformer, block_linears
 
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -83,18 +83,15 @@ class NF4Linear(nn.Module):
 
 def quantize_nf4(model: nn.Module, block_size: int = 64) -> int:
     """Replace every Linear inside ``model.layers`` by an NF4Linear (embeddings and head stay as they are)."""
-    count = 0
-    for module in list(model.layers.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Linear):
-                setattr(module, child_name, NF4Linear(child.weight, child.bias, block_size))
-                count += 1
+    layers = block_linears(model)
+    for _, parent, attr, child in layers:
+        setattr(parent, attr, NF4Linear(child.weight, child.bias, block_size))
     # Weights loaded from safetensors share one memory map of the file, which stays mapped (and resident) while any
     # of them lives: own copies of what stays in full precision let the fp32 matrices really go.
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
-    return count
+    return len(layers)
 
 
 SCHEMES = ("int8", "int4")
@@ -314,15 +311,9 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     return q.view(out_f, in_f), scale, zero
 
 
-def layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, layer) for each Linear inside the decoder blocks, in order."""
-    return [(parent, attr, child) for parent in model.layers.modules()
-            for attr, child in parent.named_children() if isinstance(child, Linear)]
-
-
 def check_group_size(model: nn.Module, group_size: int) -> None:
     """Refuse a group size that does not divide every quantized layer's width, naming the sizes that would."""
-    widths = sorted({child.in_features for _, _, child in layer_linears(model)})
+    widths = sorted({child.in_features for *_, child in block_linears(model)})
     bad = [w for w in widths if w % group_size]
     if bad:
         fits = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths)]
@@ -342,16 +333,15 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, input_scales: dict[str, 
         raise UsageError("this model is already quantized; quantize its float parent instead")
     if qcfg.scheme == "int4":
         check_group_size(model, qcfg.group_size)
-    names = {id(m): f"layers.{n}" for n, m in model.layers.named_modules()}
     device = model.norm.weight.device
-    count = 0
-    for parent, attr, child in layer_linears(model):
+    layers = block_linears(model)
+    for name, parent, attr, child in layers:
         has_bias = child.bias is not None
         if qcfg.scheme == "int8":
             new = (Int8Linear(child.in_features, child.out_features, has_bias, device) if empty
                    else Int8Linear.from_float(child.weight, child.bias))
         else:
-            scale = (input_scales or {}).get(f"{names[id(parent)]}.{attr}")
+            scale = (input_scales or {}).get(name)
             if empty:
                 new = Int4Linear(child.in_features, child.out_features, qcfg.group_size, has_bias,
                                  qcfg.input_scales, device)
@@ -360,7 +350,6 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, input_scales: dict[str, 
                     scale = torch.ones(child.in_features)
                 new = Int4Linear.from_float(child.weight, child.bias, qcfg.group_size, scale)
         setattr(parent, attr, new)
-        count += 1
     vocab, dim = model.embed_tokens.weight.shape
     tied = model.config.tie_embeddings
     embed = Int8Embedding(vocab, dim, device)
@@ -371,7 +360,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, input_scales: dict[str, 
         head.weight, head.weight_scale = embed.weight, embed.weight_scale
     model.embed_tokens, model.lm_head = embed, head
     model.config = model.config.replace(quantization=qcfg.as_dict())
-    return count + 1
+    return len(layers) + 1
 
 
 def skeleton(cfg: ModelConfig) -> Transformer:

@@ -254,6 +254,14 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def block_linears(model: Transformer) -> list[tuple[str, nn.Module, str, Linear]]:
+    """(name, parent, attribute, layer) of each Linear inside the decoder blocks, in order; the name is the state
+    dict's (``layers.0.mlp.up_proj``). What quantization and pruning replace or rewrite; embeddings and head are not
+    among them."""
+    return [(f"layers.{qual}.{attr}", parent, attr, child) for qual, parent in model.layers.named_modules()
+            for attr, child in parent.named_children() if isinstance(child, Linear)]
+
+
 def init_weights(model: Transformer, std: float = 0.02) -> None:
     """GPT-2 style initialisation for training from scratch; output projections scaled by depth."""
     out_std = std / math.sqrt(2 * model.config.n_layers)
