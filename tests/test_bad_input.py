@@ -170,3 +170,18 @@ def test_import_invalid_name(capsys, home, tiny):
     line = fails(capsys, home, "models", "import", str(tiny), "--name", "bad/name")
     assert "invalid model name 'bad/name'" in line
     assert stored(home) == {}
+
+
+def test_text_files_are_read_with_one_clear_error(tmp_path):
+    from fourwalls.errors import FormatError, UsageError
+    from fourwalls.files import read_text
+
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(UsageError, match="no such calibration file: .*nope.txt"):
+        read_text(tmp_path / "nope.txt", "calibration file")
+    with pytest.raises(FormatError, match="latin1.txt is not UTF-8 text"):
+        read_text(tmp_path / "latin1.txt")
+    with pytest.raises(UsageError, match="cannot read"):
+        read_text(tmp_path)  # a folder
+    (tmp_path / "ok.txt").write_text("héllo")
+    assert read_text(tmp_path / "ok.txt") == "héllo"

@@ -126,23 +126,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from fourwalls.eval.perplexity import perplexity
+    from fourwalls.files import read_text
 
-    text = _read_text(Path(args.file))
+    text = read_text(args.file)
     lm = _load(args.model)
     r = perplexity(lm.model, lm.tokenizer.encode(text), args.context, args.stride, progress=True)
     print(json.dumps({"model": lm.name, "digest": lm.digest, "file": args.file, "perplexity": round(r.perplexity, 4),
                       "nll": round(r.nll, 5), "tokens": r.tokens, "context": args.context, "stride": args.stride}))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such file: {path}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
 def cmd_models_import(args: argparse.Namespace) -> None:

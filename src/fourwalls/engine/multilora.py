@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
+from fourwalls.files import sha256_file
 from fourwalls.model.lora import TARGETS, read_adapter
-from fourwalls.store import sha256_file
 
 
 @dataclass

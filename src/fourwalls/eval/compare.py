@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import resource
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,7 +18,8 @@ from typing import Any
 
 import torch
 
-from fourwalls.errors import FormatError, UsageError
+from fourwalls.errors import UsageError
+from fourwalls.files import atomic_write, read_text
 
 COLUMNS = [  # key, heading, format
     ("name", "model", "{}"),
@@ -104,12 +103,7 @@ def compare(names: list[str], text_file: Path, out: Path | None = None, decode_t
         raise UsageError("name at least one model to compare")
     if decode_tokens < 2:
         raise UsageError("--decode-tokens must be at least 2")
-    try:
-        text = Path(text_file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such text file: {text_file}") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{text_file} is not UTF-8 text") from None
+    text = read_text(text_file, "text file")
     if len(text.split()) < 20:
         raise UsageError(f"{text_file} is too short to measure perplexity on; give at least a paragraph")
     store = Store()
@@ -142,26 +136,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(rows: list[dict[str, Any]], out: Path, text_file: Path) -> None:
     """compare.md, compare.json and compare.png (size against perplexity) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     md = (f"# Model comparison\n\nMeasured on `{text_file}`; ratios and deltas against `{rows[0]['name']}`. "
           "Decode: greedy tokens per second after the first, one sequence. Peak RSS: the measuring process's "
           "high-water mark while loading, prefilling and decoding.\n\n" + table(rows) + "\n")
-    _atomic(out / "compare.md", lambda p: p.write_text(md))
-    _atomic(out / "compare.json", lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
-    _atomic(out / "compare.png", lambda p: _plot(rows, p))
+    atomic_write(out / "compare.md", lambda p: p.write_text(md))
+    atomic_write(out / "compare.json", lambda p: p.write_text(json.dumps(rows, indent=2) + "\n"))
+    atomic_write(out / "compare.png", lambda p: _plot(rows, p))
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -7,7 +7,6 @@ from a checkpoint reads exactly the batches it would have read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import FormatError, UsageError
+from fourwalls.files import read_text, sha256_file
 from fourwalls.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -45,10 +45,6 @@ class Dataset:
     @property
     def tokens(self) -> int:
         return sum(len(e.input_ids) for e in self.examples)
-
-
-def file_digest(path: Path) -> str:
-    return "sha256-" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def detect_shape(obj: Any) -> str | None:
@@ -115,12 +111,7 @@ def load_jsonl(path: Path, tok: Tokenizer, eos_id: int | None, shape: str = "aut
     """Read and tokenize a JSONL file; each bad line is an error naming file:line, or skipped and counted."""
     if shape not in ("auto", *SHAPES):
         raise UsageError(f"unknown data format '{shape}'; choose auto, {', '.join(SHAPES)}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"no such data file: {path}") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path} is not UTF-8 text") from None
+    lines = read_text(path, "data file").splitlines()
     examples, bad, truncated = [], 0, 0
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -151,23 +142,18 @@ def load_jsonl(path: Path, tok: Tokenizer, eos_id: int | None, shape: str = "aut
         examples.append(ex)
     if not examples:
         raise UsageError(f"{path} holds no usable examples" + (f" ({bad} bad lines skipped)" if bad else ""))
-    return Dataset(examples, shape, file_digest(path),
+    return Dataset(examples, shape, sha256_file(path),
                    {"examples": len(examples), "bad_lines": bad, "truncated": truncated})
 
 
 def load_text_corpus(path: Path, tok: Tokenizer, seq_len: int) -> Dataset:
     """A plain-text file cut into consecutive blocks of ``seq_len`` tokens (for pretraining)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such data file: {path}") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path} is not UTF-8 text") from None
+    text = read_text(path, "data file")
     ids = tok.encode(text, add_special_tokens=False)
     blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
     if not blocks:
         raise UsageError(f"{path} has {len(ids)} tokens, fewer than one sequence of {seq_len}")
-    return Dataset([Example(b, list(b)) for b in blocks], "text", file_digest(path), {"examples": len(blocks)})
+    return Dataset([Example(b, list(b)) for b in blocks], "text", sha256_file(path), {"examples": len(blocks)})
 
 
 def split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
