@@ -374,10 +374,8 @@ def skeleton(cfg: ModelConfig) -> Transformer:
 
 def tie(model: Transformer) -> None:
     """Point a tied head back at the embedding table (after loading a state dict with ``assign``)."""
-    if not model.config.tie_embeddings:
-        return
-    model.lm_head.weight = model.embed_tokens.weight
-    if isinstance(model.lm_head, Int8Linear):
+    model.tie_weights()
+    if model.config.tie_embeddings and isinstance(model.lm_head, Int8Linear):
         model.lm_head.weight_scale = model.embed_tokens.weight_scale
 
 
@@ -395,6 +393,5 @@ def dequantize_model(model: nn.Module) -> None:
         table = e.weight.float() * e.weight_scale.float()[:, None]
         model.embed_tokens = nn.Embedding(*table.shape, device="meta")
         model.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
-        if model.config.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
+        model.tie_weights()
     model.config = model.config.replace(quantization=None)
