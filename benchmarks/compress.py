@@ -88,17 +88,15 @@ def main() -> None:
         import sys
 
         sys.path.insert(0, str(Path(__file__).parent))
-        from decode import bench_llamacpp
+        import decode  # benchmarks/decode.py: the same llama.cpp timing
 
-        store = Store()
-        lm = store.load("fp32")
-        ids = lm.tokenizer.encode(text.read_text())[:128]
-        import decode
+        from fourwalls.tokenizer import Tokenizer
 
+        ids = Tokenizer.from_dir(Store().resolve("fp32").path).encode(text.read_text())[:128]
         decode.DECODE_TOKENS = args.decode_tokens
         for qtype in ("q8_0", "q4_0"):
             path = export_model("fp32", "gguf", work / f"{qtype}.gguf", qtype)
-            _, seconds, threads = bench_llamacpp(path, ids, [1, 2], 2)
+            _, seconds, threads = decode.bench_llamacpp(path, ids, [1, 2], 2)
             tok_s = args.decode_tokens / seconds
             result[f"llamacpp_{qtype}_decode_tok_s"] = round(tok_s, 2)
             result[f"llamacpp_{qtype}_threads"] = threads
