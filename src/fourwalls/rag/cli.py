@@ -1,0 +1,281 @@
+"""`fourwalls rag ...`: ingest, list, show, rm, search, ask, reembed, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fourwalls.errors import UsageError
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} takes KEY=VALUE (got {v!r})")
+        out[key] = value
+    return out
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from fourwalls.rag.stores import open_store
+
+    return open_store(args.store)
+
+
+def _embedder(args: argparse.Namespace) -> Any:
+    from fourwalls.rag.embed import embedder
+
+    return embedder(args.embedder, quantize=args.int8)
+
+
+def _groups(args: argparse.Namespace) -> set[str] | None:
+    return set(args.group) if args.group else None
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from fourwalls.rag.ingest import beir_items, file_items, ingest
+
+    paths = [Path(p) for p in args.paths]
+    if args.format == "beir":
+        if len(paths) != 1:
+            raise UsageError("--format beir takes one corpus.jsonl (or a folder holding it)")
+        items, refused = beir_items(paths[0]), []
+    else:
+        items, refused = file_items(paths)
+    store = _store(args)
+    sync = [str(p.resolve()) for p in paths] if args.sync else None
+    report = ingest(store, _embedder(args), items, args.collection, args.group, _pairs(args.meta, "--meta"), sync,
+                    args.chunk_tokens, args.overlap, progress=not args.quiet)
+    failed = refused + report.failed
+    for source, message in failed:
+        print(f"fourwalls: skipped {source}: {message}", file=sys.stderr)
+    report.failed = failed
+    print(report.summary())
+    if failed:
+        sys.exit(2)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    rows = _store(args).collections()
+    if args.json:
+        print(json.dumps([vars(c) for c in rows], indent=2))
+        return
+    print(f"{'COLLECTION':24} {'DOCUMENTS':>9} {'CHUNKS':>8}  EMBEDDER")
+    for c in rows:
+        print(f"{c.name:24} {c.documents:9} {c.chunks:8}  {c.embedder} ({c.dim}-d)")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    store = _store(args)
+    if args.source:
+        doc = store.document(args.collection, args.source) or store.document(args.collection,
+                                                                             str(Path(args.source).resolve()))
+        if doc is None:
+            raise UsageError(f"no document {args.source!r} in collection {args.collection!r}")
+        chunks = [h.citation() | {"text": h.text} for h in store.chunks(args.collection, doc.source)]
+        print(json.dumps(vars(doc) | {"chunk_list": chunks}, indent=2, ensure_ascii=False))
+        return
+    c = store.collection(args.collection)
+    docs = store.documents(args.collection)
+    if args.json:
+        print(json.dumps(vars(c) | {"document_list": [vars(d) for d in docs]}, indent=2))
+        return
+    print(f"{c.name}: {c.documents} documents, {c.chunks} chunks, embedder {c.embedder} ({c.dim}-d), "
+          f"created {c.created}")
+    for d in docs:
+        groups = ",".join(d.groups) or "(everyone)"
+        print(f"  {d.source}  [{d.chunks} chunks, groups {groups}, {d.digest[:19]}]")
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    store = _store(args)
+    if args.all:
+        if args.sources:
+            raise UsageError("--all removes the whole collection; name no documents with it")
+        store.drop_collection(args.collection)
+        print(f"removed collection {args.collection}")
+        return
+    if not args.sources:
+        raise UsageError("name the documents to remove, or --all to remove the collection")
+    missing = []
+    for s in args.sources:
+        if not (store.delete_document(args.collection, s) or
+                store.delete_document(args.collection, str(Path(s).resolve()))):
+            missing.append(s)
+    print(f"removed {len(args.sources) - len(missing)} documents from {args.collection}")
+    if missing:
+        raise UsageError(f"not in collection {args.collection!r}: {', '.join(missing)}")
+
+
+def _retriever(args: argparse.Namespace) -> Any:
+    from fourwalls.rag.retrieve import Retriever
+
+    return Retriever(_store(args), _embedder(args), args.bm25_weight, args.vector_weight)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    hits = _retriever(args).search(args.collection, args.query, args.k, args.mode, _groups(args),
+                                   _pairs(args.where, "--where"))
+    if args.json:
+        print(json.dumps([h.citation() | {"text": h.text} for h in hits], indent=2, ensure_ascii=False))
+        return
+    if not hits:
+        print("no matching chunks")
+    for i, h in enumerate(hits, 1):
+        c = h.citation()
+        where = h.source + (f" p.{h.page}" if h.page else "") + f" [{h.start}:{h.end}]"
+        detail = ", ".join(f"{k} {v:.3f}" for k, v in (("bm25", h.bm25), ("similarity", h.similarity))
+                           if v is not None)
+        print(f"{i}. score {c['score']:.4f} ({detail})  {where}")
+        print(f"   {h.title}{' > ' + h.heading if h.heading else ''}")
+        text = " ".join(h.text.split())
+        print(f"   {text[:300]}{'…' if len(text) > 300 else ''}")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from fourwalls.cli import _load, _params
+    from fourwalls.rag.answer import MIN_SIMILARITY, ask
+
+    params = _params(args)
+    params.validate()
+    retriever = _retriever(args)
+    retriever.store.collection(args.collection)  # a missing collection fails before the model loads
+    answer = ask(_load(args.model), retriever, args.collection, args.question, params, args.k, _groups(args),
+                 _pairs(args.where, "--where"),
+                 MIN_SIMILARITY if args.min_similarity is None else args.min_similarity)
+    print(answer.text)
+    if answer.sources:
+        print("\nSources:")
+    for c in answer.citations():
+        mark = "*" if c["cited"] else " "
+        page = f" p.{c['page']}" if c["page"] else ""
+        print(f"{mark}[{c['index']}] {c['source']}{page} [{c['span'][0]}:{c['span'][1]}]  {c['title']}")
+
+
+def cmd_reembed(args: argparse.Namespace) -> None:
+    from fourwalls.rag.ingest import reembed
+
+    n = reembed(_store(args), _embedder(args), args.collection, progress=not args.quiet)
+    print(f"re-embedded {n} chunks of {args.collection}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from fourwalls.eval.retrieval import evaluate_retriever, plot_modes, read_qrels, read_queries
+
+    queries, qrels = read_queries(Path(args.queries)), read_qrels(Path(args.qrels))
+    retriever = _retriever(args)
+    modes = args.mode.split(",")
+    results = {m: evaluate_retriever(retriever, args.collection, queries, qrels, m, args.depth) for m in modes}
+    print(json.dumps({"collection": args.collection, "queries": len(queries), "results": results}))
+    if args.plot:
+        plot_modes(results, Path(args.plot))
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=os.environ.get("FOURWALLS_RAG_STORE"),
+                   help="postgresql://... or a SQLite file (default $FOURWALLS_RAG_STORE, else "
+                        "$FOURWALLS_HOME/rag.db)")
+
+
+def _embedder_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedder", help="a sentence-transformers BERT folder (default: the packaged "
+                   "all-MiniLM-L6-v2)")
+    p.add_argument("--int8", action="store_true", help="int8 linear layers in the embedder: faster, less accurate "
+                   "(see README)")
+
+
+def _retrieval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", "-c", required=True)
+    p.add_argument("-k", type=int, default=5, help="chunks to return (default 5)")
+    p.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"])
+    p.add_argument("--group", action="append", default=[], help="search only what this group may read "
+                   "(repeatable; default: everything)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only documents whose metadata has KEY=VALUE (repeatable)")
+    p.add_argument("--bm25-weight", type=float, default=1.0, help="weight of BM25 in the fusion (default 1)")
+    p.add_argument("--vector-weight", type=float, default=1.0, help="weight of vectors in the fusion (default 1)")
+    _store_flags(p)
+    _embedder_flags(p)
+
+
+def register(sub: Any, parser_class: type, sampling_flags: Any, default_model: str) -> None:
+    rag = sub.add_parser("rag", help="retrieval-augmented generation over your documents")
+    rsub = rag.add_subparsers(dest="rag_command", required=True, parser_class=parser_class)
+
+    p = rsub.add_parser("ingest", help="add or update documents (.txt .md .html .pdf .docx) in a collection")
+    p.add_argument("paths", nargs="+", help="files or folders (walked recursively)")
+    p.add_argument("--collection", "-c", required=True, help="created on first use")
+    p.add_argument("--group", action="append", default=[], help="only this group may read these documents "
+                   "(repeatable; default: everyone)")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata to filter on")
+    p.add_argument("--sync", action="store_true", help="also remove documents under PATHS that no longer exist")
+    p.add_argument("--format", default="files", choices=["files", "beir"], help="beir: a BEIR corpus.jsonl")
+    p.add_argument("--chunk-tokens", type=int, default=192, help="largest chunk in tokens (default 192)")
+    p.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive pieces of a long "
+                   "paragraph (default 32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _store_flags(p)
+    _embedder_flags(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = rsub.add_parser("list", help="collections with their sizes and embedders")
+    p.add_argument("--json", action="store_true")
+    _store_flags(p)
+    p.set_defaults(func=cmd_list)
+
+    p = rsub.add_parser("show", help="a collection's documents, or one document's chunks")
+    p.add_argument("--collection", "-c", required=True)
+    p.add_argument("source", nargs="?", help="a document's source path")
+    p.add_argument("--json", action="store_true")
+    _store_flags(p)
+    p.set_defaults(func=cmd_show)
+
+    p = rsub.add_parser("rm", help="remove documents, or a whole collection with --all")
+    p.add_argument("--collection", "-c", required=True)
+    p.add_argument("sources", nargs="*", help="documents' source paths")
+    p.add_argument("--all", action="store_true", help="remove the collection itself")
+    _store_flags(p)
+    p.set_defaults(func=cmd_rm)
+
+    p = rsub.add_parser("search", help="ranked chunks for a query, with scores and sources")
+    p.add_argument("query")
+    _retrieval_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = rsub.add_parser("ask", help="answer a question from a collection, citing the sources")
+    p.add_argument("question")
+    p.add_argument("--model", default=default_model, help=f"stored name or path (default {default_model})")
+    p.add_argument("--min-similarity", type=float, default=None,
+                   help="if no chunk is this similar to the question (cosine), the answer is 'I don't know' "
+                   "(default 0.3)")
+    _retrieval_flags(p)
+    sampling_flags(p)
+    p.set_defaults(func=cmd_ask, temperature=0.0)
+
+    p = rsub.add_parser("reembed", help="re-embed a collection with another embedder")
+    p.add_argument("--collection", "-c", required=True)
+    p.add_argument("--quiet", action="store_true")
+    _store_flags(p)
+    _embedder_flags(p)
+    p.set_defaults(func=cmd_reembed)
+
+    p = rsub.add_parser("eval", help="nDCG@10, recall@k and MRR of retrieval on labelled queries (BEIR files)")
+    p.add_argument("--collection", "-c", required=True)
+    p.add_argument("--queries", required=True, help="BEIR queries.jsonl")
+    p.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id, corpus-id, score)")
+    p.add_argument("--mode", default="hybrid,bm25,vector", help="comma-separated modes (default all three)")
+    p.add_argument("--depth", type=int, default=100, help="chunks retrieved per query (default 100)")
+    p.add_argument("--plot", metavar="PNG", help="also draw the modes' scores side by side")
+    p.add_argument("--bm25-weight", type=float, default=1.0)
+    p.add_argument("--vector-weight", type=float, default=1.0)
+    _store_flags(p)
+    _embedder_flags(p)
+    p.set_defaults(func=cmd_eval)
+

@@ -1,0 +1,282 @@
+"""The default store: one SQLite file per home, in WAL mode, with FTS5 (BM25) for text and sqlite-vec for vectors.
+
+apsw, not the stdlib ``sqlite3``: it bundles a current SQLite with FTS5 and extension loading, which some Python
+builds lack. Per collection there is one FTS5 table (``fts_<id>``, contentless: the text lives in ``chunks``) and
+one sqlite-vec table (``vec_<id>``, exact cosine kNN, with the chunk's document id as a metadata column so filters
+run inside the kNN scan).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import apsw
+import numpy as np
+import sqlite_vec
+
+from fourwalls.errors import FormatError, NotFoundError, OverloadedError, UsageError
+from fourwalls.rag.stores import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections(
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, embedder TEXT NOT NULL, dim INTEGER NOT NULL,
+    created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents(
+    id INTEGER PRIMARY KEY, collection INTEGER NOT NULL REFERENCES collections(id), source TEXT NOT NULL,
+    digest TEXT NOT NULL, title TEXT NOT NULL, groups TEXT NOT NULL, meta TEXT NOT NULL, chunks INTEGER NOT NULL,
+    ingested TEXT NOT NULL, UNIQUE(collection, source));
+CREATE TABLE IF NOT EXISTS doc_groups(
+    grp TEXT NOT NULL, doc INTEGER NOT NULL REFERENCES documents(id), PRIMARY KEY(grp, doc)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY, doc INTEGER NOT NULL REFERENCES documents(id), ord INTEGER NOT NULL, text TEXT NOT NULL,
+    heading TEXT, page INTEGER, start INTEGER NOT NULL, "end" INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc);
+CREATE INDEX IF NOT EXISTS doc_groups_doc ON doc_groups(doc);
+"""
+
+HIT = """SELECT c.id, c.text, d.source, d.title, c.heading, c.page, c.start, c."end", d.groups
+         FROM chunks c JOIN documents d ON d.id = c.doc"""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str | None = None) -> None:
+        if path is None:
+            from fourwalls.store import home
+
+            path = home() / "rag.db"
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = apsw.Connection(str(self.path))
+            self.db.set_busy_timeout(10_000)
+            self.db.enable_load_extension(True)
+            self.db.load_extension(sqlite_vec.loadable_path())
+            self.db.enable_load_extension(False)
+            self.db.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON")
+            with self._write():
+                self.db.execute(SCHEMA)
+        except apsw.Error as e:
+            raise FormatError(f"cannot open the document store {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, taking the write lock up front (a deferred one could not upgrade under WAL)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError:
+            raise OverloadedError(f"the document store {self.path} is locked by another writer; retry") from None
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # collections
+
+    def _row(self, name: str) -> tuple[int, str, int]:
+        row = self.db.execute("SELECT id, embedder, dim FROM collections WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no collection named {name!r} (see: fourwalls rag list)")
+        return row
+
+    def create_collection(self, name: str, embedder: str, dim: int) -> Collection:
+        check_name(name)
+        with self._write():
+            if self.db.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone():
+                raise UsageError(f"collection {name!r} already exists")
+            self.db.execute("INSERT INTO collections(name, embedder, dim, created) VALUES (?, ?, ?, ?)",
+                            (name, embedder, dim, now()))
+            cid = self.db.last_insert_rowid()
+            self._create_indexes(cid, dim)
+        return self.collection(name)
+
+    def _create_indexes(self, cid: int, dim: int) -> None:
+        self.db.execute(f"""
+            CREATE VIRTUAL TABLE fts_{cid} USING fts5(text, content='', contentless_delete=1,
+                                                       tokenize='porter unicode61 remove_diacritics 2');
+            CREATE VIRTUAL TABLE vec_{cid} USING vec0(embedding float[{int(dim)}] distance_metric=cosine,
+                                                      doc integer)""")
+
+    def collection(self, name: str) -> Collection:
+        row = self.db.execute(
+            """SELECT c.name, c.embedder, c.dim, count(d.id), coalesce(sum(d.chunks), 0), c.created
+               FROM collections c LEFT JOIN documents d ON d.collection = c.id WHERE c.name = ? GROUP BY c.id""",
+            (name,)).fetchone()
+        if row is None:
+            self._row(name)
+        return Collection(*row)
+
+    def collections(self) -> list[Collection]:
+        rows = self.db.execute(
+            """SELECT c.name, c.embedder, c.dim, count(d.id), coalesce(sum(d.chunks), 0), c.created
+               FROM collections c LEFT JOIN documents d ON d.collection = c.id GROUP BY c.id ORDER BY c.name""")
+        return [Collection(*r) for r in rows]
+
+    def drop_collection(self, name: str) -> None:
+        cid = self._row(name)[0]
+        with self._write():
+            self.db.execute(f"""
+                DELETE FROM doc_groups WHERE doc IN (SELECT id FROM documents WHERE collection = {cid});
+                DELETE FROM chunks WHERE doc IN (SELECT id FROM documents WHERE collection = {cid});
+                DELETE FROM documents WHERE collection = {cid};
+                DELETE FROM collections WHERE id = {cid};
+                DROP TABLE fts_{cid}; DROP TABLE vec_{cid}""")
+
+    # documents
+
+    def documents(self, collection: str) -> list[DocumentInfo]:
+        cid = self._row(collection)[0]
+        rows = self.db.execute("SELECT source, digest, title, groups, meta, chunks, ingested FROM documents "
+                               "WHERE collection = ? ORDER BY source", (cid,))
+        return [_info(r) for r in rows]
+
+    def document(self, collection: str, source: str) -> DocumentInfo | None:
+        cid = self._row(collection)[0]
+        row = self.db.execute("SELECT source, digest, title, groups, meta, chunks, ingested FROM documents "
+                              "WHERE collection = ? AND source = ?", (cid, source)).fetchone()
+        return _info(row) if row else None
+
+    def put_document(self, collection: str, doc: DocumentInfo, chunks: list, vectors: np.ndarray) -> None:
+        cid, _, dim = self._row(collection)
+        if vectors.shape != (len(chunks), dim):
+            raise UsageError(f"{doc.source}: {vectors.shape} vectors for {len(chunks)} chunks of dimension {dim}")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self._write():
+            self._delete(cid, doc.source)
+            self.db.execute(
+                "INSERT INTO documents(collection, source, digest, title, groups, meta, chunks, ingested) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (cid, doc.source, doc.digest, doc.title, json.dumps(sorted(set(doc.groups))),
+                 json.dumps(doc.meta, sort_keys=True), len(chunks), now()))
+            did = self.db.last_insert_rowid()
+            self.db.executemany("INSERT INTO doc_groups(grp, doc) VALUES (?, ?)", [(g, did) for g in set(doc.groups)])
+            for i, (c, v) in enumerate(zip(chunks, vectors)):
+                self.db.execute('INSERT INTO chunks(doc, ord, text, heading, page, start, "end") '
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)", (did, i, c.text, c.heading, c.page, c.start, c.end))
+                rowid = self.db.last_insert_rowid()
+                self.db.execute(f"INSERT INTO fts_{cid}(rowid, text) VALUES (?, ?)",
+                                (rowid, indexed_text(doc.title, c.heading, c.text)))
+                self.db.execute(f"INSERT INTO vec_{cid}(rowid, embedding, doc) VALUES (?, ?, ?)",
+                                (rowid, v.tobytes(), did))
+
+    def _delete(self, cid: int, source: str) -> bool:
+        row = self.db.execute("SELECT id FROM documents WHERE collection = ? AND source = ?", (cid, source)).fetchone()
+        if row is None:
+            return False
+        did = row[0]
+        self.db.execute(f"""
+            DELETE FROM fts_{cid} WHERE rowid IN (SELECT id FROM chunks WHERE doc = {did});
+            DELETE FROM vec_{cid} WHERE rowid IN (SELECT id FROM chunks WHERE doc = {did});
+            DELETE FROM chunks WHERE doc = {did};
+            DELETE FROM doc_groups WHERE doc = {did};
+            DELETE FROM documents WHERE id = {did}""")
+        return True
+
+    def delete_document(self, collection: str, source: str) -> bool:
+        cid = self._row(collection)[0]
+        with self._write():
+            return self._delete(cid, source)
+
+    def chunks(self, collection: str, source: str) -> list[Hit]:
+        cid = self._row(collection)[0]
+        rows = self.db.execute(f"{HIT} WHERE d.collection = ? AND d.source = ? ORDER BY c.ord", (cid, source))
+        return [_hit(r) for r in rows]
+
+    def all_chunks(self, collection: str) -> list[Hit]:
+        cid = self._row(collection)[0]
+        return [_hit(r) for r in self.db.execute(f"{HIT} WHERE d.collection = ? ORDER BY c.id", (cid,))]
+
+    def replace_vectors(self, collection: str, embedder: str, dim: int, ids: list[int], vectors: np.ndarray) -> None:
+        cid = self._row(collection)[0]
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(ids), dim):
+            raise UsageError(f"{vectors.shape} vectors for {len(ids)} chunks of dimension {dim}")
+        with self._write():
+            docs = dict(self.db.execute("SELECT c.id, c.doc FROM chunks c JOIN documents d ON d.id = c.doc "
+                                        "WHERE d.collection = ?", (cid,)))
+            if sorted(ids) != sorted(docs):
+                raise UsageError(f"replace_vectors needs one vector for each of the {len(docs)} chunks of "
+                                 f"{collection!r} (got {len(ids)})")
+            self.db.execute(f"DROP TABLE vec_{cid}")
+            self.db.execute(f"CREATE VIRTUAL TABLE vec_{cid} USING vec0(embedding float[{int(dim)}] "
+                            "distance_metric=cosine, doc integer)")
+            self.db.executemany(f"INSERT INTO vec_{cid}(rowid, embedding, doc) VALUES (?, ?, ?)",
+                                [(i, v.tobytes(), docs[i]) for i, v in zip(ids, vectors)])
+            self.db.execute("UPDATE collections SET embedder = ?, dim = ? WHERE id = ?", (embedder, dim, cid))
+
+    # search
+
+    def _allowed(self, cid: int, groups: set[str] | None, where: dict[str, str] | None) -> list[int] | None:
+        """Ids of the documents a search may return, or None when nothing restricts it."""
+        if groups is None and not where:
+            return None
+        sql, args = "SELECT id FROM documents d WHERE collection = ?", [cid]
+        if groups is not None:
+            marks = ",".join("?" * len(groups))
+            sql += (" AND (groups = '[]' OR EXISTS (SELECT 1 FROM doc_groups g WHERE g.doc = d.id AND g.grp IN "
+                    f"({marks})))" if groups else " AND groups = '[]'")
+            args += sorted(groups)
+        for key, value in (where or {}).items():
+            sql += " AND json_extract(meta, ?) = ?"
+            args += [f'$."{key}"', str(value)]
+        return [r[0] for r in self.db.execute(sql, args)]
+
+    def search_text(self, collection: str, query: str, k: int, groups: set[str] | None = None,
+                    where: dict[str, str] | None = None) -> list[Hit]:
+        cid = self._row(collection)[0]
+        match = " OR ".join(f'"{t}"' for t in query_terms(query))
+        allowed = self._allowed(cid, groups, where)
+        if allowed == []:
+            return []
+        only = "" if allowed is None else \
+            f"AND f.rowid IN (SELECT id FROM chunks WHERE doc IN ({','.join(map(str, allowed))}))"
+        rows = self.db.execute(f"SELECT f.rowid, -bm25(fts_{cid}) FROM fts_{cid} f WHERE fts_{cid} MATCH ? {only} "
+                               f"ORDER BY bm25(fts_{cid}) LIMIT ?", (match, k)).fetchall()
+        hits = self._hits([r[0] for r in rows])
+        for h, (_, s) in zip(hits, rows):
+            h.bm25 = h.score = s
+        return hits
+
+    def search_vector(self, collection: str, vector: np.ndarray, k: int, groups: set[str] | None = None,
+                      where: dict[str, str] | None = None) -> list[Hit]:
+        cid, _, dim = self._row(collection)
+        if vector.shape != (dim,):
+            raise UsageError(f"a query vector of shape {vector.shape} for a collection of dimension {dim}")
+        allowed = self._allowed(cid, groups, where)
+        if allowed == []:
+            return []
+        only = "" if allowed is None else f"AND doc IN ({','.join(map(str, allowed))})"
+        rows = self.db.execute(f"SELECT rowid, distance FROM vec_{cid} WHERE embedding MATCH ? AND k = ? {only}",
+                               (np.asarray(vector, dtype=np.float32).tobytes(), k)).fetchall()
+        hits = self._hits([r[0] for r in rows])
+        for h, (_, d) in zip(hits, rows):
+            h.similarity = h.score = 1.0 - d
+        return hits
+
+    def _hits(self, ids: list[int]) -> list[Hit]:
+        if not ids:
+            return []
+        rows = {r[0]: r for r in self.db.execute(f"{HIT} WHERE c.id IN ({','.join(map(str, ids))})")}
+        return [_hit(rows[i]) for i in ids]
+
+
+def _info(r: tuple) -> DocumentInfo:
+    return DocumentInfo(source=r[0], digest=r[1], title=r[2], groups=json.loads(r[3]), meta=json.loads(r[4]),
+                        chunks=r[5], ingested=r[6])
+
+
+def _hit(r: tuple) -> Hit:
+    return Hit(id=r[0], text=r[1], source=r[2], title=r[3], heading=r[4], page=r[5], start=r[6], end=r[7],
+               groups=json.loads(r[8]))
