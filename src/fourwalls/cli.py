@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -326,7 +327,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
     serve(ServeConfig(args.model, args.host, args.port, adapters, Path(args.api_keys) if args.api_keys else None,
-                      engine, args.drain_timeout, args.max_body_bytes, args.log_requests))
+                      engine, args.drain_timeout, args.max_body_bytes, args.log_requests,
+                      rag_store=args.rag_store, embedder=args.embedder))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,7 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "flight (default 30)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--log-requests", action="store_true", help="log prompts and completions (off by default)")
+    p.add_argument("--rag-store", metavar="URL", default=os.environ.get("FOURWALLS_RAG_STORE"),
+                   help="document collections for /v1/collections and RAG chat: postgresql://... or a SQLite file "
+                   "(default $FOURWALLS_RAG_STORE, else $FOURWALLS_HOME/rag.db)")
+    p.add_argument("--embedder", metavar="FOLDER", help="a sentence-transformers BERT folder for /v1/embeddings "
+                   "and retrieval (default: the packaged all-MiniLM-L6-v2)")
     p.set_defaults(func=cmd_serve)
+
+    from fourwalls.rag.cli import register
+
+    register(sub, _Parser, _sampling_flags, DEFAULT_MODEL)
 
     models = sub.add_parser("models", help="the model store: import, list, show, rm")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fourwalls.errors import UsageError
+from fourwalls.errors import FormatError, UsageError
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -58,7 +58,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     report.failed = failed
     print(report.summary())
     if failed:
-        sys.exit(2)
+        raise FormatError(f"{len(failed)} of {len(items) + len(refused)} documents were not ingested (listed above)")
 
 
 def cmd_list(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
+import logging
 import re
 import textwrap
 import time
@@ -251,6 +252,7 @@ def _pdf(path: Path, data: bytes) -> Document:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its repair warnings would reach the terminal unasked
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -14,17 +15,29 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from fourwalls.errors import FourwallsError
+from fourwalls.serve import rag
 from fourwalls.serve.openai import router
 from fourwalls.serve.state import ServerState, error_from, error_response
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/healthz", "/readyz",
-          "/metrics", "/openapi.json", "/docs")
+          "/metrics", "/openapi.json", "/docs", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
+          "/v1/collections/{name}", "/v1/collections/{name}/documents", "/v1/collections/{name}/documents/{source}",
+          "/v1/collections/{name}/search")
+_TEMPLATES = [(re.compile(re.sub(r"\{\w+\}", "[^/]+", t.replace("{source}", "(.+)"))), t) for t in ROUTES if "{" in t]
+
+
+def route_label(path: str) -> str:
+    """The metrics label of a request path: its route template, or "other" (no label per collection)."""
+    if path in ROUTES:
+        return path
+    return next((t for pattern, t in _TEMPLATES if pattern.fullmatch(path)), "other")
 
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
     app.state.fourwalls = state
     app.include_router(router)
+    app.include_router(rag.router)
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -32,8 +45,8 @@ def create_app(state: ServerState) -> FastAPI:
         if app.openapi_schema is None:
             schema = default_openapi()
             for component in schema.get("components", {}).get("schemas", {}).values():
-                if "model" in component.get("properties", {}):
-                    component["properties"]["model"]["examples"] = [state.lm.name]
+                if "model" in component.get("properties", {}):  # the embeddings request has its own example
+                    component["properties"]["model"].setdefault("examples", [state.lm.name])
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -120,8 +133,7 @@ class Gate:
                 receive = _replay(body, receive)
             await self.app(scope, receive, stamped)
         finally:
-            route = path if path in ROUTES else "/v1/adapters/{name}" if path.startswith("/v1/adapters/") else "other"
-            self.state.metrics.requests.labels(route, str(status[0])).inc()
+            self.state.metrics.requests.labels(route_label(path), str(status[0])).inc()
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None as soon as it passes the limit."""

@@ -3,10 +3,17 @@
 The file::
 
     {"keys": [{"name": "support-bot", "sha256": "<hex of sha256(key)>", "models": ["smollm2-135m-instruct"],
-               "admin": false, "rpm": 60, "tpm": 20000}]}
+               "admin": false, "rpm": 60, "tpm": 20000, "groups": ["hr", "eng"]}]}
 
-``models`` lists the models and adapters the key may use ("*": all); ``rpm``/``tpm`` are requests and tokens
-(prompt + completion) per minute, absent or null for no limit; ``admin`` allows loading and unloading adapters.
+``models`` lists the models and adapters the key may use ("*": all), the embedder's name included for
+/v1/embeddings; ``rpm``/``tpm`` are requests and tokens (prompt + completion) per minute, absent or null for no
+limit; ``admin`` allows loading and unloading adapters and writing document collections (creating and deleting
+collections, uploading and deleting documents).
+
+``groups`` scopes what the key may read from document collections (search, RAG chat, document lists): documents
+of those groups, plus the documents that have no groups (readable by every key). ``["*"]`` reads every group.
+Absent or null: an admin key reads every group, any other key only the documents with no groups. The scope is
+applied inside each search, before the top k is cut. Without an API key file (no auth) reading is unrestricted.
 """
 
 from __future__ import annotations
@@ -36,9 +43,16 @@ class Key:
     tpm: int | None = None
     requests: deque[float] = field(default_factory=deque)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    groups: list[str] | None = None
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
+
+    def readable(self) -> set[str] | None:
+        """The document groups this key may read (None: all of them; an empty set: only ungrouped documents)."""
+        if self.groups is None:
+            return None if self.admin else set()
+        return None if "*" in self.groups else set(self.groups)
 
 
 class KeyRing:
@@ -51,7 +65,8 @@ class KeyRing:
         try:
             data = json.loads(path.read_text())
             keys = [Key(name=str(k["name"]), sha256=str(k["sha256"]).lower(), models=list(k.get("models", ["*"])),
-                        admin=bool(k.get("admin", False)), rpm=k.get("rpm"), tpm=k.get("tpm"))
+                        admin=bool(k.get("admin", False)), rpm=k.get("rpm"), tpm=k.get("tpm"),
+                        groups=_groups(k.get("groups")))
                     for k in data["keys"]]
         except OSError as e:
             raise FormatError(f"cannot read the API key file {path}: {e.strerror}") from None
@@ -94,6 +109,14 @@ class KeyRing:
     def spend(self, key: Key, tokens: int) -> None:
         with self.lock:
             key.tokens.append((time.monotonic(), tokens))
+
+
+def _groups(value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+        raise TypeError(f'"groups" must be a list of non-empty strings, not {value!r}')
+    return list(value)
 
 
 def _retry(now: float, oldest: float) -> int:

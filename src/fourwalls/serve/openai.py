@@ -1,4 +1,9 @@
-"""The OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models, and adapter loading."""
+"""The OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models, and adapter loading.
+
+Chat completions take one extension, ``rag`` (see ``serve.rag``): the answer is grounded in a document
+collection and the response gets a top-level ``citations`` list; when streaming, the citations come in the first
+chunk's top-level ``citations`` field, with ``cited: false`` since the text is not known yet.
+"""
 
 from __future__ import annotations
 
@@ -48,10 +53,8 @@ def _params(body: Sampling, max_tokens: int, logprobs: int | None, index: int) -
 def _start(state: ServerState, key: Key | None, body: Sampling, prompts: list[list[int]],
                  max_tokens: int | None, default_max: int | None, logprobs: int | None) -> Batch:
     """Check a request against the key, the context window and the grammar, and queue its choices."""
-    adapter = state.resolve_model(body.model)
+    adapter = _authorize(state, key, body)
     if key is not None:
-        if not key.may_use(body.model) and not (adapter and key.may_use(adapter)):
-            raise ForbiddenError(f"this API key may not use model '{body.model}'")
         state.keys.admit(key, sum(map(len, prompts)) * body.n)
     if len(body.stop_list()) > MAX_STOP or any(not s for s in body.stop_list()):
         raise _bad(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
@@ -64,6 +67,14 @@ def _start(state: ServerState, key: Key | None, body: Sampling, prompts: list[li
             requests.append(EngineRequest(prompt, _params(body, n, logprobs, i), lambda ev: None, adapter,
                                           constraint, body.ignore_eos))
     return Batch(state, requests, adapter)
+
+
+def _authorize(state: ServerState, key: Key | None, body: Sampling) -> str | None:
+    """The adapter the request's model names (None: the base model), if the key may use it."""
+    adapter = state.resolve_model(body.model)
+    if key is not None and not key.may_use(body.model) and not (adapter and key.may_use(adapter)):
+        raise ForbiddenError(f"this API key may not use model '{body.model}'")
+    return adapter
 
 
 def _constraint(state: ServerState, body: Sampling) -> Any:
@@ -212,10 +223,34 @@ async def completions(body: CompletionRequest, request: Request, state: State,
                          "choices": choices, "usage": _usage(batch)}, headers=headers)
 
 
-@router.post("/v1/chat/completions")
+CHAT_DESCRIPTION = """OpenAI chat completions.
+
+fourwalls extension: with `"rag": {"collection": ..., "top_k": 5, "mode": "hybrid", "where": {...},
+"min_similarity": null}` the last user message is answered from the collection's documents that the API key may
+read. The retrieved chunks replace the system message as numbered sources; the response has a top-level
+`citations` list of `{"index", "source", "title", "heading", "page", "span", "score", "similarity", "cited"}`.
+**Streaming:** the citations come once, in the first chunk's top-level `citations` field, all with `cited: false`
+(the answer is not known yet). Only relevant chunks become sources (at least `min_similarity`, default 0.3, cosine
+similar to the question, or containing all of its words); when none is, the model does not run: the answer says the
+documents do not tell, with `citations: []` and zero usage."""
+
+
+@router.post("/v1/chat/completions", description=CHAT_DESCRIPTION)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
                            key: AuthKey) -> Response:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    hits = None
+    if body.rag is not None:
+        from fourwalls.serve import rag
+
+        adapter = _authorize(state, key, body)  # before any retrieval
+        grounded = await rag.ground(state, key, body.rag, messages)
+        if grounded is None:
+            if key is not None:
+                state.keys.admit(key, 0)
+            _log(state, "chat", messages, [rag.NO_ANSWER])
+            return rag.no_answer(body, _headers(state, adapter))
+        messages, hits = grounded
     prompt = state.lm.tokenizer.encode_chat(messages)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     batch = _start(state, key, body, [prompt], body.max_completion_tokens or body.max_tokens, None, logprobs)
@@ -226,6 +261,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         return {"content": [_chat_logprob(state, t) for t in tokens]} if logprobs is not None else None
 
     started: set[int] = set()
+    started_citations: list[bool] = []
 
     def frame(i: int, c: Chunk | None) -> dict[str, Any]:
         choices = []
@@ -235,8 +271,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                 started.add(i)
                 delta["role"] = "assistant"
             choices = [{"index": i, "delta": delta, "logprobs": lp(c.tokens), "finish_reason": c.finish_reason}]
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "choices": choices}
+        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+               "choices": choices}
+        if hits is not None and not started_citations:
+            started_citations.append(True)
+            out["citations"] = rag.citations(hits, None)
+        return out
 
     outs = await _respond(batch, body, request, key, frame, headers)
     if isinstance(outs, Response):
@@ -246,9 +286,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         tokens = [t for c in cs for t in c.tokens]
         choices.append({"index": i, "message": {"role": "assistant", "content": "".join(c.text for c in cs)},
                         "logprobs": lp(tokens), "finish_reason": cs[-1].finish_reason})
-    _log(state, "chat", messages, [c["message"]["content"] for c in choices])
+    texts = [c["message"]["content"] for c in choices]
+    _log(state, "chat", messages, texts)
+    extra = {} if hits is None else {"citations": rag.citations(hits, texts)}
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                         "choices": choices, "usage": _usage(batch)}, headers=headers)
+                         "choices": choices, "usage": _usage(batch), **extra}, headers=headers)
 
 
 def _token_text(state: ServerState, token: int) -> str:

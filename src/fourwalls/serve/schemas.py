@@ -1,10 +1,12 @@
-"""The request bodies of the OpenAI API that fourwalls serves, as pydantic models (unknown fields are ignored)."""
+"""The request bodies of the OpenAI API that fourwalls serves, as pydantic models (unknown fields are ignored,
+except in document uploads and retrieval options, where a misspelt ``groups`` or ``where`` must not silently widen
+who reads a document or what a search returns)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4
@@ -77,13 +79,76 @@ class Message(BaseModel):
         return self.content or ""
 
 
+MAX_TOP_K = 50  # chunks one retrieval may return
+MAX_EMBED_INPUTS = 2048
+META_KEY = r'^[^"\\\x00-\x1f]{1,128}$'  # metadata keys (and where filters) go into JSON paths: no quotes
+Where = dict[Annotated[str, StringConstraints(pattern=META_KEY)], str]
+
+
+class Retrieval(BaseModel):
+    """What to retrieve: shared by /v1/collections/{name}/search and the ``rag`` field of chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="chunks to return, best first")
+    mode: Literal["hybrid", "bm25", "vector"] = Field("hybrid", description="hybrid: BM25 and vectors fused by "
+                                                      "reciprocal rank")
+    where: Where | None = Field(None, description="document metadata that must match exactly")
+
+
+class RagOptions(Retrieval):
+    collection: str = Field(..., min_length=1, max_length=64, description="the collection to answer from")
+    min_similarity: float | None = Field(None, ge=-1, le=1, description="only chunks this similar to the "
+                                         "question (cosine), or containing all of its words, become sources; if "
+                                         "none does, the answer is 'I don't know' and no model runs (default 0.3)")
+
+
 class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    rag: RagOptions | None = Field(None, description="fourwalls extension: answer the last user message from a "
+                                   "document collection, citing its sources (see the top-level citations field)")
 
 
 class AdapterLoad(BaseModel):
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     path: str = Field(..., min_length=1, description="a PEFT-format folder, or the name of an adapter in the store")
+
+
+class CollectionCreate(BaseModel):
+    name: str = Field(..., description="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+class DocumentUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(..., min_length=1, max_length=1024, pattern=r"^[^\x00]*$",
+                        description="the document's key in the collection, e.g. handbook.md; its suffix picks the "
+                        "parser of content_base64 (.txt .md .markdown .html .htm .pdf .docx)")
+    text: str | None = Field(None, description="the document as text (read as Markdown); or content_base64")
+    content_base64: str | None = Field(None, description="the file's bytes, base64-encoded; or text")
+    title: str | None = Field(None, max_length=1024, description="default: the document's own title (first "
+                              "heading, PDF/DOCX metadata), else the source's file name")
+    groups: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=list, description="only API keys of these groups may read it (default: every key)")
+    meta: dict[Annotated[str, StringConstraints(pattern=META_KEY)], str] = Field(
+        default_factory=dict, description="metadata to filter searches on (where)")
+    chunk_tokens: int = Field(192, ge=16, le=1024, description="largest chunk in embedder tokens")
+    overlap: int = Field(32, ge=0, le=512, description="tokens shared by consecutive pieces of a long paragraph")
+
+
+class SearchRequest(Retrieval):
+    query: str = Field(..., min_length=1, max_length=10_000)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str] = Field(..., description=f"a text or up to {MAX_EMBED_INPUTS} texts; texts longer than "
+                                   "the embedder's window (256 tokens for all-MiniLM-L6-v2) are truncated")
+    model: str = Field(..., examples=["all-MiniLM-L6-v2"], description="the server's embedder")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes")
+    dimensions: int | None = Field(None, ge=1, description="must be the embedder's dimension if given")
+    user: str | None = None

@@ -36,6 +36,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     log_requests: bool = False
     stall_timeout: float = 30.0
+    rag_store: str | None = None  # document collections: postgresql://... or a SQLite file (None: the home's rag.db)
+    embedder: str | None = None  # a sentence-transformers folder (None: the packaged all-MiniLM-L6-v2)
 
 
 def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
@@ -51,7 +53,7 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
             raise UsageError(f"--adapter {name}={where}: {e}") from None
     grammars = Grammars(lm.tokenizer, lm.config.vocab_size, lm.config.eos_token_ids)
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
-                        cfg.stall_timeout)
+                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder)
     engine.start()
     return state
 
@@ -92,3 +94,4 @@ def serve(cfg: ServeConfig) -> None:
         _Server(config, state, cfg.drain_timeout).run()
     finally:
         state.engine.stop()
+        state.rag.close()

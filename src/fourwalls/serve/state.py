@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,67 @@ def error_from(e: FourwallsError) -> JSONResponse:
     return error_response(e.http_status, str(e), getattr(e, "param", None), getattr(e, "code", None), headers)
 
 
+class _LockedStore:
+    """A document store whose every call holds the lock: one apsw connection is shared by the request threads."""
+
+    def __init__(self, store: Any, lock: threading.Lock) -> None:
+        self._store, self._lock = store, lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
+class RagService:
+    """The document store and the embedder behind the RAG routes, each opened on first use (blocking calls: run
+    them in a worker thread). ``store`` serializes every call on ``lock``; ``writes`` serializes whole writes
+    (check, then ingest or delete) so that they cannot interleave, while searches go on between their calls."""
+
+    def __init__(self, store_url: str | None = None, embedder_folder: str | None = None) -> None:
+        self.store_url, self.embedder_folder = store_url, embedder_folder
+        self.lock = threading.Lock()
+        self.writes = threading.Lock()
+        self._opening, self._loading = threading.Lock(), threading.Lock()
+        self._store: Any = None
+        self._embedder: Any = None
+
+    @property
+    def store(self) -> Any:
+        with self._opening:
+            if self._store is None:
+                from fourwalls.rag.stores import open_store
+
+                self._store = _LockedStore(open_store(self.store_url), self.lock)
+            return self._store
+
+    @property
+    def embedder(self) -> Any:
+        with self._loading:
+            if self._embedder is None:
+                from fourwalls.rag.embed import embedder
+
+                self._embedder = embedder(self.embedder_folder)
+            return self._embedder
+
+    def retriever(self) -> Any:
+        from fourwalls.rag.retrieve import Retriever
+
+        return Retriever(self.store, self.embedder)
+
+    def close(self) -> None:
+        with self._opening:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
 @dataclass
 class ServerState:
     lm: LoadedModel
@@ -49,6 +111,18 @@ class ServerState:
     stall_timeout: float = 30.0
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
+    embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    _rag: RagService | None = field(default=None, repr=False)
+    _rag_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def rag(self) -> RagService:
+        """The RAG service, created on first use (nothing is opened or loaded until a RAG route needs it)."""
+        with self._rag_lock:
+            if self._rag is None:
+                self._rag = RagService(self.rag_store, self.embedder_folder)
+            return self._rag
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a request's ``model`` names (None: the base model); 404 for anything else."""

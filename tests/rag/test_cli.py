@@ -1,0 +1,98 @@
+"""`fourwalls rag ...` end to end: the commands, their output, and bad input (exit 2, one line naming the cause)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fourwalls.cli import main
+from tests.rag.docs import minimal_pdf
+
+LABELLED = Path(__file__).parent.parent / "fixtures" / "rag"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOURWALLS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FOURWALLS_RAG_STORE", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    d = tmp_path / "docs"
+    (d / "hr").mkdir(parents=True)
+    (d / "hr" / "leave.md").write_text("# Leave\n\n## Parental\n\nParental leave is 16 weeks at full pay.\n")
+    (d / "it.html").write_text("<html><head><title>IT</title><script>evil()</script></head><body><h1>Laptops</h1>"
+                               "<p>Report a stolen laptop within one hour.</p></body></html>")
+    (d / "policy.pdf").write_bytes(minimal_pdf([["Visitors sign in at reception."], ["Badges are returned daily."]]))
+    return d
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ingest_list_show_search_rm(home, docs, capsys):
+    code, out, _ = run(capsys, "rag", "ingest", str(docs), "-c", "hb", "--group", "staff", "--quiet")
+    assert code == 0 and out.startswith("3 added, 0 replaced, 0 unchanged")
+    code, out, _ = run(capsys, "rag", "ingest", str(docs), "-c", "hb", "--group", "staff", "--quiet")
+    assert "0 added, 0 replaced, 3 unchanged" in out
+    code, out, _ = run(capsys, "rag", "list", "--json")
+    [c] = json.loads(out)
+    assert (c["name"], c["documents"], c["embedder"], c["dim"]) == ("hb", 3, "all-MiniLM-L6-v2", 384)
+
+    code, out, _ = run(capsys, "rag", "search", "how long is parental leave", "-c", "hb", "-k", "2", "--json")
+    hits = json.loads(out)
+    assert hits[0]["source"].endswith("leave.md") and hits[0]["heading"] == "Leave > Parental"
+    text = (docs / "hr" / "leave.md").read_text()
+    assert "16 weeks" in hits[0]["text"] and hits[0]["span"][1] > hits[0]["span"][0]
+    code, out, _ = run(capsys, "rag", "search", "badges", "-c", "hb", "--json", "--mode", "bm25")
+    assert json.loads(out)[0]["page"] == 2
+    code, out, _ = run(capsys, "rag", "search", "stolen laptop", "-c", "hb", "--group", "guests", "--json")
+    assert json.loads(out) == []  # staff-only documents are invisible to other groups
+    code, out, _ = run(capsys, "rag", "search", "stolen laptop", "-c", "hb")
+    assert code == 0 and "1. score" in out and "it.html" in out and "evil" not in out
+
+    code, out, _ = run(capsys, "rag", "show", "-c", "hb", str(docs / "hr" / "leave.md"))
+    shown = json.loads(out)
+    assert shown["chunk_list"][0]["text"] in text
+    code, out, _ = run(capsys, "rag", "rm", "-c", "hb", str(docs / "it.html"))
+    assert code == 0 and "removed 1" in out
+    code, out, _ = run(capsys, "rag", "show", "-c", "hb", "--json")
+    assert len(json.loads(out)["document_list"]) == 2
+    code, out, _ = run(capsys, "rag", "rm", "-c", "hb", "--all")
+    assert code == 0 and run(capsys, "rag", "list", "--json")[1].strip() == "[]"
+
+
+def test_beir_ingest_and_eval(home, tmp_path, capsys):
+    code, out, _ = run(capsys, "rag", "ingest", "--format", "beir", str(LABELLED), "-c", "nw", "--quiet")
+    assert code == 0 and out.startswith("59 added")
+    plot = tmp_path / "eval.png"
+    code, out, _ = run(capsys, "rag", "eval", "-c", "nw", "--queries", str(LABELLED / "queries.jsonl"),
+                       "--qrels", str(LABELLED / "qrels.tsv"), "--plot", str(plot))
+    r = json.loads(out)["results"]
+    assert set(r) == {"hybrid", "bm25", "vector"}
+    assert all(0 < m["ndcg@10"] <= 1 and m["queries"] == 32 for m in r.values())
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input(home, docs, tmp_path, capsys):
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    code, out, err = run(capsys, "rag", "ingest", str(docs), str(tmp_path / "missing"), "-c", "hb", "--quiet")
+    assert code == 2 and out.startswith("3 added")  # the good files went in
+    assert "broken.pdf" in err and "missing" in err and "Traceback" not in err
+    for argv, message in [
+        (["rag", "search", "x", "-c", "nope"], "no collection named 'nope'"),
+        (["rag", "search", "?!", "-c", "hb"], "no terms"),
+        (["rag", "ingest", str(docs), "-c", "bad name!"], "invalid collection name"),
+        (["rag", "search", "x", "-c", "hb", "--where", "novalue"], "KEY=VALUE"),
+        (["rag", "rm", "-c", "hb"], "--all"),
+        (["rag", "list", "--store", "postgresql://fw@127.0.0.1:1/x?connect_timeout=2"], "cannot reach PostgreSQL"),
+    ]:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
