@@ -456,3 +456,19 @@ def test_bad_url_does_not_echo_the_password():
     with pytest.raises(UsageError, match="invalid PostgreSQL URL") as e:
         PostgresStore("postgresql://me:s3cret-pw@[::1/db")
     assert "s3cret" not in str(e.value)
+
+
+def test_sqlite_common_terms_only_add_to_rare_matches(tmp_path):
+    """Past 1000 chunks, a term in over 5% of them no longer chooses matches (scoring them all is slow), but
+    still counts in the scores of what the rare terms match."""
+    from fourwalls.rag.stores.sqlite import SqliteStore
+
+    s = SqliteStore(tmp_path / "rag.db")
+    s.create_collection("c", "e", DIM)
+    put(s, "c", "filler.md", [f"robot report number {i}" for i in range(1200)], unit(40, 1200))
+    put(s, "c", "zebra.md", ["zebra crossing", "robot zebra"], unit(41, 2))
+    assert s._common(1, ["robot", "zebra"]) == {"robot"}
+    hits = s.search_text("c", "robot zebra", 10)
+    assert [h.text for h in hits] == ["robot zebra", "zebra crossing"]  # both terms beat one; fillers not matched
+    assert len(s.search_text("c", "robot", 10)) == 10  # a query of common terms alone still matches on them
+    s.close()

@@ -8,6 +8,7 @@ is cut after them, never before.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fourwalls.errors import UsageError
@@ -38,11 +39,13 @@ class Retriever:
         check_embedder(self.store.collection(collection), self.embedder)
         depth = max(k, self.candidates) if mode == "hybrid" else k
         lists: list[tuple[float, list[Hit]]] = []
-        if mode in ("hybrid", "bm25"):
-            lists.append((self.bm25_weight, self.store.search_text(collection, query, depth, groups, where)))
-        if mode in ("hybrid", "vector"):
-            vector = self.embedder.embed([query])[0]
-            lists.append((self.vector_weight, self.store.search_vector(collection, vector, depth, groups, where)))
+        with ThreadPoolExecutor(1) as pool:  # the query's embedding is computed while BM25 searches
+            vector = pool.submit(self.embedder.embed, [query]) if mode != "bm25" else None
+            if mode in ("hybrid", "bm25"):
+                lists.append((self.bm25_weight, self.store.search_text(collection, query, depth, groups, where)))
+            if vector is not None:
+                lists.append((self.vector_weight, self.store.search_vector(collection, vector.result()[0], depth,
+                                                                           groups, where)))
         if mode != "hybrid":
             return lists[0][1]
         return fuse(lists)[:k]

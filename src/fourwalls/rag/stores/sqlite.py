@@ -3,13 +3,17 @@
 apsw, not the stdlib ``sqlite3``: it bundles a current SQLite with FTS5 and extension loading, which some Python
 builds lack. Per collection there is one FTS5 table (``fts_<id>``, contentless: the text lives in ``chunks``) and
 one sqlite-vec table (``vec_<id>``, exact cosine kNN, with the chunk's document id as a metadata column so filters
-run inside the kNN scan).
+run inside the kNN scan). The vectors are split into PARTS partitions that are scanned in parallel, each by a
+thread with its own connection: an exact scan of 100k vectors takes about 70 ms on one core here.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +46,14 @@ HIT = """SELECT c.id, c.text, d.source, d.title, c.heading, c.page, c.start, c."
          FROM chunks c JOIN documents d ON d.id = c.doc"""
 
 
+COMMON = 0.05  # a term in more than this share of a collection's chunks is common (see SqliteStore._common)
+PARTS = 4  # vectors are scanned in this many partitions at once, each by its own connection and thread
+
+
+def _vec0(dim: int) -> str:
+    return f"vec0(embedding float[{int(dim)}] distance_metric=cosine, part integer partition key, doc integer)"
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -54,19 +66,35 @@ class SqliteStore:
             path = home() / "rag.db"
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readers = threading.local()
+        self.pool: ThreadPoolExecutor | None = None
         try:
-            self.db = apsw.Connection(str(self.path))
-            self.db.set_busy_timeout(10_000)
-            self.db.enable_load_extension(True)
-            self.db.load_extension(sqlite_vec.loadable_path())
-            self.db.enable_load_extension(False)
+            self.db = self._connect()
             self.db.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON")
             with self._write():
                 self.db.execute(SCHEMA)
         except apsw.Error as e:
             raise FormatError(f"cannot open the document store {self.path}: {e}") from None
 
+    def _connect(self) -> apsw.Connection:
+        db = apsw.Connection(str(self.path))
+        db.set_busy_timeout(10_000)
+        db.enable_load_extension(True)
+        db.load_extension(sqlite_vec.loadable_path())
+        db.enable_load_extension(False)
+        # mmap: a kNN scan reads every vector; through the page cache it costs a third more (100k chunks).
+        db.execute("PRAGMA mmap_size=4294967296")
+        return db
+
+    def _reader(self) -> apsw.Connection:
+        """This thread's own connection, for scanning one partition of the vectors beside the others."""
+        if not hasattr(self.readers, "db"):
+            self.readers.db = self._connect()
+        return self.readers.db
+
     def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
         self.db.close()
 
     @contextmanager
@@ -106,8 +134,7 @@ class SqliteStore:
         self.db.execute(f"""
             CREATE VIRTUAL TABLE fts_{cid} USING fts5(text, content='', contentless_delete=1,
                                                        tokenize='porter unicode61 remove_diacritics 2');
-            CREATE VIRTUAL TABLE vec_{cid} USING vec0(embedding float[{int(dim)}] distance_metric=cosine,
-                                                      doc integer)""")
+            CREATE VIRTUAL TABLE vec_{cid} USING {_vec0(dim)}""")
 
     def collection(self, name: str) -> Collection:
         row = self.db.execute(
@@ -168,8 +195,8 @@ class SqliteStore:
                 rowid = self.db.last_insert_rowid()
                 self.db.execute(f"INSERT INTO fts_{cid}(rowid, text) VALUES (?, ?)",
                                 (rowid, indexed_text(doc.title, c.heading, c.text)))
-                self.db.execute(f"INSERT INTO vec_{cid}(rowid, embedding, doc) VALUES (?, ?, ?)",
-                                (rowid, v.tobytes(), did))
+                self.db.execute(f"INSERT INTO vec_{cid}(rowid, embedding, part, doc) VALUES (?, ?, ?, ?)",
+                                (rowid, v.tobytes(), rowid % PARTS, did))
 
     def _delete(self, cid: int, source: str) -> bool:
         row = self.db.execute("SELECT id FROM documents WHERE collection = ? AND source = ?", (cid, source)).fetchone()
@@ -210,10 +237,9 @@ class SqliteStore:
                 raise UsageError(f"replace_vectors needs one vector for each of the {len(docs)} chunks of "
                                  f"{collection!r} (got {len(ids)})")
             self.db.execute(f"DROP TABLE vec_{cid}")
-            self.db.execute(f"CREATE VIRTUAL TABLE vec_{cid} USING vec0(embedding float[{int(dim)}] "
-                            "distance_metric=cosine, doc integer)")
-            self.db.executemany(f"INSERT INTO vec_{cid}(rowid, embedding, doc) VALUES (?, ?, ?)",
-                                [(i, v.tobytes(), docs[i]) for i, v in zip(ids, vectors)])
+            self.db.execute(f"CREATE VIRTUAL TABLE vec_{cid} USING {_vec0(dim)}")
+            self.db.executemany(f"INSERT INTO vec_{cid}(rowid, embedding, part, doc) VALUES (?, ?, ?, ?)",
+                                [(i, v.tobytes(), i % PARTS, docs[i]) for i, v in zip(ids, vectors)])
             self.db.execute("UPDATE collections SET embedder = ?, dim = ? WHERE id = ?", (embedder, dim, cid))
 
     # search
@@ -236,18 +262,44 @@ class SqliteStore:
     def search_text(self, collection: str, query: str, k: int, groups: set[str] | None = None,
                     where: dict[str, str] | None = None) -> list[Hit]:
         cid = self._row(collection)[0]
-        match = " OR ".join(f'"{t}"' for t in query_terms(query))
+        terms = query_terms(query)
+        common = self._common(cid, terms) if len(terms) > 1 else set()
+        rare = " OR ".join(f'"{t}"' for t in terms if t not in common)
+        match = " OR ".join(f'"{t}"' for t in terms)
+        if rare and common:  # match on the rare terms only; the common ones still count in those matches' scores
+            match = f"{rare} OR (({match}) AND ({rare}))"
         allowed = self._allowed(cid, groups, where)
         if allowed == []:
             return []
-        only = "" if allowed is None else \
-            f"AND f.rowid IN (SELECT id FROM chunks WHERE doc IN ({','.join(map(str, allowed))}))"
-        rows = self.db.execute(f"SELECT f.rowid, -bm25(fts_{cid}) FROM fts_{cid} f WHERE fts_{cid} MATCH ? {only} "
-                               f"ORDER BY bm25(fts_{cid}) LIMIT ?", (match, k)).fetchall()
-        hits = self._hits([r[0] for r in rows])
-        for h, (_, s) in zip(hits, rows):
-            h.bm25 = h.score = s
+        # The text index is searched first and its matches filtered by a join: "rowid IN (subquery)" would make
+        # FTS5 look every allowed chunk up on its own (seconds at 10k chunks).
+        only = "" if allowed is None else f"AND +c.doc IN ({','.join(map(str, allowed))})"
+        rows = self.db.execute(f"SELECT f.rowid, -bm25(fts_{cid}) FROM fts_{cid} f CROSS JOIN chunks c "
+                               f"ON c.id = f.rowid WHERE fts_{cid} MATCH ? {only} ORDER BY bm25(fts_{cid}) LIMIT ?",
+                               (match, k)).fetchall()
+        hits, score = self._hits([r[0] for r in rows]), dict(rows)
+        for h in hits:
+            h.bm25 = h.score = score[h.id]
         return hits
+
+    def _common(self, cid: int, terms: list[str]) -> set[str]:
+        """The terms found in more than 5% of the collection's chunks. Every chunk that a query matches is scored,
+        so a query matching on such a term scores a large share of the collection (100 ms at 100k chunks); as in
+        Lucene's common-terms query, the rare terms choose the matches and the common ones only add to their
+        scores."""
+        chunks = self.db.execute("SELECT coalesce(sum(chunks), 0) FROM documents WHERE collection = ?",
+                                 (cid,)).fetchone()[0]
+        if chunks < 1000:
+            return set()
+        self.db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.vocab_{cid} USING fts5vocab(main, fts_{cid}, row)")
+        stem = self.db.fts5_tokenizer("porter", ["unicode61", "remove_diacritics", "2"])
+        common = set()
+        for t in terms:
+            for _, _, x in stem(t.encode(), apsw.FTS5_TOKENIZE_QUERY, None):
+                row = self.db.execute(f"SELECT doc FROM temp.vocab_{cid} WHERE term = ?", (x,)).fetchone()
+                if row and row[0] > chunks * COMMON:
+                    common.add(t)
+        return common
 
     def search_vector(self, collection: str, vector: np.ndarray, k: int, groups: set[str] | None = None,
                       where: dict[str, str] | None = None) -> list[Hit]:
@@ -258,18 +310,23 @@ class SqliteStore:
         if allowed == []:
             return []
         only = "" if allowed is None else f"AND doc IN ({','.join(map(str, allowed))})"
-        rows = self.db.execute(f"SELECT rowid, distance FROM vec_{cid} WHERE embedding MATCH ? AND k = ? {only}",
-                               (np.asarray(vector, dtype=np.float32).tobytes(), k)).fetchall()
+        sql = f"SELECT rowid, distance FROM vec_{cid} WHERE embedding MATCH ? AND k = ? AND part = ? {only}"
+        query = np.asarray(vector, dtype=np.float32).tobytes()
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(min(PARTS, os.cpu_count() or 1), thread_name_prefix="fourwalls-knn")
+        parts = self.pool.map(lambda part: self._reader().execute(sql, (query, k, part)).fetchall(), range(PARTS))
+        rows = sorted((r for part in parts for r in part), key=lambda r: r[1])[:k]
         hits = self._hits([r[0] for r in rows])
-        for h, (_, d) in zip(hits, rows):
-            h.similarity = h.score = 1.0 - d
+        distance = dict(rows)
+        for h in hits:
+            h.similarity = h.score = 1.0 - distance[h.id]
         return hits
 
     def _hits(self, ids: list[int]) -> list[Hit]:
         if not ids:
             return []
         rows = {r[0]: r for r in self.db.execute(f"{HIT} WHERE c.id IN ({','.join(map(str, ids))})")}
-        return [_hit(rows[i]) for i in ids]
+        return [_hit(rows[i]) for i in ids if i in rows]  # a chunk replaced meanwhile is left out
 
 
 def _info(r: tuple) -> DocumentInfo:
