@@ -211,8 +211,11 @@ def test_kill_minus_9_mid_ingest_leaves_whole_documents(tmp_path, emb):
 
 def _count(db: Path, sql: str):
     conn = apsw.Connection(str(db))
+    conn.set_busy_timeout(5000)  # the writer may hold a lock a moment (opening the WAL, a checkpoint)
     try:
         return conn.execute(sql).fetchone()[0]
+    except apsw.SQLError:  # no tables yet
+        return 0
     finally:
         conn.close()
 

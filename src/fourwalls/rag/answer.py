@@ -46,7 +46,7 @@ def neutralise(text: str, control: list[str]) -> str:
 def sources_block(hits: list[Hit], control: list[str]) -> str:
     parts = []
     for i, h in enumerate(hits, 1):
-        where = h.title + (f" > {h.heading}" if h.heading else "") + (f", page {h.page}" if h.page else "")
+        where = h.location() + (f", page {h.page}" if h.page else "")
         parts.append(f'<source id="{i}" title="{neutralise(where, control).replace(chr(34), chr(39))}">\n'
                      f"{neutralise(h.text, control)}\n</source>")
     return "\n\n".join(parts)

@@ -133,7 +133,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         detail = ", ".join(f"{k} {v:.3f}" for k, v in (("bm25", h.bm25), ("similarity", h.similarity))
                            if v is not None)
         print(f"{i}. score {c['score']:.4f} ({detail})  {where}")
-        print(f"   {h.title}{' > ' + h.heading if h.heading else ''}")
+        print(f"   {h.location()}")
         text = " ".join(h.text.split())
         print(f"   {text[:300]}{'…' if len(text) > 300 else ''}")
 
@@ -249,7 +249,8 @@ def register(sub: Any, parser_class: type, sampling_flags: Any, default_model: s
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 
-    p = rsub.add_parser("ask", help="answer a question from a collection, citing the sources")
+    p = rsub.add_parser("ask", help="answer a question from a collection, citing the sources (greedy, repeat "
+                        "penalty 1.1, unless set)")
     p.add_argument("question")
     p.add_argument("--model", default=default_model, help=f"stored name or path (default {default_model})")
     p.add_argument("--min-similarity", type=float, default=None,
@@ -257,7 +258,7 @@ def register(sub: Any, parser_class: type, sampling_flags: Any, default_model: s
                    "(default 0.3)")
     _retrieval_flags(p)
     sampling_flags(p)
-    p.set_defaults(func=cmd_ask, temperature=0.0)
+    p.set_defaults(func=cmd_ask, temperature=0.0, repeat_penalty=1.1)  # greedy, without the loops of small models
 
     p = rsub.add_parser("reembed", help="re-embed a collection with another embedder")
     p.add_argument("--collection", "-c", required=True)

@@ -76,6 +76,10 @@ class Hit:
     bm25: float | None = None
     similarity: float | None = None
 
+    def location(self) -> str:
+        """"Title > heading path" (a Markdown H1 that is the title is not repeated)."""
+        return headed(self.title, self.heading)
+
     def citation(self) -> dict:
         return {"source": self.source, "title": self.title, "heading": self.heading, "page": self.page,
                 "span": [self.start, self.end], "score": round(self.score, 6),
@@ -118,9 +122,16 @@ def query_terms(query: str) -> list[str]:
     return list(dict.fromkeys(kept or words))
 
 
+def headed(title: str, heading: str | None) -> str:
+    """A chunk's place: its document's title and heading path, the title once."""
+    if not heading:
+        return title
+    return heading if heading == title or heading.startswith(title + " > ") else f"{title} > {heading}"
+
+
 def indexed_text(title: str, heading: str | None, text: str) -> str:
     """What is indexed and embedded for a chunk: its text under its document's title and heading, for context."""
-    return "\n".join(filter(None, (title, heading, text)))
+    return "\n".join(filter(None, (headed(title, heading), text)))
 
 
 def open_store(url: str | None = None) -> Store:

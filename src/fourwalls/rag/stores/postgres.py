@@ -72,7 +72,9 @@ class PostgresStore:
         self._password = str(params.get("password") or "")
         timeout = {} if "connect_timeout" in params else {"connect_timeout": 10}
         try:
-            self.conn = psycopg.connect(url, autocommit=True, **timeout)
+            # prepare_threshold=None: no server-side prepared statements, whose generic plans cannot see how many
+            # documents a filter allows and chose a full scan + sort over the HNSW index (90 ms vs 5 at 30k).
+            self.conn = psycopg.connect(url, autocommit=True, prepare_threshold=None, **timeout)
         except psycopg.Error as e:
             raise UsageError(f"cannot reach PostgreSQL at {self.where}: {self._clean(e)}") from None
         try:
