@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS doc_groups(
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY, doc INTEGER NOT NULL REFERENCES documents(id), ord INTEGER NOT NULL, text TEXT NOT NULL,
     heading TEXT, page INTEGER, start INTEGER NOT NULL, "end" INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS acls(id INTEGER PRIMARY KEY, groups TEXT NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc);
 CREATE INDEX IF NOT EXISTS doc_groups_doc ON doc_groups(doc);
 """
@@ -51,7 +52,8 @@ PARTS = 4  # vectors are scanned in this many partitions at once, each by its ow
 
 
 def _vec0(dim: int) -> str:
-    return f"vec0(embedding float[{int(dim)}] distance_metric=cosine, part integer partition key, doc integer)"
+    return (f"vec0(embedding float[{int(dim)}] distance_metric=cosine, part integer partition key, acl integer, "
+            "doc integer)")
 
 
 def now() -> str:
@@ -188,6 +190,7 @@ class SqliteStore:
                 (cid, doc.source, doc.digest, doc.title, json.dumps(sorted(set(doc.groups))),
                  json.dumps(doc.meta, sort_keys=True), len(chunks), now()))
             did = self.db.last_insert_rowid()
+            acl = self._acl(doc.groups)
             self.db.executemany("INSERT INTO doc_groups(grp, doc) VALUES (?, ?)", [(g, did) for g in set(doc.groups)])
             for i, (c, v) in enumerate(zip(chunks, vectors)):
                 self.db.execute('INSERT INTO chunks(doc, ord, text, heading, page, start, "end") '
@@ -195,8 +198,8 @@ class SqliteStore:
                 rowid = self.db.last_insert_rowid()
                 self.db.execute(f"INSERT INTO fts_{cid}(rowid, text) VALUES (?, ?)",
                                 (rowid, indexed_text(doc.title, c.heading, c.text)))
-                self.db.execute(f"INSERT INTO vec_{cid}(rowid, embedding, part, doc) VALUES (?, ?, ?, ?)",
-                                (rowid, v.tobytes(), rowid % PARTS, did))
+                self.db.execute(f"INSERT INTO vec_{cid}(rowid, embedding, part, acl, doc) VALUES (?, ?, ?, ?, ?)",
+                                (rowid, v.tobytes(), rowid % PARTS, acl, did))
 
     def _delete(self, cid: int, source: str) -> bool:
         row = self.db.execute("SELECT id FROM documents WHERE collection = ? AND source = ?", (cid, source)).fetchone()
@@ -231,18 +234,29 @@ class SqliteStore:
         if vectors.shape != (len(ids), dim):
             raise UsageError(f"{vectors.shape} vectors for {len(ids)} chunks of dimension {dim}")
         with self._write():
-            docs = dict(self.db.execute("SELECT c.id, c.doc FROM chunks c JOIN documents d ON d.id = c.doc "
-                                        "WHERE d.collection = ?", (cid,)))
+            docs = {i: (doc, self._acl(json.loads(groups))) for i, doc, groups in self.db.execute(
+                "SELECT c.id, c.doc, d.groups FROM chunks c JOIN documents d ON d.id = c.doc WHERE d.collection = ?",
+                (cid,))}
             if sorted(ids) != sorted(docs):
                 raise UsageError(f"replace_vectors needs one vector for each of the {len(docs)} chunks of "
                                  f"{collection!r} (got {len(ids)})")
             self.db.execute(f"DROP TABLE vec_{cid}")
             self.db.execute(f"CREATE VIRTUAL TABLE vec_{cid} USING {_vec0(dim)}")
-            self.db.executemany(f"INSERT INTO vec_{cid}(rowid, embedding, part, doc) VALUES (?, ?, ?, ?)",
-                                [(i, v.tobytes(), i % PARTS, docs[i]) for i, v in zip(ids, vectors)])
+            self.db.executemany(f"INSERT INTO vec_{cid}(rowid, embedding, part, acl, doc) VALUES (?, ?, ?, ?, ?)",
+                                [(i, v.tobytes(), i % PARTS, docs[i][1], docs[i][0]) for i, v in zip(ids, vectors)])
             self.db.execute("UPDATE collections SET embedder = ?, dim = ? WHERE id = ?", (embedder, dim, cid))
 
     # search
+
+    def _acl(self, groups: list[str]) -> int:
+        """The id of a set of groups (the vector index filters on it: a few ids instead of every document's)."""
+        key = json.dumps(sorted(set(groups)))
+        self.db.execute("INSERT OR IGNORE INTO acls(groups) VALUES (?)", (key,))
+        return self.db.execute("SELECT id FROM acls WHERE groups = ?", (key,)).fetchone()[0]
+
+    def _readable_acls(self, groups: set[str]) -> list[int]:
+        return [i for i, g in self.db.execute("SELECT id, groups FROM acls")
+                if not json.loads(g) or groups.intersection(json.loads(g))]
 
     def _allowed(self, cid: int, groups: set[str] | None, where: dict[str, str] | None) -> list[int] | None:
         """Ids of the documents a search may return, or None when nothing restricts it."""
@@ -306,10 +320,16 @@ class SqliteStore:
         cid, _, dim = self._row(collection)
         if vector.shape != (dim,):
             raise UsageError(f"a query vector of shape {vector.shape} for a collection of dimension {dim}")
-        allowed = self._allowed(cid, groups, where)
+        if where:  # metadata: the documents that match it (and the groups)
+            allowed = self._allowed(cid, groups, where)
+            only = f"AND doc IN ({','.join(map(str, allowed))})"
+        elif groups is not None:  # groups alone: the few sets of groups that include one of them
+            allowed = self._readable_acls(groups)
+            only = f"AND acl IN ({','.join(map(str, allowed))})"
+        else:
+            allowed, only = None, ""
         if allowed == []:
             return []
-        only = "" if allowed is None else f"AND doc IN ({','.join(map(str, allowed))})"
         sql = f"SELECT rowid, distance FROM vec_{cid} WHERE embedding MATCH ? AND k = ? AND part = ? {only}"
         query = np.asarray(vector, dtype=np.float32).tobytes()
         if self.pool is None:
