@@ -45,6 +45,7 @@ COLLECTION = """SELECT c.name, c.embedder, c.dim, count(d.id), coalesce(sum(d.ch
 # The terms OR-ed into one tsquery; a term that normalizes to nothing (a stopword) is left out, none left: NULL.
 TSQUERY = """SELECT string_agg('(' || q::text || ')', ' | ')::tsquery
              FROM unnest(%s::text[]) t, plainto_tsquery('english', t) q WHERE numnode(q) > 0"""
+COMMON = 0.05  # share of a collection's chunks above which a term is common (see PostgresStore._common)
 MAX_DIM = 2000  # the most dimensions pgvector's HNSW index takes for `vector`
 
 
@@ -253,18 +254,37 @@ class PostgresStore:
     def search_text(self, collection: str, query: str, k: int, groups: set[str] | None = None,
                     where: dict[str, str] | None = None) -> list[Hit]:
         cid = self._row(collection)[0]
-        tsquery = self.conn.execute(TSQUERY, (query_terms(query),)).fetchone()[0]
+        terms = query_terms(query)
+        tsquery = self.conn.execute(TSQUERY, (terms,)).fetchone()[0]
         allowed = self._allowed(cid, groups, where)
         if tsquery is None or allowed == []:
             return []
+        common = self._common(cid, terms) if len(terms) > 1 else set()
+        rare = self.conn.execute(TSQUERY, ([t for t in terms if t not in common],)).fetchone()[0] if common else None
         only = "" if allowed is None else "AND doc = ANY(%(allowed)s::bigint[])"
         rows = self.conn.execute(
-            f"SELECT id, ts_rank_cd(tsv, %(q)s::tsquery) AS rank FROM fw_vec_{cid} WHERE tsv @@ %(q)s::tsquery {only} "
-            "ORDER BY rank DESC, id LIMIT %(k)s", {"q": tsquery, "allowed": allowed, "k": k}).fetchall()
+            f"SELECT id, ts_rank_cd(tsv, %(q)s::tsquery) AS rank FROM fw_vec_{cid} WHERE tsv @@ %(m)s::tsquery {only} "
+            "ORDER BY rank DESC, id LIMIT %(k)s", {"q": tsquery, "m": rare or tsquery, "allowed": allowed, "k": k}
+        ).fetchall()
         hits = self._hits([r[0] for r in rows])
         for h, (_, s) in zip(hits, rows):
             h.bm25 = h.score = float(s)
         return hits
+
+    def _common(self, cid: int, terms: list[str]) -> set[str]:
+        """The terms whose lexemes are in more than 5% of the collection's chunks, by the planner's statistics
+        (ANALYZE, which autovacuum runs). As in the SQLite store they do not choose matches, only add to the rank
+        of what the rarer terms match: otherwise one common word ranks the whole collection."""
+        row = self.conn.execute(
+            "SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats "
+            "WHERE schemaname = current_schema() AND tablename = %s AND attname = 'tsv'", (f"fw_vec_{cid}",)
+        ).fetchone()
+        if not row or not row[0]:
+            return set()
+        lexemes = {e for e, f in zip(row[0], row[1]) if f > COMMON}
+        rows = self.conn.execute("SELECT t, tsvector_to_array(to_tsvector('english', t)) FROM unnest(%s::text[]) t",
+                                 (terms,))
+        return {t for t, lex in rows if lex and set(lex) <= lexemes}
 
     def search_vector(self, collection: str, vector: np.ndarray, k: int, groups: set[str] | None = None,
                       where: dict[str, str] | None = None) -> list[Hit]:
