@@ -266,9 +266,9 @@ class PostgresStore:
             f"SELECT id, ts_rank_cd(tsv, %(q)s::tsquery) AS rank FROM fw_vec_{cid} WHERE tsv @@ %(m)s::tsquery {only} "
             "ORDER BY rank DESC, id LIMIT %(k)s", {"q": tsquery, "m": rare or tsquery, "allowed": allowed, "k": k}
         ).fetchall()
-        hits = self._hits([r[0] for r in rows])
-        for h, (_, s) in zip(hits, rows):
-            h.bm25 = h.score = float(s)
+        hits, rank = self._hits([r[0] for r in rows]), dict(rows)
+        for h in hits:
+            h.bm25 = h.score = float(rank[h.id])
         return hits
 
     def _common(self, cid: int, terms: list[str]) -> set[str]:
@@ -303,16 +303,16 @@ class PostgresStore:
                 f"SELECT id, embedding <=> %(v)s::vector AS distance FROM fw_vec_{cid} {only} "
                 "ORDER BY distance LIMIT %(k)s", {"v": literal(vector), "allowed": allowed, "k": k}).fetchall()
         rows.sort(key=lambda r: r[1])
-        hits = self._hits([r[0] for r in rows])
-        for h, (_, d) in zip(hits, rows):
-            h.similarity = h.score = 1.0 - d
+        hits, distance = self._hits([r[0] for r in rows]), dict(rows)
+        for h in hits:
+            h.similarity = h.score = 1.0 - distance[h.id]
         return hits
 
     def _hits(self, ids: list[int]) -> list[Hit]:
         if not ids:
             return []
         rows = {r[0]: r for r in self.conn.execute(f"{HIT} WHERE c.id = ANY(%s::bigint[])", (ids,))}
-        return [Hit(*rows[i]) for i in ids]
+        return [Hit(*rows[i]) for i in ids if i in rows]  # a chunk replaced meanwhile is left out
 
 
 def _check_dim(dim: int) -> None:

@@ -47,6 +47,7 @@ HIT = """SELECT c.id, c.text, d.source, d.title, c.heading, c.page, c.start, c."
          FROM chunks c JOIN documents d ON d.id = c.doc"""
 
 
+TOKENIZER = "porter unicode61 remove_diacritics 2"  # FTS5's: Porter stemming over unicode61 words
 COMMON = 0.05  # a term in more than this share of a collection's chunks is common (see SqliteStore._common)
 PARTS = 4  # vectors are scanned in this many partitions at once, each by its own connection and thread
 
@@ -135,7 +136,7 @@ class SqliteStore:
     def _create_indexes(self, cid: int, dim: int) -> None:
         self.db.execute(f"""
             CREATE VIRTUAL TABLE fts_{cid} USING fts5(text, content='', contentless_delete=1,
-                                                       tokenize='porter unicode61 remove_diacritics 2');
+                                                       tokenize='{TOKENIZER}');
             CREATE VIRTUAL TABLE vec_{cid} USING {_vec0(dim)}""")
 
     def collection(self, name: str) -> Collection:
@@ -306,7 +307,8 @@ class SqliteStore:
         if chunks < 1000:
             return set()
         self.db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.vocab_{cid} USING fts5vocab(main, fts_{cid}, row)")
-        stem = self.db.fts5_tokenizer("porter", ["unicode61", "remove_diacritics", "2"])
+        name, *args = TOKENIZER.split()
+        stem = self.db.fts5_tokenizer(name, args)  # the index's own stemming
         common = set()
         for t in terms:
             for _, _, x in stem(t.encode(), apsw.FTS5_TOKENIZE_QUERY, None):
