@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import ContextLengthError, UsageError
+from fourwalls.model.fused import decoder
 from fourwalls.model.transformer import KVCache, Transformer, decode_threads
 from fourwalls.tokenizer import Tokenizer
 
@@ -149,10 +150,14 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
     fed = list(prompt[reuse:])
     pos = reuse
     with torch.inference_mode():
+        fused = decoder(model)
         for _ in range(budget):
             tokens = torch.tensor([fed], dtype=torch.long, device=device)
             input_pos = torch.arange(pos, pos + len(fed), device=device)
-            if len(fed) == 1:
+            logits = fused(tokens, input_pos, cache) if fused is not None and len(fed) == 1 else None
+            if logits is not None:
+                logits = logits[0]
+            elif len(fed) == 1:
                 with decode_threads(model):
                     logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
             else:

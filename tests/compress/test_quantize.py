@@ -78,7 +78,7 @@ def test_int4_input_scales_move_error_off_the_loud_channels():
 def test_native_decode_kernel_compute_what_the_stored_weights_say(rows, monkeypatch):
     """fourwalls' own AVX2 int8 kernel (few rows, fp32 activations) against the dequantized matrix; int4 layers
     (torch's kernel) alongside."""
-    from fourwalls.model.quant import native
+    from fourwalls.model.native import native
 
     if native() is None:
         pytest.skip("no AVX2 or no C compiler here: the layers use torch's kernels")

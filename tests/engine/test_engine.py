@@ -150,13 +150,13 @@ def test_full_queue_is_refused_and_cancelling_frees_the_row(make_engine):
 
 def test_a_request_past_its_timeout_ends_with_an_error(make_engine):
     engine = make_engine(tiny_model(), max_len=256, request_timeout=0.2)
-    model_forward = engine.model.forward
+    decode = engine._decode
 
-    def slow(*a, **kw):
+    def slow():
         time.sleep(0.05)
-        return model_forward(*a, **kw)
+        decode()
 
-    engine.model.forward = slow
+    engine._decode = slow
     run = Run(engine, [1, 2, 3], max_new_tokens=200, temperature=0)
     assert run.done.wait(10)
     assert isinstance(run.events[-1], RequestTimeoutError)
@@ -184,3 +184,34 @@ def test_a_request_that_cannot_fit_is_refused_with_both_numbers(make_engine):
     engine = make_engine(tiny_model(), max_len=64)
     with pytest.raises(ContextLengthError, match="60 tokens and max_tokens is 10.*64"):
         Run(engine, list(range(1, 61)), max_new_tokens=10)
+
+
+def test_the_fused_step_with_rows_at_their_own_positions_and_adapters_computes_the_models_logits(tmp_path):
+    from fourwalls.engine.cache import KVPool
+    from fourwalls.engine.multilora import AdapterSet
+    from fourwalls.model.fused import decoder
+
+    model = tiny_model()
+    _random_adapter(model, tmp_path / "a1", 1, r=4)
+    _random_adapter(model, tmp_path / "a2", 2, r=8)
+    adapters = AdapterSet(model)
+    adapters.install([adapters.read("a1", tmp_path / "a1"), adapters.read("a2", tmp_path / "a2")])
+    fused = decoder(model)
+    if fused is None:
+        pytest.skip("no AVX2 or no C compiler here: decoding runs in torch")
+    names, lengths = [None, "a1", "a2", "a1", "a2"], [3, 17, 9, 30, 1]
+    pools = [KVPool(model.config, len(names), 40) for _ in range(2)]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for i, (name, n) in enumerate(zip(names, lengths)):
+            prompt = torch.randint(3, 512, (1, n))
+            for pool in pools:
+                with adapters.select([name]):
+                    model(prompt, torch.arange(n), pool.row(i))
+        tokens, positions = torch.randint(3, 512, (len(names), 1)), torch.tensor(lengths)[:, None]
+        with adapters.select(names):
+            expected = model(tokens, positions, pools[0].decode(len(names)))[:, -1]
+            got = fused(tokens, positions, pools[1].decode(len(names)))
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+    for a, b in zip((*pools[0].k, *pools[0].v), (*pools[1].k, *pools[1].v)):
+        assert torch.allclose(a, b, atol=1e-5)

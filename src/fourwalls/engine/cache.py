@@ -39,6 +39,7 @@ class DecodeCache:
 
     def __init__(self, pool: KVPool, batch: int) -> None:
         self.pool, self.batch = pool, batch
+        self.k, self.v = pool.k, pool.v  # what the fused decode step reads and writes (rows 0..batch-1)
         self.rows = torch.arange(batch)
 
     def prepare(self, input_pos: Tensor) -> tuple[Tensor, bool]:

@@ -33,6 +33,7 @@ from fourwalls.errors import (
     UsageError,
 )
 from fourwalls.generate import Chunk, Detokenizer, SamplingParams, pick
+from fourwalls.model.fused import decoder
 from fourwalls.model.transformer import Linear, Transformer, decode_threads
 from fourwalls.tokenizer import Tokenizer
 
@@ -81,6 +82,7 @@ class Engine:
         self.config.max_len = min(self.config.max_len, model.config.context_length)
         self.pool = KVPool(model.config, self.config.max_batch, self.config.max_len, model.dtype, model.device)
         self.adapter_set = AdapterSet(model)
+        self.fused = decoder(model)  # the decode step in one C call, where it applies (model.fused)
         self.adapters: dict[str, Adapter] = {}  # what requests may name; installed at the next step
         self.rows: list[Request] = []  # row i of the pool; decoding requests first, then those prefilling
         self.decoding = 0
@@ -207,6 +209,7 @@ class Engine:
         target = {**{n: installed[n] for n in in_use if n in installed}, **wanted}
         if target.keys() != installed.keys():
             self.adapter_set.install(list(target.values()))
+            self.fused = decoder(self.model)  # the adapters' matrices were restacked
 
     def _admit(self) -> None:
         with self.lock:
@@ -234,9 +237,12 @@ class Engine:
         device = self.model.device
         tokens = torch.tensor([[r.next_input] for r in batch], device=device)
         positions = torch.tensor([[r.pos] for r in batch], device=device)
-        with self.adapter_set.select([r.adapter for r in batch]), \
-                decode_threads(self.model) if len(batch) <= Linear.FAST_ROWS else nullcontext():
-            logits = self.model(tokens, positions, self.pool.decode(len(batch)))[:, -1].float()
+        cache = self.pool.decode(len(batch))
+        with self.adapter_set.select([r.adapter for r in batch]):
+            logits = self.fused(tokens, positions, cache) if self.fused is not None else None
+            if logits is None:
+                with decode_threads(self.model) if len(batch) <= Linear.FAST_ROWS else nullcontext():
+                    logits = self.model(tokens, positions, cache)[:, -1].float()
         done = []
         for i, r in enumerate(batch):
             r.pos += 1

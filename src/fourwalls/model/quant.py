@@ -14,16 +14,7 @@ of the base outlives a layer's matmul.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +23,7 @@ from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
 from fourwalls.model.config import ModelConfig
+from fourwalls.model.native import native
 from fourwalls.model.transformer import Linear, Transformer, block_linears
 
 NF4_LEVELS = torch.tensor([
@@ -117,50 +109,6 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         return cls(**{k: d[k] for k in ("scheme", "group_size", "input_scales") if k in d})
-
-
-log = logging.getLogger(__name__)
-_C_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-
-
-@functools.cache
-def native() -> ctypes.CDLL | None:
-    """fourwalls' own int8 decode kernel (qgemv.c), compiled once per machine; None where it cannot run.
-
-    Built with the system's C compiler into ~/.cache/fourwalls on first use (a second or two). Without AVX2, a
-    compiler, or with FOURWALLS_NATIVE=0, int8 layers use torch's kernel instead: slower, the same weights.
-    """
-    if os.environ.get("FOURWALLS_NATIVE") == "0" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    if " avx2" not in flags or " fma" not in flags:
-        return None
-    src = Path(__file__).with_name("qgemv.c")
-    tag = hashlib.sha256(src.read_bytes() + " ".join(_C_FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fourwalls"
-    lib = cache / f"qgemv-{tag}.so"
-    try:
-        if not lib.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
-            os.close(fd)
-            try:
-                subprocess.run([os.environ.get("CC", "cc"), *_C_FLAGS, str(src), "-o", tmp], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        dll = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("fourwalls' int8 kernel could not be built (%s); using torch's, which are slower", e)
-        return None
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    dll.int8_linear.argtypes = [p, p, p, p, i64, i64, i64]
-    dll.int8_linear.restype = None
-    return dll
 
 
 def _native_rows(x: Tensor, width: int) -> Tensor | None:

@@ -1,0 +1,371 @@
+/* fourwalls' CPU kernels for decoding (AVX2 + FMA, OpenMP), built and loaded by fourwalls/model/native.py.
+ *
+ * Decoding reads every weight once per token, so it should run at memory speed; in PyTorch a step of a 30-layer
+ * model is also some 4,000 small operator calls, which cost as much again as the reading. decode_step runs the
+ * whole step (embedding, every layer, head) in one call and one parallel region: each matrix product splits its
+ * output rows between the threads, each of which streams its own contiguous slice of the weights, and the phases
+ * of a layer meet at a spinning barrier rather than a sleeping one.
+ *
+ * Weights are fp32, or int8 with one scale per output row (y[n] = scale[n] * sum_k x[k] q[n, k]). A linear layer
+ * may carry stacked multi-LoRA factors: y += ((x A^T) * mask) B^T, where mask picks each row's adapter.
+ * Widths must be multiples of 16 (fp32) or 32 (int8); the caller checks.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    int64_t kind;          /* 0: fp32 weight, 1: int8 weight with per-row scale */
+    const void *w;         /* [n, k] row-major */
+    const float *scale;    /* int8: [n] */
+    const float *bias;     /* [n] or NULL */
+    const float *lora_a;   /* [rank, k] or NULL: every adapter's A stacked */
+    const float *lora_b;   /* [n, rank], the adapters' scaling folded in */
+    int64_t n, k;
+} Lin;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    Lin q, k, v, o, gate, up, down;
+} Layer;
+
+typedef struct {
+    int64_t n_layers, dim, hidden, n_heads, n_kv_heads, head_dim, vocab, lora_rank;
+    float eps;
+    const float *inv_freq;  /* [head_dim / 2] */
+    int64_t embed_kind;     /* 0: fp32 table, 1: int8 table with per-token scale */
+    const void *embed;
+    const float *embed_scale;
+    const float *norm;
+    Lin head;
+    const Layer *layers;
+} Model;
+
+typedef struct {
+    float *x, *xn, *q, *k, *v, *att, *gate, *up, *xa, *scores, *cos, *sin;
+    int64_t scores_len;     /* per thread */
+} Scratch;
+
+typedef struct {
+    float *const *k, *const *v;    /* per layer: row 0 of [rows, kv_heads, max_len, head_dim] */
+    int64_t row_stride, head_stride;
+} Cache;
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float *a, const float *b, int64_t k) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    return hsum(_mm256_add_ps(s0, s1));
+}
+
+/* out[r] = w . x[r] for up to 4 rows of x (row stride k): each block of weights is loaded once for all of them.
+ * Always inlined and called with a constant row count (see DISPATCH), so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dot4_f32(const float *w, const float *x, int rows, int64_t k, float *out) {
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++)
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+        for (int r = 0; r < rows; r++) {
+            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * k + i), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * k + i + 8), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+static inline __attribute__((always_inline)) void dot4_i8(const int8_t *w, const float *x, int rows, int64_t k, float *out) {
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++)
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 32) {
+        __m128i b0 = _mm_loadu_si128((const __m128i *)(w + i));
+        __m128i b1 = _mm_loadu_si128((const __m128i *)(w + i + 16));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
+        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
+        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
+        for (int r = 0; r < rows; r++) {
+            const float *xr = x + r * k + i;
+            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+#define DISPATCH(fn, w, x, rows, k, out) \
+    switch (rows) { \
+    case 1: fn(w, x, 1, k, out); break; \
+    case 2: fn(w, x, 2, k, out); break; \
+    case 3: fn(w, x, 3, k, out); break; \
+    default: fn(w, x, 4, k, out); \
+    }
+
+/* Weight-only int8 matrix product for a few rows, on its own (int8 layers outside decode_step). */
+void int8_linear(const float *x, const int8_t *q, const float *scale, float *y, int64_t M, int64_t N, int64_t K) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int rows = M - m0 < 4 ? (int)(M - m0) : 4;
+            DISPATCH(dot4_i8, q + n * K, x + m0 * K, rows, K, out);
+            for (int r = 0; r < rows; r++)
+                y[(m0 + r) * N + n] = out[r] * scale[n];
+        }
+    }
+}
+
+/* A spinning barrier: the phases of a decode step are tens of microseconds, too short to put threads to sleep. */
+typedef struct {
+    atomic_int waiting, phase;
+} Barrier;
+
+static void barrier_wait(Barrier *b, int nt) {
+    if (nt == 1)
+        return;
+    int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->waiting, 1, memory_order_acq_rel) == nt - 1) {
+        atomic_store_explicit(&b->waiting, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->phase, 1, memory_order_release);
+    } else {
+        while (atomic_load_explicit(&b->phase, memory_order_acquire) == phase)
+            _mm_pause();
+    }
+}
+
+static inline void span(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
+    *lo = n * t / nt;
+    *hi = n * (t + 1) / nt;
+}
+
+/* Output rows [lo, hi) of y = x W^T (+ bias, + LoRA) for M rows of x (stride L->k); y has row stride ys.
+ * add: accumulate into y (the residual stream). xa: this layer's masked x A^T, [M, rank]. */
+static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64_t ys, int add, const float *xa,
+                        int64_t rank, int64_t lo, int64_t hi) {
+    const int64_t k = L->k;
+    float out[4];
+    for (int64_t n = lo; n < hi; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int rows = M - m0 < 4 ? (int)(M - m0) : 4;
+            if (L->kind == 0)
+                DISPATCH(dot4_f32, (const float *)L->w + n * k, x + m0 * k, rows, k, out)
+            else {
+                DISPATCH(dot4_i8, (const int8_t *)L->w + n * k, x + m0 * k, rows, k, out);
+                for (int r = 0; r < rows; r++)
+                    out[r] *= L->scale[n];
+            }
+            for (int r = 0; r < rows; r++) {
+                float v = out[r];
+                if (L->bias)
+                    v += L->bias[n];
+                if (xa && L->lora_a) {
+                    const float *b = L->lora_b + n * rank, *a = xa + (m0 + r) * rank;
+                    for (int64_t j = 0; j < rank; j++)
+                        v += a[j] * b[j];
+                }
+                float *dst = y + (m0 + r) * ys + n;
+                *dst = add ? *dst + v : v;
+            }
+        }
+    }
+}
+
+/* Tasks [lo, hi) of the LoRA down-projections of the layers in lins (sharing input x): xa = (x A^T) * mask. */
+static void lora_in(const Lin *const *lins, int count, const float *x, int64_t M, const float *mask,
+                    int64_t rank, float *xa, int t, int nt) {
+    int64_t total = count * M * rank, lo, hi;
+    span(total, t, nt, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
+        int64_t which = i / (M * rank), m = i / rank % M, j = i % rank;
+        const Lin *L = lins[which];
+        float *dst = xa + (which * M + m) * rank + j;
+        *dst = L->lora_a && mask[m * rank + j] != 0.0f ? dot(L->lora_a + j * L->k, x + m * L->k, L->k) : 0.0f;
+    }
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int64_t d, float eps) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; i++)
+        ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int64_t i = 0; i < d; i++)
+        out[i] = x[i] * r * w[i];
+}
+
+/* Rotary embedding in the rotate-half layout (pairs i and i + d/2), as the model's apply_rope. */
+static void rope(float *x, const float *c, const float *s, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i] + a * s[i];
+    }
+}
+
+/* One query head over positions 0..pos of its key/value head. */
+static void attend(const float *q, const float *kc, const float *vc, int64_t pos, int64_t hd, float *scores,
+                   float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    float mx = -INFINITY;
+    for (int64_t t = 0; t <= pos; t++) {
+        scores[t] = dot(q, kc + t * hd, hd) * scale;
+        mx = scores[t] > mx ? scores[t] : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) {
+        scores[t] = expf(scores[t] - mx);
+        sum += scores[t];
+    }
+    for (int64_t i = 0; i < hd; i++)
+        out[i] = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) {
+        __m256 p = _mm256_set1_ps(scores[t] / sum);
+        const float *v = vc + t * hd;
+        for (int64_t i = 0; i < hd; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+    }
+}
+
+/* Logits [M, vocab] for one new token in each of M rows, row m at position pos[m]; its keys and values are
+ * written into the cache. mask: [M, lora_rank], which adapter columns each row uses (NULL: none). */
+void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t *tokens, const int64_t *pos,
+                 int64_t M, const float *mask, float *logits, int nthreads) {
+    const int64_t D = m->dim, F = m->hidden, hd = m->head_dim, half = hd / 2, R = m->lora_rank;
+    const int64_t qn = m->n_heads * hd, kvn = m->n_kv_heads * hd, group = m->n_heads / m->n_kv_heads;
+    Barrier bar = {0, 0};
+
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo, hi;
+        float *scores = s->scores + t * s->scores_len;
+
+        span(M, t, nt, &lo, &hi);
+        for (int64_t r = lo; r < hi; r++) {
+            if (m->embed_kind == 0)
+                memcpy(s->x + r * D, (const float *)m->embed + tokens[r] * D, D * sizeof(float));
+            else {
+                const int8_t *e = (const int8_t *)m->embed + tokens[r] * D;
+                for (int64_t i = 0; i < D; i++)
+                    s->x[r * D + i] = (float)e[i] * m->embed_scale[tokens[r]];
+            }
+            for (int64_t i = 0; i < half; i++) {
+                float a = (float)pos[r] * m->inv_freq[i];
+                s->cos[r * half + i] = cosf(a);
+                s->sin[r * half + i] = sinf(a);
+            }
+        }
+        barrier_wait(&bar, nt);
+
+        for (int64_t l = 0; l < m->n_layers; l++) {
+            const Layer *L = &m->layers[l];
+            float *xa = s->xa;  /* [7 layers' worth, M, R]: q, k, v, o, gate, up, down */
+            const int64_t xs = M * R;
+
+            span(M, t, nt, &lo, &hi);
+            for (int64_t r = lo; r < hi; r++)
+                rmsnorm(s->xn + r * D, s->x + r * D, L->attn_norm, D, m->eps);
+            barrier_wait(&bar, nt);
+            if (mask && (L->q.lora_a || L->k.lora_a || L->v.lora_a)) {
+                const Lin *lins[3] = {&L->q, &L->k, &L->v};
+                lora_in(lins, 3, s->xn, M, mask, R, xa, t, nt);
+                barrier_wait(&bar, nt);
+            }
+
+            /* q, k and v as one range of output rows, so the threads get equal shares. */
+            span(qn + 2 * kvn, t, nt, &lo, &hi);
+            const Lin *qkv[3] = {&L->q, &L->k, &L->v};
+            float *outs[3] = {s->q, s->k, s->v};
+            int64_t base = 0;
+            for (int i = 0; i < 3; i++) {
+                int64_t n = qkv[i]->n, a = lo - base, b = hi - base;
+                a = a < 0 ? 0 : a;
+                b = b > n ? n : b;
+                if (a < b)
+                    linear_rows(qkv[i], s->xn, M, outs[i], n, 0, mask ? xa + i * xs : NULL, R, a, b);
+                base += n;
+            }
+            barrier_wait(&bar, nt);
+
+            /* Per (row, key/value head): rotate and store its key and value, then attend with its query heads. */
+            span(M * m->n_kv_heads, t, nt, &lo, &hi);
+            for (int64_t task = lo; task < hi; task++) {
+                int64_t r = task / m->n_kv_heads, g = task % m->n_kv_heads;
+                const float *cs = s->cos + r * half, *sn = s->sin + r * half;
+                float *kc = c->k[l] + r * c->row_stride + g * c->head_stride;
+                float *vc = c->v[l] + r * c->row_stride + g * c->head_stride;
+                float *kr = s->k + r * kvn + g * hd;
+                rope(kr, cs, sn, half);
+                memcpy(kc + pos[r] * hd, kr, hd * sizeof(float));
+                memcpy(vc + pos[r] * hd, s->v + r * kvn + g * hd, hd * sizeof(float));
+                for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                    float *qh = s->q + r * qn + h * hd;
+                    rope(qh, cs, sn, half);
+                    attend(qh, kc, vc, pos[r], hd, scores, s->att + r * qn + h * hd);
+                }
+            }
+            barrier_wait(&bar, nt);
+            if (mask && L->o.lora_a) {
+                const Lin *lins[1] = {&L->o};
+                lora_in(lins, 1, s->att, M, mask, R, xa + 3 * xs, t, nt);
+                barrier_wait(&bar, nt);
+            }
+
+            span(D, t, nt, &lo, &hi);
+            linear_rows(&L->o, s->att, M, s->x, D, 1, mask ? xa + 3 * xs : NULL, R, lo, hi);
+            barrier_wait(&bar, nt);
+
+            span(M, t, nt, &lo, &hi);
+            for (int64_t r = lo; r < hi; r++)
+                rmsnorm(s->xn + r * D, s->x + r * D, L->mlp_norm, D, m->eps);
+            barrier_wait(&bar, nt);
+            if (mask && (L->gate.lora_a || L->up.lora_a)) {
+                const Lin *lins[2] = {&L->gate, &L->up};
+                lora_in(lins, 2, s->xn, M, mask, R, xa + 4 * xs, t, nt);
+                barrier_wait(&bar, nt);
+            }
+
+            span(F, t, nt, &lo, &hi);
+            linear_rows(&L->gate, s->xn, M, s->gate, F, 0, mask ? xa + 4 * xs : NULL, R, lo, hi);
+            linear_rows(&L->up, s->xn, M, s->up, F, 0, mask ? xa + 5 * xs : NULL, R, lo, hi);
+            for (int64_t r = 0; r < M; r++)
+                for (int64_t n = lo; n < hi; n++) {
+                    float g = s->gate[r * F + n];
+                    s->gate[r * F + n] = g / (1.0f + expf(-g)) * s->up[r * F + n];
+                }
+            barrier_wait(&bar, nt);
+            if (mask && L->down.lora_a) {
+                const Lin *lins[1] = {&L->down};
+                lora_in(lins, 1, s->gate, M, mask, R, xa + 6 * xs, t, nt);
+                barrier_wait(&bar, nt);
+            }
+
+            span(D, t, nt, &lo, &hi);
+            linear_rows(&L->down, s->gate, M, s->x, D, 1, mask ? xa + 6 * xs : NULL, R, lo, hi);
+            barrier_wait(&bar, nt);
+        }
+
+        span(M, t, nt, &lo, &hi);
+        for (int64_t r = lo; r < hi; r++)
+            rmsnorm(s->xn + r * D, s->x + r * D, m->norm, D, m->eps);
+        barrier_wait(&bar, nt);
+        span(m->vocab, t, nt, &lo, &hi);
+        linear_rows(&m->head, s->xn, M, logits, m->vocab, 0, NULL, 0, lo, hi);
+    }
+}
