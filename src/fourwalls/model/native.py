@@ -55,4 +55,6 @@ def native() -> ctypes.CDLL | None:
     dll.int8_linear.restype = None
     dll.decode_step.argtypes = [p, p, p, p, p, i64, p, p, ctypes.c_int]
     dll.decode_step.restype = None
+    dll.stream_sum.argtypes = [p, i64, ctypes.c_int]
+    dll.stream_sum.restype = ctypes.c_float
     return dll
