@@ -103,7 +103,10 @@ class Decoder:
         lora_a = lora_b = None
         if hasattr(module, "slots"):  # a multi-LoRA stack (engine.multilora) around its base layer
             self.lora.append(module)
-            lora_a, lora_b = self._tensor(module, "A"), self._tensor(module, "B")
+            lora_a = self._tensor(module, "A")
+            if module.B is not None:  # the kernel adds B's rows per output: B transposed, contiguous
+                self.tensors.append(module.B.t().contiguous())
+                lora_b = self.tensors[-1].data_ptr()
             module = module.base
         if type(module) is Linear:
             kind, scale = 0, None

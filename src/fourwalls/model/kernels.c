@@ -23,7 +23,7 @@ typedef struct {
     const float *scale;    /* int8: [n] */
     const float *bias;     /* [n] or NULL */
     const float *lora_a;   /* [rank, k] or NULL: every adapter's A stacked */
-    const float *lora_b;   /* [n, rank], the adapters' scaling folded in */
+    const float *lora_b;   /* [rank, n]: B transposed, the adapters' scaling folded in */
     int64_t n, k;
 } Lin;
 
@@ -157,10 +157,18 @@ static inline void span(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
     *hi = n * (t + 1) / nt;
 }
 
+/* A layer's LoRA input for the rows of a step: xa = (x A^T) * mask, [M, rank], of which row m uses only the
+ * columns [cols[2m], cols[2m + 1]) of its own adapter. */
+typedef struct {
+    const float *xa;
+    int64_t rank;
+    const int64_t *cols;
+} LoraIn;
+
 /* Output rows [lo, hi) of y = x W^T (+ bias, + LoRA) for M rows of x (stride L->k); y has row stride ys.
- * add: accumulate into y (the residual stream). xa: this layer's masked x A^T, [M, rank]. */
-static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64_t ys, int add, const float *xa,
-                        int64_t rank, int64_t lo, int64_t hi) {
+ * add: accumulate into y (the residual stream). lora: NULL when no row uses an adapter. */
+static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64_t ys, int add, const LoraIn *lora,
+                        int64_t lo, int64_t hi) {
     const int64_t k = L->k, row_bytes = L->kind == 0 ? k * 4 : k;
     float out[4];
     for (int64_t n = lo; n < hi; n++) {
@@ -176,17 +184,25 @@ static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64
                     out[r] *= L->scale[n];
             }
             for (int r = 0; r < rows; r++) {
-                float v = out[r];
-                if (L->bias)
-                    v += L->bias[n];
-                if (xa && L->lora_a) {
-                    const float *b = L->lora_b + n * rank, *a = xa + (m0 + r) * rank;
-                    for (int64_t j = 0; j < rank; j++)
-                        v += a[j] * b[j];
-                }
+                float v = out[r] + (L->bias ? L->bias[n] : 0.0f);
                 float *dst = y + (m0 + r) * ys + n;
                 *dst = add ? *dst + v : v;
             }
+        }
+    }
+    if (!lora || !L->lora_a)
+        return;
+    /* y[m, lo:hi] += xa[m, j] * B^T[j, lo:hi] over the columns j of row m's adapter: vectors along the outputs. */
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t j = lora->cols[2 * m]; j < lora->cols[2 * m + 1]; j++) {
+            const float a = lora->xa[m * lora->rank + j], *b = L->lora_b + j * L->n;
+            float *dst = y + m * ys;
+            int64_t n = lo;
+            for (; n + 8 <= hi; n += 8)
+                _mm256_storeu_ps(dst + n, _mm256_fmadd_ps(_mm256_set1_ps(a), _mm256_loadu_ps(b + n),
+                                                          _mm256_loadu_ps(dst + n)));
+            for (; n < hi; n++)
+                dst[n] += a * b[n];
         }
     }
 }
@@ -303,6 +319,21 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
     const int64_t D = m->dim, F = m->hidden, hd = m->head_dim, half = hd / 2, R = m->lora_rank;
     const int64_t qn = m->n_heads * hd, kvn = m->n_kv_heads * hd, group = m->n_heads / m->n_kv_heads;
     Barrier bar = {0, 0};
+    int64_t cols[2 * 32];  /* each row's adapter columns, where its mask is non-zero (rows <= 32: fused.py) */
+    for (int64_t r = 0; mask && r < M; r++) {
+        int64_t first = R, last = 0;
+        for (int64_t j = 0; j < R; j++)
+            if (mask[r * R + j] != 0.0f) {
+                first = j < first ? j : first;
+                last = j + 1;
+            }
+        cols[2 * r] = first < last ? first : 0;
+        cols[2 * r + 1] = last;
+    }
+    LoraIn li[7];  /* q, k, v, o, gate, up, down */
+    for (int i = 0; i < 7; i++)
+        li[i] = (LoraIn){s->xa + i * M * R, R, cols};
+#define LORA(i) (mask ? &li[i] : NULL)
 
     #pragma omp parallel num_threads(nthreads)
     {
@@ -352,7 +383,7 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
                 a = a < 0 ? 0 : a;
                 b = b > n ? n : b;
                 if (a < b)
-                    linear_rows(qkv[i], s->xn, M, outs[i], n, 0, mask ? xa + i * xs : NULL, R, a, b);
+                    linear_rows(qkv[i], s->xn, M, outs[i], n, 0, LORA(i), a, b);
                 base += n;
             }
             barrier_wait(&bar, nt);
@@ -384,7 +415,7 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
             }
 
             span(D, t, nt, &lo, &hi);
-            linear_rows(&L->o, s->att, M, s->x, D, 1, mask ? xa + 3 * xs : NULL, R, lo, hi);
+            linear_rows(&L->o, s->att, M, s->x, D, 1, LORA(3), lo, hi);
             barrier_wait(&bar, nt);
 
             span(M, t, nt, &lo, &hi);
@@ -398,8 +429,8 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
             }
 
             span(F, t, nt, &lo, &hi);
-            linear_rows(&L->gate, s->xn, M, s->gate, F, 0, mask ? xa + 4 * xs : NULL, R, lo, hi);
-            linear_rows(&L->up, s->xn, M, s->up, F, 0, mask ? xa + 5 * xs : NULL, R, lo, hi);
+            linear_rows(&L->gate, s->xn, M, s->gate, F, 0, LORA(4), lo, hi);
+            linear_rows(&L->up, s->xn, M, s->up, F, 0, LORA(5), lo, hi);
             for (int64_t r = 0; r < M; r++)
                 for (int64_t n = lo; n < hi; n++) {
                     float g = s->gate[r * F + n];
@@ -413,7 +444,7 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
             }
 
             span(D, t, nt, &lo, &hi);
-            linear_rows(&L->down, s->gate, M, s->x, D, 1, mask ? xa + 6 * xs : NULL, R, lo, hi);
+            linear_rows(&L->down, s->gate, M, s->x, D, 1, LORA(6), lo, hi);
             barrier_wait(&bar, nt);
         }
 
@@ -422,7 +453,7 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
             rmsnorm(s->xn + r * D, s->x + r * D, m->norm, D, m->eps);
         barrier_wait(&bar, nt);
         span(m->vocab, t, nt, &lo, &hi);
-        linear_rows(&m->head, s->xn, M, logits, m->vocab, 0, NULL, 0, lo, hi);
+        linear_rows(&m->head, s->xn, M, logits, m->vocab, 0, NULL, lo, hi);
     }
 }
 
