@@ -77,6 +77,8 @@ def main() -> None:
         r = by_name[name]
         result[key] = {"size_mb": round(r["size_mb"], 1), "perplexity": round(r["perplexity"], 3),
                        "perplexity_delta": round(r["perplexity_delta"], 4),
+                       "decode_perplexity": round(r["decode_perplexity"], 3),
+                       "decode_perplexity_delta": round(r["decode_perplexity_delta"], 4),
                        "decode_tok_s": round(r["decode_tok_s"], 2), "decode_ratio_vs_fp32": round(r["decode_ratio"], 2),
                        "prefill_tok_s": round(r["prefill_tok_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"])}
 

@@ -14,7 +14,7 @@ from fourwalls.cli import main
 from fourwalls.compress.quantize import quantize
 from fourwalls.engine import Engine, EngineConfig, Request
 from fourwalls.errors import UsageError
-from fourwalls.eval.perplexity import perplexity
+from fourwalls.eval.perplexity import decode_perplexity, perplexity
 from fourwalls.export import export_model
 from fourwalls.formats import read_checkpoint
 from fourwalls.generate import SamplingParams, generate_tokens
@@ -193,10 +193,15 @@ def test_default_model_keeps_its_perplexity_when_quantized(smol, smol_variants, 
     ids = smol.tokenizer.encode(TEXT.read_text())
     base = perplexity(smol.model, ids).perplexity
     bars = {"int8": 1.01, "int4": 1.05}  # the issue's bars: +1% and +5% over fp32
+    decode_base = decode_perplexity(smol.model, ids[:256]).perplexity
     for scheme, ref in smol_variants.items():
-        ppl = perplexity(session_store.load(ref.name).model, ids).perplexity
+        model = session_store.load(ref.name).model
+        ppl = perplexity(model, ids).perplexity
         assert ppl <= base * bars[scheme], f"{scheme}: {ppl:.3f} vs fp32 {base:.3f}"
         assert ppl != base  # really another model
+        # Decoding computes otherwise (fourwalls' kernels; int4 layers take int8 inputs): the same bars hold.
+        decode_ppl = decode_perplexity(model, ids[:256]).perplexity
+        assert decode_ppl <= decode_base * bars[scheme], f"{scheme} decoding: {decode_ppl:.3f} vs {decode_base:.3f}"
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ COLUMNS = [  # key, heading, format
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("perplexity", "perplexity", "{:.3f}"),
     ("perplexity_delta", "ppl Δ", "{:+.2%}"),
+    ("decode_perplexity_delta", "decoding ppl Δ", "{:+.2%}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("decode_ratio", "decode ×", "{:.2f}"),
     ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
@@ -59,9 +60,12 @@ def _peak_rss() -> int:
 
 
 def measure(name: str, text: str, decode_tokens: int = 64, prefill_tokens: int = 256, context: int = 512,
-            repeats: int = 2) -> dict[str, Any]:
-    """Size, speed, peak RSS and perplexity of one model (call it in a process of its own for a fair RSS)."""
-    from fourwalls.eval.perplexity import perplexity
+            repeats: int = 2, decode_ppl_tokens: int = 256) -> dict[str, Any]:
+    """Size, speed, peak RSS and perplexity of one model (call it in a process of its own for a fair RSS).
+
+    Perplexity twice: over the whole text with prompt-sized forwards, and over its first ``decode_ppl_tokens``
+    tokens one token at a time, as generation computes it (quantized decoding may differ from a prompt's)."""
+    from fourwalls.eval.perplexity import decode_perplexity, perplexity
     from fourwalls.generate import SamplingParams, generate_tokens
     from fourwalls.store import Store, describe
 
@@ -84,11 +88,13 @@ def measure(name: str, text: str, decode_tokens: int = 64, prefill_tokens: int =
         decode = max(decode, (len(stamps) - 1) / (stamps[-1] - stamps[0]))  # the first token's time is the prompt's
     peak_rss = _peak_rss()
     ppl = perplexity(model, ids, context=min(context, lm.config.context_length), stride=min(256, context))
+    decode_ppl = decode_perplexity(model, ids[:decode_ppl_tokens])
     return {
         "name": ref.name, "digest": ref.digest, "size_bytes": info["size_bytes"],
         "size_mb": info["size_bytes"] / 1e6, "parameters": info["parameters"],
         "parameters_m": info["parameters"] / 1e6, "dtype": info["dtype"], "peak_rss_bytes": peak_rss,
         "peak_rss_mb": peak_rss / 1e6, "perplexity": ppl.perplexity, "tokens_scored": ppl.tokens,
+        "decode_perplexity": decode_ppl.perplexity, "decode_tokens_scored": decode_ppl.tokens,
         "decode_tok_s": decode, "prefill_tok_s": prefill, "lineage": _lineage(ref.manifest),
         "lineage_detail": ref.manifest.get("lineage", {}),
     }
@@ -119,6 +125,7 @@ def compare(names: list[str], text_file: Path, out: Path | None = None, decode_t
     ref = rows[0]
     for row in rows:
         row["perplexity_delta"] = row["perplexity"] / ref["perplexity"] - 1
+        row["decode_perplexity_delta"] = row["decode_perplexity"] / ref["decode_perplexity"] - 1
         row["decode_ratio"] = row["decode_tok_s"] / ref["decode_tok_s"]
         row["prefill_ratio"] = row["prefill_tok_s"] / ref["prefill_tok_s"]
         row["size_ratio"] = row["size_bytes"] / ref["size_bytes"]

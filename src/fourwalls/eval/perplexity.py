@@ -55,3 +55,25 @@ def perplexity(model: Transformer, ids: Sequence[int], context: int = 512, strid
             count += end - first
     nll = total / count
     return PerplexityResult(math.exp(nll), nll, count, len(spans))
+
+
+def decode_perplexity(model: Transformer, ids: Sequence[int], progress: bool = False) -> PerplexityResult:
+    """Perplexity as generation computes it: one token at a time through the decode step (fourwalls' fused step
+    where it applies, which may compute differently from a prompt's forward: int4 layers take int8 inputs there)."""
+    from fourwalls.model.fused import decoder
+
+    if len(ids) < 2:
+        raise UsageError("perplexity needs a text of at least 2 tokens")
+    if len(ids) > model.config.context_length:
+        raise UsageError(f"{len(ids)} tokens exceed the context window of {model.config.context_length}")
+    total = 0.0
+    with torch.inference_mode():
+        cache, fused = model.new_cache(1, len(ids)), decoder(model)
+        for i in tqdm(range(len(ids) - 1), desc="decode perplexity", unit="tok", disable=not progress):
+            tokens, pos = torch.tensor([[ids[i]]]), torch.tensor([i])
+            logits = fused(tokens, pos, cache) if fused is not None else None
+            if logits is None:
+                logits = model(tokens, pos, cache)[:, -1]
+            total += F.cross_entropy(logits.float(), torch.tensor([ids[i + 1]]), reduction="sum").item()
+    nll = total / (len(ids) - 1)
+    return PerplexityResult(math.exp(nll), nll, len(ids) - 1, 1)

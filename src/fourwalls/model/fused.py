@@ -1,9 +1,10 @@
 """The fused decode step: one call into fourwalls' C kernels (kernels.c) per generated token.
 
 A decode step of the PyTorch model is some 4,000 small operator calls for a 30-layer model, which cost as much as
-reading the weights; ``decode`` runs the same computation (embedding, every layer, head) in one C call. It takes
-float32 models whose linear layers are plain, int8, or wrapped in multi-LoRA stacks (the serving engine's), and up to
-32 rows of one token each; for anything else it returns None and the caller runs the model as usual.
+reading the weights; a ``Decoder`` runs the same computation (embedding, every layer, head) in one C call. It takes
+float32 models whose linear layers are plain, int8, int4 (groups of 32 or more), or wrapped in multi-LoRA stacks (the
+serving engine's), and up to 32 rows of one token each; for anything else it returns None and the caller runs the
+model as usual.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from fourwalls.errors import ContextLengthError
 from fourwalls.model.native import native
-from fourwalls.model.quant import Int8Embedding, Int8Linear
+from fourwalls.model.quant import Int4Linear, Int8Embedding, Int8Linear
 from fourwalls.model.transformer import KVCache, Linear, Transformer, rope_inv_freq
 
 MAX_ROWS = 32
@@ -24,8 +25,8 @@ _PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class _Lin(ctypes.Structure):
-    _fields_ = [("kind", _I64), ("w", _P), ("scale", _P), ("bias", _P), ("lora_a", _P), ("lora_b", _P),
-                ("n", _I64), ("k", _I64)]
+    _fields_ = [("kind", _I64), ("w", _P), ("scale", _P), ("zero", _P), ("in_scale", _P), ("group", _I64),
+                ("bias", _P), ("lora_a", _P), ("lora_b", _P), ("n", _I64), ("k", _I64)]
 
 
 class _Layer(ctypes.Structure):
@@ -40,8 +41,8 @@ class _Model(ctypes.Structure):
 
 
 class _Scratch(ctypes.Structure):
-    _fields_ = [*((name, _P) for name in ("x", "xn", "q", "k", "v", "att", "gate", "up", "xa", "scores", "cos",
-                                          "sin")), ("scores_len", _I64)]
+    _fields_ = [*((name, _P) for name in ("x", "xn", "q", "k", "v", "att", "gate", "up", "xa", "cos", "sin",
+                                          "scores", "work")), ("scores_len", _I64), ("work_len", _I64)]
 
 
 class _Cache(ctypes.Structure):
@@ -55,6 +56,7 @@ class Decoder:
         cfg = model.config
         self.tensors: list[Tensor] = []  # what the structures point into, kept alive with them
         self.lora: list[nn.Module] = []
+        self.widest = 0  # the widest layer input: int4 layers rearrange theirs in per-thread work space
         self.layers = (_Layer * cfg.n_layers)()
         for i, block in enumerate(model.layers):
             layer = self.layers[i]
@@ -87,13 +89,13 @@ class Decoder:
                "sin": cfg.head_dim // 2}
         self.buffers = {name: torch.empty(MAX_ROWS, width) for name, width in buf.items()}
         self.scratch = _Scratch(**{name: t.data_ptr() for name, t in self.buffers.items()})
-        self.scores = torch.empty(0)
+        self.scores = self.work = torch.empty(0)
 
     def _tensor(self, owner: object, attr: str) -> int | None:
         t = getattr(owner, attr)
         if t is None:
             return None
-        if t.dtype not in (torch.float32, torch.int8) or not t.is_contiguous():
+        if t.dtype not in (torch.float32, torch.int8, torch.uint8) or not t.is_contiguous():
             raise _Unsupported
         self.tensors.append(t)
         return t.data_ptr()
@@ -108,16 +110,25 @@ class Decoder:
                 self.tensors.append(module.B.t().contiguous())
                 lora_b = self.tensors[-1].data_ptr()
             module = module.base
+        zero = in_scale = None
+        group = 0
         if type(module) is Linear:
-            kind, scale = 0, None
+            kind, scale, (n, k) = 0, None, module.weight.shape
         elif type(module) is Int8Linear:
-            kind, scale = 1, self._tensor(module, "weight_scale")
+            kind, scale, (n, k) = 1, self._tensor(module, "weight_scale"), module.weight.shape
+        elif type(module) is Int4Linear and module.group_size % 32 == 0:
+            kind, scale, group = 2, self._tensor(module, "scales"), module.group_size
+            n, k = module.out_features, module.in_features
+            self.tensors.append((module.zeros - 8 * module.scales).float().contiguous())
+            zero = self.tensors[-1].data_ptr()
+            in_scale = self._tensor(module, "input_scale")
         else:
             raise _Unsupported
-        n, k = module.weight.shape
-        if k % (32 if kind else 16):  # the kernels' block widths
+        if k % (16 if kind == 0 else 32):  # the kernels' block widths
             raise _Unsupported
-        return _Lin(kind, self._tensor(module, "weight"), scale, self._tensor(module, "bias"), lora_a, lora_b, n, k)
+        self.widest = max(self.widest, k)
+        weight = self._tensor(module, "qweight" if kind == 2 else "weight")
+        return _Lin(kind, weight, scale, zero, in_scale, group, self._tensor(module, "bias"), lora_a, lora_b, n, k)
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, cache: KVCache) -> Tensor | None:
         """Logits [B, vocab] for tokens [B, 1], or None when the fused step does not apply (the caller then runs
@@ -148,7 +159,11 @@ class Decoder:
         threads, length = torch.get_num_threads(), k[0].shape[2]
         if self.scores.numel() < threads * length:
             self.scores = torch.empty(threads * length)
+        work = MAX_ROWS * (self.widest + self.widest // 16)
+        if self.work.numel() < threads * work:
+            self.work = torch.empty(threads * work)
         self.scratch.scores, self.scratch.scores_len = self.scores.data_ptr(), length
+        self.scratch.work, self.scratch.work_len = self.work.data_ptr(), work
         tokens = tokens.reshape(-1).contiguous()
         logits = torch.empty(rows, self.model.vocab)
         native().decode_step(ctypes.addressof(self.model), ctypes.addressof(self.scratch), ctypes.addressof(c),
