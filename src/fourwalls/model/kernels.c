@@ -317,6 +317,18 @@ static void lora_in(const Lin *const *lins, int count, const float *x, int64_t M
     }
 }
 
+/* The LoRA inputs of the layers in lins, when a row uses an adapter on any of them; then all threads meet. */
+static void lora_phase(const Lin *const *lins, int count, const float *x, int64_t M, const float *mask,
+                       int64_t rank, float *xa, int t, int nt, Barrier *bar) {
+    int any = 0;
+    for (int i = 0; i < count; i++)
+        any |= lins[i]->lora_a != NULL;
+    if (!mask || !any)
+        return;
+    lora_in(lins, count, x, M, mask, rank, xa, t, nt);
+    barrier_wait(bar, nt);
+}
+
 static void rmsnorm(float *out, const float *x, const float *w, int64_t d, float eps) {
     float ss = 0.0f;
     for (int64_t i = 0; i < d; i++)
@@ -324,6 +336,16 @@ static void rmsnorm(float *out, const float *x, const float *w, int64_t d, float
     float r = 1.0f / sqrtf(ss / (float)d + eps);
     for (int64_t i = 0; i < d; i++)
         out[i] = x[i] * r * w[i];
+}
+
+/* RMSNorm of the M rows of x into out, the rows shared between the threads; then all threads meet. */
+static void norm_rows(float *out, const float *x, const float *w, int64_t M, int64_t d, float eps, int t, int nt,
+                      Barrier *bar) {
+    int64_t lo, hi;
+    span(M, t, nt, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++)
+        rmsnorm(out + r * d, x + r * d, w, d, eps);
+    barrier_wait(bar, nt);
 }
 
 /* Rotary embedding in the rotate-half layout (pairs i and i + d/2), as the model's apply_rope. */
@@ -460,19 +482,13 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
             float *xa = s->xa;  /* [7 layers' worth, M, R]: q, k, v, o, gate, up, down */
             const int64_t xs = M * R;
 
-            span(M, t, nt, &lo, &hi);
-            for (int64_t r = lo; r < hi; r++)
-                rmsnorm(s->xn + r * D, s->x + r * D, L->attn_norm, D, m->eps);
-            barrier_wait(&bar, nt);
-            if (mask && (L->q.lora_a || L->k.lora_a || L->v.lora_a)) {
-                const Lin *lins[3] = {&L->q, &L->k, &L->v};
-                lora_in(lins, 3, s->xn, M, mask, R, xa, t, nt);
-                barrier_wait(&bar, nt);
-            }
+            norm_rows(s->xn, s->x, L->attn_norm, M, D, m->eps, t, nt, &bar);
+            const Lin *qkv[3] = {&L->q, &L->k, &L->v}, *o[1] = {&L->o}, *gu[2] = {&L->gate, &L->up};
+            const Lin *down[1] = {&L->down};
+            lora_phase(qkv, 3, s->xn, M, mask, R, xa, t, nt, &bar);
 
             /* q, k and v as one range of output rows, so the threads get equal shares. */
             span(qn + 2 * kvn, t, nt, &lo, &hi);
-            const Lin *qkv[3] = {&L->q, &L->k, &L->v};
             float *outs[3] = {s->q, s->k, s->v};
             int64_t base = 0;
             for (int i = 0; i < 3; i++) {
@@ -505,25 +521,14 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
                 attend(qh, c->k[l] + off, c->v[l] + off, pos[r], hd, scores, s->att + r * qn + h * hd);
             }
             barrier_wait(&bar, nt);
-            if (mask && L->o.lora_a) {
-                const Lin *lins[1] = {&L->o};
-                lora_in(lins, 1, s->att, M, mask, R, xa + 3 * xs, t, nt);
-                barrier_wait(&bar, nt);
-            }
+            lora_phase(o, 1, s->att, M, mask, R, xa + 3 * xs, t, nt, &bar);
 
             span(D, t, nt, &lo, &hi);
             linear_rows(&L->o, s->att, M, s->x, D, 1, LORA(3), work, lo, hi);
             barrier_wait(&bar, nt);
 
-            span(M, t, nt, &lo, &hi);
-            for (int64_t r = lo; r < hi; r++)
-                rmsnorm(s->xn + r * D, s->x + r * D, L->mlp_norm, D, m->eps);
-            barrier_wait(&bar, nt);
-            if (mask && (L->gate.lora_a || L->up.lora_a)) {
-                const Lin *lins[2] = {&L->gate, &L->up};
-                lora_in(lins, 2, s->xn, M, mask, R, xa + 4 * xs, t, nt);
-                barrier_wait(&bar, nt);
-            }
+            norm_rows(s->xn, s->x, L->mlp_norm, M, D, m->eps, t, nt, &bar);
+            lora_phase(gu, 2, s->xn, M, mask, R, xa + 4 * xs, t, nt, &bar);
 
             span(F, t, nt, &lo, &hi);
             linear_rows(&L->gate, s->xn, M, s->gate, F, 0, LORA(4), work, lo, hi);
@@ -534,21 +539,14 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
                     s->gate[r * F + n] = g / (1.0f + expf(-g)) * s->up[r * F + n];
                 }
             barrier_wait(&bar, nt);
-            if (mask && L->down.lora_a) {
-                const Lin *lins[1] = {&L->down};
-                lora_in(lins, 1, s->gate, M, mask, R, xa + 6 * xs, t, nt);
-                barrier_wait(&bar, nt);
-            }
+            lora_phase(down, 1, s->gate, M, mask, R, xa + 6 * xs, t, nt, &bar);
 
             span(D, t, nt, &lo, &hi);
             linear_rows(&L->down, s->gate, M, s->x, D, 1, LORA(6), work, lo, hi);
             barrier_wait(&bar, nt);
         }
 
-        span(M, t, nt, &lo, &hi);
-        for (int64_t r = lo; r < hi; r++)
-            rmsnorm(s->xn + r * D, s->x + r * D, m->norm, D, m->eps);
-        barrier_wait(&bar, nt);
+        norm_rows(s->xn, s->x, m->norm, M, D, m->eps, t, nt, &bar);
         span(m->vocab, t, nt, &lo, &hi);
         linear_rows(&m->head, s->xn, M, logits, m->vocab, 0, NULL, work, lo, hi);
     }

@@ -1,8 +1,10 @@
 """Quantized linear layers, swapped in for Linear like LoRA is.
 
-Weight-only int8 and int4 (for deployment): the weights are held in 8 or 4 bits and multiplied by torch's CPU kernels
-(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with bf16 activations, the only dtype those kernels are
-fast with; everything between the matrix products (norms, RoPE, attention, the KV cache) stays in the model's dtype.
+Weight-only int8 and int4 (for deployment): the weights are held in 8 or 4 bits. Decoding runs them in fourwalls'
+fused step (model/fused.py, model/kernels.c); prompts, and machines without the C kernels, multiply by torch's CPU
+kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with bf16 activations, the only dtype those kernels
+are fast with. Everything between the matrix products (norms, RoPE, attention, the KV cache) stays in the model's
+dtype.
 The embedding table and the output head are held in int8 in both schemes, as one table when they are tied; llama.cpp
 likewise keeps the output head above 4 bits, where quantization error costs the most.
 

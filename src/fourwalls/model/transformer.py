@@ -73,7 +73,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a fast path for the few rows of inference decoding (one token for each of up to 32 rows).
+    """nn.Linear with a fast path for the few rows of inference decoding (one token for each of up to 32 rows), for
+    where fourwalls' fused decode step (model/fused.py) does not run: no C compiler, or layers it does not take.
 
     Decoding reads every weight once per step, so its speed is the matrix product's memory bandwidth. Torch's CPU
     wheels multiply through MKL, whose sgemv reached about half of OpenBLAS's bandwidth on the AMD CPUs measured
