@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import ContextLengthError, UsageError
-from fourwalls.model.fused import decoder
-from fourwalls.model.transformer import KVCache, Transformer, decode_threads
+from fourwalls.model.fused import decode_step, decoder
+from fourwalls.model.transformer import KVCache, Transformer
 from fourwalls.tokenizer import Tokenizer
 
 
@@ -154,12 +154,8 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
         for _ in range(budget):
             tokens = torch.tensor([fed], dtype=torch.long, device=device)
             input_pos = torch.arange(pos, pos + len(fed), device=device)
-            logits = fused(tokens, input_pos, cache) if fused is not None and len(fed) == 1 else None
-            if logits is not None:
-                logits = logits[0]
-            elif len(fed) == 1:
-                with decode_threads(model):
-                    logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
+            if len(fed) == 1:
+                logits = decode_step(fused, model, tokens, input_pos, cache)[0]
             else:
                 logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
             if session is not None:

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from fourwalls.errors import (
     UsageError,
 )
 from fourwalls.generate import Chunk, Detokenizer, SamplingParams, pick
-from fourwalls.model.fused import decoder
-from fourwalls.model.transformer import Linear, Transformer, decode_threads
+from fourwalls.model.fused import decode_step, decoder
+from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
 
 log = logging.getLogger("fourwalls.engine")
@@ -239,10 +238,7 @@ class Engine:
         positions = torch.tensor([[r.pos] for r in batch], device=device)
         cache = self.pool.decode(len(batch))
         with self.adapter_set.select([r.adapter for r in batch]):
-            logits = self.fused(tokens, positions, cache) if self.fused is not None else None
-            if logits is None:
-                with decode_threads(self.model) if len(batch) <= Linear.FAST_ROWS else nullcontext():
-                    logits = self.model(tokens, positions, cache)[:, -1].float()
+            logits = decode_step(self.fused, self.model, tokens, positions, cache)
         done = []
         for i, r in enumerate(batch):
             r.pos += 1

@@ -60,7 +60,7 @@ def perplexity(model: Transformer, ids: Sequence[int], context: int = 512, strid
 def decode_perplexity(model: Transformer, ids: Sequence[int], progress: bool = False) -> PerplexityResult:
     """Perplexity as generation computes it: one token at a time through the decode step (fourwalls' fused step
     where it applies, which may compute differently from a prompt's forward: int4 layers take int8 inputs there)."""
-    from fourwalls.model.fused import decoder
+    from fourwalls.model.fused import decode_step, decoder
 
     if len(ids) < 2:
         raise UsageError("perplexity needs a text of at least 2 tokens")
@@ -70,10 +70,7 @@ def decode_perplexity(model: Transformer, ids: Sequence[int], progress: bool = F
     with torch.inference_mode():
         cache, fused = model.new_cache(1, len(ids)), decoder(model)
         for i in tqdm(range(len(ids) - 1), desc="decode perplexity", unit="tok", disable=not progress):
-            tokens, pos = torch.tensor([[ids[i]]]), torch.tensor([i])
-            logits = fused(tokens, pos, cache) if fused is not None else None
-            if logits is None:
-                logits = model(tokens, pos, cache)[:, -1]
-            total += F.cross_entropy(logits.float(), torch.tensor([ids[i + 1]]), reduction="sum").item()
+            logits = decode_step(fused, model, torch.tensor([[ids[i]]]), torch.tensor([i]), cache)
+            total += F.cross_entropy(logits, torch.tensor([ids[i + 1]]), reduction="sum").item()
     nll = total / (len(ids) - 1)
     return PerplexityResult(math.exp(nll), nll, len(ids) - 1, 1)

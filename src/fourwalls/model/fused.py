@@ -10,6 +10,7 @@ model as usual.
 from __future__ import annotations
 
 import ctypes
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from fourwalls.errors import ContextLengthError
 from fourwalls.model.native import native
 from fourwalls.model.quant import Int4Linear, Int8Embedding, Int8Linear
-from fourwalls.model.transformer import KVCache, Linear, Transformer, rope_inv_freq
+from fourwalls.model.transformer import KVCache, Linear, Transformer, decode_threads, rope_inv_freq
 
 MAX_ROWS = 32
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -70,12 +71,11 @@ class Decoder:
         self.rank = max((m.A.shape[0] for m in self.lora if m.A is not None), default=0)
         if any(m.A is not None and m.A.shape[0] != self.rank for m in self.lora):
             raise _Unsupported
-        if model._inv_freq is None:
-            model._inv_freq = rope_inv_freq(cfg, model.device)
         m = self.model = _Model(cfg.n_layers, cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                 cfg.vocab_size, self.rank)
         m.eps = cfg.norm_eps
-        m.inv_freq = self._tensor(model, "_inv_freq")
+        self.tensors.append(rope_inv_freq(cfg, model.device))
+        m.inv_freq = self.tensors[-1].data_ptr()
         embed = model.embed_tokens
         m.embed_kind = int(isinstance(embed, Int8Embedding))
         m.embed = self._tensor(embed, "weight")
@@ -186,3 +186,14 @@ def decoder(model: Transformer) -> Decoder | None:
         return Decoder(model)
     except _Unsupported:
         return None
+
+
+def decode_step(fused: Decoder | None, model: Transformer, tokens: Tensor, input_pos: Tensor,
+                cache: KVCache) -> Tensor:
+    """Logits [B, vocab] of one decode step (tokens [B, 1]): the fused step where it applies, else the model, with
+    torch's threads as its few-row Linear path wants them."""
+    logits = fused(tokens, input_pos, cache) if fused is not None else None
+    if logits is None:
+        with decode_threads(model) if tokens.shape[0] <= Linear.FAST_ROWS else nullcontext():
+            logits = model(tokens, input_pos, cache, last_only=True)[:, -1].float()
+    return logits

@@ -210,20 +210,6 @@ static Int4Input int4_input(const Lin *L, const float *x, int64_t M, float *work
     default: dot4_i4(w, sc, zp, in, m0, 4, k, group, out); \
     }
 
-/* Weight-only int8 matrix product for a few rows, on its own (int8 layers outside decode_step). */
-void int8_linear(const float *x, const int8_t *q, const float *scale, float *y, int64_t M, int64_t N, int64_t K) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float out[4];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-            DISPATCH(dot4_i8, q + n * K, x + m0 * K, rows, K, out);
-            for (int r = 0; r < rows; r++)
-                y[(m0 + r) * N + n] = out[r] * scale[n];
-        }
-    }
-}
-
 /* A spinning barrier: the phases of a decode step are tens of microseconds, too short to put threads to sleep. */
 typedef struct {
     atomic_int waiting, phase;
@@ -301,6 +287,17 @@ static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64
             for (; n < hi; n++)
                 dst[n] += a * b[n];
         }
+    }
+}
+
+/* Weight-only int8 matrix product for a few rows, on its own (int8 layers outside decode_step). */
+void int8_linear(const float *x, const int8_t *q, const float *scale, float *y, int64_t M, int64_t N, int64_t K) {
+    const Lin L = {.kind = 1, .w = q, .scale = scale, .n = N, .k = K};
+    #pragma omp parallel
+    {
+        int64_t lo, hi;
+        span(N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        linear_rows(&L, x, M, y, N, 0, NULL, NULL, lo, hi);
     }
 }
 
