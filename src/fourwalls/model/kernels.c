@@ -568,3 +568,79 @@ float stream_sum(const float *a, int64_t n, int nthreads) {
     }
     return total;
 }
+
+/* Per-token int8 activations on a tensor-wide quantizer (rag/embed.py's Int8Linear): each row x of [M, K] is
+ * mapped onto [0, 1] by its own range, u = (x - lo) / r, so one scale for the whole of u is every row's own. */
+void rows_unit(const float *x, int64_t M, int64_t K, float *u, float *lo, float *r) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < M; i++) {
+        const float *xi = x + i * K;
+        float *ui = u + i * K;
+        int64_t k = 0;
+        __m256 mn = _mm256_set1_ps(INFINITY), mx = _mm256_set1_ps(-INFINITY);
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_loadu_ps(xi + k);
+            mn = _mm256_min_ps(mn, v);
+            mx = _mm256_max_ps(mx, v);
+        }
+        float tmn[8], tmx[8], a = INFINITY, b = -INFINITY;
+        _mm256_storeu_ps(tmn, mn);
+        _mm256_storeu_ps(tmx, mx);
+        for (int j = 0; j < 8; j++) {
+            a = fminf(a, tmn[j]);
+            b = fmaxf(b, tmx[j]);
+        }
+        for (; k < K; k++) {
+            a = fminf(a, xi[k]);
+            b = fmaxf(b, xi[k]);
+        }
+        float range = fmaxf(b - a, 1e-12f), inv = 1.0f / range;
+        lo[i] = a;
+        r[i] = range;
+        __m256 va = _mm256_set1_ps(a), vi = _mm256_set1_ps(inv);
+        for (k = 0; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(ui + k, _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xi + k), va), vi));
+        for (; k < K; k++)
+            ui[k] = (xi[k] - a) * inv;
+    }
+}
+
+/* erf for 8 floats: Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7. */
+static inline __m256 erf8(__m256 x) {
+    const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+    const __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+    const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z,
+                                                                           _mm256_set1_ps(1.0f)));
+    __m256 p = _mm256_set1_ps(1.061405429f);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+    p = _mm256_mul_ps(p, t);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z)));
+    return _mm256_or_ps(_mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f)), sign);
+}
+
+/* The other half of rows_unit: y = r * (W u) + lo * W.sum(1) + bias for each row of [M, N], in place, then the
+ * exact (erf) GELU where asked. */
+void rows_affine(float *y, int64_t M, int64_t N, const float *lo, const float *r, const float *row_sums,
+                 const float *bias, int gelu) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), rsqrt2 = _mm256_set1_ps(0.70710678f);
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < M; i++) {
+        float *yi = y + i * N;
+        const __m256 vr = _mm256_set1_ps(r[i]), vl = _mm256_set1_ps(lo[i]);
+        int64_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(yi + n), vr,
+                                       _mm256_fmadd_ps(vl, _mm256_loadu_ps(row_sums + n), _mm256_loadu_ps(bias + n)));
+            if (gelu)
+                v = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, erf8(_mm256_mul_ps(v, rsqrt2))));
+            _mm256_storeu_ps(yi + n, v);
+        }
+        for (; n < N; n++) {
+            float v = yi[n] * r[i] + lo[i] * row_sums[n] + bias[n];
+            yi[n] = gelu ? 0.5f * v * (1.0f + erff(v * 0.70710678f)) : v;
+        }
+    }
+}

@@ -57,4 +57,8 @@ def native() -> ctypes.CDLL | None:
     dll.decode_step.restype = None
     dll.stream_sum.argtypes = [p, i64, ctypes.c_int]
     dll.stream_sum.restype = ctypes.c_float
+    dll.rows_unit.argtypes = [p, i64, i64, p, p, p]
+    dll.rows_unit.restype = None
+    dll.rows_affine.argtypes = [p, i64, i64, p, p, p, p, ctypes.c_int]
+    dll.rows_affine.restype = None
     return dll

@@ -5,9 +5,9 @@ model.safetensors, tokenizer.json. Speed comes from the batching, not from appro
 
 - texts are sorted by token count and cut into batches of at most ``batch_tokens`` padded tokens, so a batch pads
   only to its own longest text and short texts do not wait behind long ones;
-- optionally (``quantize=True``) the linear layers run in int8 (torch's dynamic quantization, int8 weights per
-  output channel, activations quantized per batch): faster, but it costs retrieval quality (README figures), so
-  float32 is the default.
+- optionally (``quantize=True``) the linear layers run in int8 (``Int8Linear``: int8 weights per output channel,
+  activations quantized per token): faster, at a small cost in retrieval quality (README figures), so float32
+  stays the default.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fourwalls.errors import FormatError, NotFoundError, UsageError
+from fourwalls.model.native import native
 from fourwalls.rag.stores import Collection
 
 DEFAULT = "all-MiniLM-L6-v2"
@@ -61,6 +62,7 @@ class Layer(nn.Module):
         self.out = nn.Linear(c.hidden_size, c.hidden_size)
         self.norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.up = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.act = nn.GELU()  # exact (erf); Int8Linear fuses it into ``up`` and this becomes Identity
         self.down = nn.Linear(c.intermediate_size, c.hidden_size)
         self.norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
@@ -69,7 +71,7 @@ class Layer(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, d)
         x = self.norm1(x + self.out(a))  # BERT is post-norm
-        return self.norm2(x + self.down(F.gelu(self.up(x))))
+        return self.norm2(x + self.down(self.act(self.up(x))))
 
 
 class Bert(nn.Module):
@@ -171,13 +173,54 @@ class Embedder:
         return out
 
 
-def _int8(model: Bert) -> nn.Module:
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+class Int8Linear(nn.Module):
+    """A Linear in int8 on fbgemm's kernels, with each token's activations quantized over its own range.
 
+    torch's dynamic quantization takes one range for the whole input tensor, so one token's outliers coarsen
+    every other token's steps; on MiniLM that cost 2 points of nDCG (embeddings at cosine 0.97 to float32). Here
+    each row is first mapped onto [0, 1] by its own range, ``x = lo + r * u``, so fbgemm's tensor-wide range is
+    every row's own, and the output is put back together: ``W x + b = r * (W u) + lo * W.sum(1) + b`` (cosine
+    0.996). fbgemm's 7-bit activations (``reduce_range``) keep its AVX2 products from saturating. The mapping and
+    the reassembly (with the GELU that follows, if ``gelu``) are one pass each in fourwalls' C kernels, else torch.
+    """
+
+    def __init__(self, linear: nn.Linear, gelu: bool = False) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packed weights are not
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.row_sums = q.dequantize().sum(1)  # W.sum(1) of the weights fbgemm multiplies by
+        self.bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(w.shape[0])
+        self.gelu = gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = native()
+        if lib is None or x.dtype != torch.float32:
+            lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+            r = (hi - lo).clamp(min=1e-12)
+            y = torch.ops.quantized.linear_dynamic((x - lo) / r, self.packed, reduce_range=True)
+            y = (lo * self.row_sums + self.bias).addcmul_(y, r)
+            return F.gelu(y) if self.gelu else y
+        x = x.contiguous()
+        m, k = x.numel() // x.shape[-1], x.shape[-1]
+        u, lo, r = torch.empty_like(x), torch.empty(m), torch.empty(m)
+        lib.rows_unit(x.data_ptr(), m, k, u.data_ptr(), lo.data_ptr(), r.data_ptr())
+        y = torch.ops.quantized.linear_dynamic(u, self.packed, reduce_range=True)
+        lib.rows_affine(y.data_ptr(), m, y.shape[-1], lo.data_ptr(), r.data_ptr(), self.row_sums.data_ptr(),
+                        self.bias.data_ptr(), int(self.gelu))
+        return y
+
+
+def _int8(model: Bert) -> nn.Module:
     torch.backends.quantized.engine = "fbgemm"  # measured faster than "x86" and "onednn" on AVX2 here
-    with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig})
+    for layer in model.layers:
+        for name in ("qkv", "out", "down"):
+            setattr(layer, name, Int8Linear(getattr(layer, name)))
+        layer.up, layer.act = Int8Linear(layer.up, gelu=True), nn.Identity()
+    return model
 
 
 def check_embedder(collection: Collection, embedder: Embedder) -> None:
