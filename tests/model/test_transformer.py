@@ -1,10 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from fourwalls.formats.hf import write_hf
 from fourwalls.model.config import PRESETS, ModelConfig
-from fourwalls.model.transformer import Transformer
+from fourwalls.model.transformer import IGNORE_INDEX, Transformer, linear_cross_entropy
 from tests.conftest import tiny_model
 
 TINY = ["tiny-llama", "tiny-llama3", "tiny-qwen2"]
@@ -87,3 +88,32 @@ def test_single_row_fast_path_equals_torch_linear():
     y = layer(x)  # with grad enabled: the ordinary path, differentiable
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows", [None, 5])  # one chunk, and several with a short last one
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(rows, train_weight):
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=train_weight)
+    targets = torch.randint(0, 50, (23,))
+    targets[[0, 7, 8]] = IGNORE_INDEX
+    ref = F.cross_entropy(h @ weight.T, targets, ignore_index=IGNORE_INDEX)
+    ref_grads = torch.autograd.grad(ref, [h, weight] if train_weight else [h])
+    loss = linear_cross_entropy(h, weight, targets, rows)
+    grads = torch.autograd.grad(loss * 3, [h, weight] if train_weight else [h])  # backward scales by its input
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, 3 * r)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, weight, targets, rows), ref)
+
+
+def test_forward_with_targets_is_the_loss_of_the_logits():
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny-llama"])
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
+    targets = tokens.roll(-1, 1)
+    targets[:, -1] = IGNORE_INDEX
+    ref = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(model(tokens, targets=targets), ref)

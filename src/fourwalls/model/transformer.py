@@ -232,9 +232,12 @@ class Transformer(nn.Module):
                                 self.device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, targets: Tensor | None = None) -> Tensor:
         """Logits for ``tokens`` [B, T] at ``input_pos`` [T] (default 0..T-1), or [B, T] when each row has its own
-        positions (a cache that supports it: the serving engine's); ``last_only`` keeps the last position."""
+        positions (a cache that supports it: the serving engine's); ``last_only`` keeps the last position.
+
+        With ``targets`` [B, T] (the token each position should predict, ``IGNORE_INDEX`` where none), the mean
+        cross-entropy over the targeted positions instead, computed with the head by ``linear_cross_entropy``."""
         t = tokens.shape[1]
         if input_pos is None:
             if t > self.config.context_length:
@@ -252,7 +255,63 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, mask, is_causal)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        if targets is None:
+            return self.lm_head(self.norm(x))
+        h, targets = self.norm(x).flatten(0, 1), targets.flatten()
+        if type(self.lm_head) is Linear and not torch.is_autocast_enabled(h.device.type):
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
+        return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=IGNORE_INDEX)
+
+
+IGNORE_INDEX = -100  # a target that is not scored (prompt tokens, padding), as in PyTorch and HF
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, rows: int | None = None) -> Tensor:
+    """Mean cross-entropy of ``h @ weight.T`` [N, V] against ``targets`` [N], without keeping the logits.
+
+    The logits of a training batch are its largest tensor (512 tokens x 49,152 words is 100 MB in fp32, and
+    log-softmax and its gradient make three); here they exist one chunk of rows at a time, and the gradients
+    for ``h`` and ``weight`` are made in the same pass (the loss is a scalar: backward only scales them).
+    ``rows`` per chunk defaults to 128 MB of fp32 logits.
+    """
+    rows = rows or max(16, 2**25 // weight.shape[0])
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        return _LinearCrossEntropy.forward(None, h, weight, targets, rows)
+    return _LinearCrossEntropy.apply(h, weight, targets, rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:  # type: ignore[override]
+        keep = targets != IGNORE_INDEX
+        count = keep.sum().clamp(min=1)
+        safe = targets.clamp(min=0)[:, None]
+        want_h = ctx is not None and h.requires_grad
+        want_w = ctx is not None and weight.requires_grad
+        dh = torch.empty_like(h) if want_h else None
+        dw = torch.zeros_like(weight) if want_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], rows):
+            hc, kc = h[i:i + rows], keep[i:i + rows]
+            logits = (hc @ weight.T).float()
+            lse = torch.logsumexp(logits, -1)
+            loss += ((lse - logits.gather(1, safe[i:i + rows]).squeeze(1)) * kc).sum()
+            if want_h or want_w:  # d loss / d logits = (softmax - one_hot) / count on kept rows
+                g = logits.sub_(lse[:, None]).exp_()
+                g.scatter_add_(1, safe[i:i + rows], -kc[:, None].float())
+                g = g.mul_((kc / count)[:, None]).to(h.dtype)
+                if want_h:
+                    torch.mm(g, weight, out=dh[i:i + rows])
+                if want_w:
+                    dw.addmm_(g.T, hc)
+        if ctx is not None:
+            ctx.save_for_backward(dh, dw)
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        dh, dw = ctx.saved_tensors
+        return dh * grad if dh is not None else None, dw * grad if dw is not None else None, None, None
 
 
 def block_linears(model: Transformer) -> list[tuple[str, nn.Module, str, Linear]]:

@@ -19,9 +19,10 @@ from torch import Tensor
 
 from fourwalls.errors import FormatError, UsageError
 from fourwalls.files import read_text, sha256_file
+from fourwalls.model.transformer import IGNORE_INDEX
 from fourwalls.tokenizer import Tokenizer
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # a label that is not scored
 SHAPES = ("text", "instruct", "chat")
 _ROLES = {"system", "user", "assistant"}
 

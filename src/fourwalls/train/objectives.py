@@ -14,9 +14,8 @@ from fourwalls.train.data import IGNORE
 
 def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Next-token cross-entropy over the positions whose label is not masked."""
-    logits = model(batch["input_ids"])
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts token t + 1
+    loss = model(batch["input_ids"], targets=targets)  # the head and the loss in one pass, logits never whole
     return loss, {"tokens": float((targets != IGNORE).sum())}
 
 
