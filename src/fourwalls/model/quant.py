@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from fourwalls.errors import UsageError
 from fourwalls.model.config import ModelConfig
 from fourwalls.model.native import native
-from fourwalls.model.transformer import Linear, Transformer, block_linears
+from fourwalls.model.transformer import Linear, Transformer, block_linears, linear
 
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -41,11 +41,11 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: NF4Linear) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return F.linear(x, layer.dequantize().to(x.dtype))
+        return linear(x, layer.dequantize().to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad @ ctx.layer.dequantize().to(grad.dtype), None
+        return linear(grad, ctx.layer.dequantize().to(grad.dtype).t()), None
 
 
 class NF4Linear(nn.Module):
