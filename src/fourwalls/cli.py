@@ -196,6 +196,9 @@ def _train_flags(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with bf16 instructions)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state across the processes "
+                        "(FSDP2) instead of replicating the model (DDP)")
     g.add_argument("--run-dir", type=Path,
                    help="checkpoints, metrics.jsonl, loss.png (default $FOURWALLS_HOME/runs/NAME)")
     g.add_argument("--resume", nargs="?", const="auto", choices=["auto"],
@@ -208,7 +211,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                        warmup_steps=args.warmup_steps, schedule=args.schedule, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-                       save_every=args.save_every, keep=args.keep, seed=args.seed, bf16=args.bf16)
+                       save_every=args.save_every, keep=args.keep, seed=args.seed, bf16=args.bf16,
+                       fsdp=args.fsdp)
 
 
 def _report(ref: Any, result: dict[str, Any], run_dir: Path) -> None:

@@ -132,16 +132,20 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, corpus, 
     assert [p.name for p in ckpts.iterdir()] == ["step-00000002"]  # no temporary left behind
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, corpus):
+def _torchrun(cmd, port):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            "-m", "fourwalls.cli", *cmd[3:]]
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path, corpus, sharding):
     home = tmp_path / "home"
     common = ["--steps", "6", "--batch-size", "4", "--seed", "1"]
     one = subprocess.run(_pretrain_cmd(home, corpus, "one", "6", common[2:]), env=_env(home), capture_output=True,
                          text=True)
     assert one.returncode == 0, one.stderr
-    cmd = _pretrain_cmd(home, corpus, "two", "6", common[2:])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                "-m", "fourwalls.cli", *cmd[3:]]
-    two = subprocess.run(torchrun, env=_env(home), capture_output=True, text=True, timeout=300)
+    cmd = _pretrain_cmd(home, corpus, "two", "6", [*common[2:], *sharding])
+    two = subprocess.run(_torchrun(cmd, 29533), env=_env(home), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
 
     def losses(name):
@@ -153,6 +157,26 @@ def test_torchrun_two_processes_match_one_process(tmp_path, corpus):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert a[-1] < a[0]
     assert Store(home).resolve("two").manifest["lineage"]["method"] == "pretrain"  # rank 0 stored it once
+    # what was stored is the whole model, gathered from the shards under FSDP
+    a, b = Store(home).load("one").model.state_dict(), Store(home).load("two").model.state_dict()
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_fsdp_run_stopped_by_sigterm_then_resumed_matches_an_uninterrupted_one(tmp_path, corpus):
+    home = tmp_path / "home"
+    straight = subprocess.run(_torchrun(_pretrain_cmd(home, corpus, "straight", "300", ["--fsdp"]), 29534),
+                              env=_env(home), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    cmd = _torchrun(_pretrain_cmd(home, corpus, "stopped", "300", ["--fsdp", "--save-every", "10"]), 29535)
+    rc, err = _kill_after_checkpoint(cmd, _env(home), home / "runs" / "stopped" / "checkpoints", signal.SIGTERM)
+    assert rc != 0 and "--resume" in err  # torchrun passed the signal on; the ranks saved at one step and stopped
+    stopped_at = checkpoint.latest(home / "runs" / "stopped" / "checkpoints")[1]
+    assert 20 <= stopped_at < 300
+    again = subprocess.run(cmd + ["--resume"], env=_env(home), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    store = Store(home)
+    assert store.resolve("stopped").digest == store.resolve("straight").digest  # same weights, bit for bit
 
 
 def test_bf16_autocast_trains(tmp_path, corpus):

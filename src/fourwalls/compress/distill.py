@@ -186,6 +186,8 @@ def distill(teacher_name: str, name: str, data: Path, cfg: TrainConfig, student_
     them in that folder; either way a later run on the same teacher and data reuses them, and the teacher is not
     kept in memory while the student trains.
     """
+    if cfg.fsdp:
+        raise UsageError("distillation runs data-parallel with the student replicated (DDP); drop --fsdp")
     store = store or Store()
     store.check_new_name(name)
     if (student_layers is None) == (student_preset is None):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fourwalls.errors import FormatError, NotFoundError, UnsupportedError, UsageError
-from fourwalls.model.transformer import Linear
+from fourwalls.model.transformer import Linear, linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -100,7 +100,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        update = linear(linear(self.dropout(x.to(self.lora_A.weight.dtype)), self.lora_A.weight), self.lora_B.weight)
         return y + (update * self.scaling).to(y.dtype)
 
     def merged_weight(self) -> Tensor:
@@ -153,19 +153,22 @@ def merge_lora(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's names."""
+def lora_state_dict(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's names, read from ``state`` (the model's state dict) when given."""
+    state = model.state_dict() if state is None else state
     out = {}
     for qual, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            out[f"{_PREFIX}{qual}.lora_A.weight"] = module.lora_A.weight.detach().contiguous()
-            out[f"{_PREFIX}{qual}.lora_B.weight"] = module.lora_B.weight.detach().contiguous()
+            for part in ("lora_A", "lora_B"):
+                out[f"{_PREFIX}{qual}.{part}.weight"] = state[f"{qual}.{part}.weight"].detach().contiguous()
     return out
 
 
-def save_adapter(folder: Path, model: nn.Module, cfg: LoRAConfig, base_model: str = "") -> None:
-    """Write adapter_config.json + adapter_model.safetensors, the files HF PEFT reads."""
-    weights = lora_state_dict(model)
+def save_adapter(folder: Path, model: nn.Module, cfg: LoRAConfig, base_model: str = "",
+                 state: dict[str, Tensor] | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors, the files HF PEFT reads; the weights are read from
+    ``state`` when given (a sharded model's gathered state dict)."""
+    weights = lora_state_dict(model, state)
     if not weights:
         raise UsageError("the model has no LoRA layers to save; attach_lora (or load_adapter) first")
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from torch import nn
 
 from fourwalls.errors import FormatError, NotFoundError, UsageError
 from fourwalls.model.native import native
+from fourwalls.model.transformer import Linear
 from fourwalls.rag.stores import Collection
 
 DEFAULT = "all-MiniLM-L6-v2"
@@ -58,12 +59,12 @@ class Layer(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
         self.heads = c.num_attention_heads
-        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
-        self.out = nn.Linear(c.hidden_size, c.hidden_size)
+        self.qkv = Linear(c.hidden_size, 3 * c.hidden_size)
+        self.out = Linear(c.hidden_size, c.hidden_size)
         self.norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.up = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.up = Linear(c.hidden_size, c.intermediate_size)
         self.act = nn.GELU()  # exact (erf); Int8Linear fuses it into ``up`` and this becomes Identity
-        self.down = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.down = Linear(c.intermediate_size, c.hidden_size)
         self.norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

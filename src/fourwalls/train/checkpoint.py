@@ -3,6 +3,9 @@
 A checkpoint holds the trainable weights (safetensors), the optimizer state (tensors and numbers only, loaded with
 ``weights_only=True``), the step and data position, and the RNG states of Python, NumPy and torch, so a resumed run
 continues bit for bit as if it had never stopped.
+
+Weights and optimizer state are whole tensors under their parameter names (torch.distributed.checkpoint's
+full state dicts), so a model sharded by FSDP2 saves and resumes through the same files as an unsharded one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from fourwalls.errors import FormatError, FourwallsError, UsageError
 
@@ -41,9 +51,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _trainable(model: nn.Module) -> set[str]:
     # named_parameters() lists a tied weight once, which safetensors needs.
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable weights and the optimizer state as whole tensors by parameter name.
+
+    Under FSDP every rank must call it (the shards are gathered) and rank 0 receives them; the others get empty
+    dicts."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = _trainable(model)
+    weights = {n: t.contiguous() for n, t in get_model_state_dict(model, options=options).items() if n in names}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,15 +75,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-         keep: int = 3) -> Path:
-    """Write checkpoint ``step`` under ``folder`` atomically and keep the newest ``keep``."""
+def save(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+         state: dict[str, Any], keep: int = 3) -> Path:
+    """Write checkpoint ``step`` (what ``gather`` returned, and ``state``) under ``folder`` atomically and keep the
+    newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
     target = folder / f"step-{step:08d}"
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "rng": rng_state()}))
         for f in tmp.iterdir():
             with f.open("rb") as fh:
@@ -105,12 +127,10 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, identit
             raise UsageError(f"cannot resume from {path}: its {key} is {state.get('identity', {}).get(key)!r}, "
                              f"this run's is {value!r}; start a new run folder or use the same {key}")
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    if set(weights) != {n for n, p in params.items() if p.requires_grad}:
+    if set(weights) != _trainable(model):
         raise UsageError(f"checkpoint {path} holds other trainable weights than this run (a different method?)")
-    with torch.no_grad():
-        for name, t in weights.items():
-            params[name].copy_(t)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    options = StateDictOptions(full_state_dict=True, strict=False)  # every rank reads the files, keeps its shard
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True), options=options)
     set_rng_state(state["rng"])
     return state

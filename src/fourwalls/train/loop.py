@@ -1,7 +1,9 @@
 """The one training loop. Pretraining, fine-tuning, distillation and unlearning differ only in data and objective.
 
-Under ``torchrun --nproc-per-node N`` the same loop runs data-parallel (DDP; gloo on CPU, NCCL on GPU): every rank
-takes its share of each global batch and only rank 0 writes checkpoints, metrics and plots.
+Under ``torchrun --nproc-per-node N`` the same loop runs data-parallel (gloo on CPU, NCCL on GPU): every rank takes
+its share of each global batch and only rank 0 writes checkpoints, metrics and plots. The model is replicated (DDP),
+or with ``fsdp`` sharded (FSDP2: each rank holds 1/N of the parameters, gradients and optimizer state, and gathers
+a block's weights only while it computes), for models whose training state does not fit one process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fourwalls.errors import FourwallsError, UsageError
+from fourwalls.model.native import keep_freed_memory
 from fourwalls.train import checkpoint
 from fourwalls.train.data import Dataset, batches, collate
 from fourwalls.train.objectives import causal_lm
@@ -51,6 +54,7 @@ class TrainConfig:
     keep: int = 3
     seed: int = 0
     bf16: bool = False  # bf16 autocast (helps only where the CPU has bf16 instructions)
+    fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of replicating it with DDP
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -114,11 +118,15 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
           pad_id: int = 0) -> dict[str, Any]:
     """Train ``model`` in place; checkpoints, metrics.jsonl and loss.png go to ``run_dir``. Returns final metrics."""
     cfg.validate()
+    keep_freed_memory()
     rank, world = _dist()
     if cfg.batch_size % world:
         raise UsageError(f"the batch size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
     identity = {**(identity or {}), "data_digest": train_ds.digest}
     ckpt_dir = run_dir / "checkpoints"
+    sharded = cfg.fsdp and world > 1
+    if sharded:  # before the optimizer: the shards replace the parameters
+        _shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the model has no trainable parameters")
@@ -133,12 +141,14 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
         step = state["step"]
     elif checkpoint.latest(ckpt_dir) is not None:
         raise UsageError(f"{run_dir} already holds checkpoints; pass --resume to continue, or pick a new run folder")
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     metrics_path = run_dir / "metrics.jsonl"
-    records = _load_metrics(metrics_path, step) if resume else []
-    if not resume and val_ds is not None and rank == 0:  # where the curve starts: the model before training
-        metrics_path.unlink(missing_ok=True)
-        _append_metric(metrics_path, {"step": 0, **_validation(model, val_ds, objective, cfg, pad_id)})
+    records = _load_metrics(metrics_path, step) if resume and rank == 0 else []
+    if not resume and val_ds is not None and (rank == 0 or sharded):  # where the curve starts: the untrained model
+        start = _validation(model, val_ds, objective, cfg, pad_id)  # a sharded model computes on every rank
+        if rank == 0:
+            metrics_path.unlink(missing_ok=True)
+            _append_metric(metrics_path, {"step": 0, **start})
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -163,11 +173,13 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += m["tokens"]
-            if world > 1:  # log the loss of the whole global batch, not this rank's share
-                t = torch.tensor([loss_sum])
+            if world > 1:  # the loss of the whole global batch, not this rank's share; a signal on any rank stops all
+                t = torch.tensor([loss_sum, 1.0 if stop["signal"] else 0.0])
                 dist.all_reduce(t)
-                loss_sum = t.item() / world
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+                loss_sum = t[0].item() / world
+                if t[1] > 0 and not stop["signal"]:
+                    stop["signal"] = signal.SIGTERM
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -183,9 +195,11 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
             if rank == 0:
                 _append_metric(metrics_path, rec)
             at_save = cfg.save_every and step % cfg.save_every == 0
-            if (at_save or stop["signal"]) and rank == 0:
-                checkpoint.save(ckpt_dir, step, model, optimizer, {"identity": identity, "config": asdict(cfg)},
-                                cfg.keep)
+            if at_save or stop["signal"]:
+                weights, optimizer_state = checkpoint.gather(model, optimizer)  # a collective when sharded
+                if rank == 0:
+                    checkpoint.save(ckpt_dir, step, weights, optimizer_state,
+                                    {"identity": identity, "config": asdict(cfg)}, cfg.keep)
             if stop["signal"]:
                 raise TrainingInterrupted(f"stopped by signal {stop['signal']} at step {step}; a checkpoint was "
                                           f"saved in {ckpt_dir}: run the same command with --resume to continue")
@@ -202,6 +216,29 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
         _append_metric(metrics_path, {"step": step, **{k: v for k, v in final.items() if k.startswith("val")}})
         plot_losses(metrics_path, run_dir / "loss.png")
     return final
+
+
+def _shard(model: nn.Module) -> None:
+    """FSDP2 over the decoder blocks, then the rest (embeddings, norm, head) as one more unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "layers", []):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _full(t: Tensor) -> Tensor:
+    """A DTensor (a sharded model's gradient norm, say) as a whole tensor; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with whole tensors: under FSDP every rank must call it, and rank 0 receives them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _validation(model: nn.Module, ds: Dataset, objective: Objective, cfg: TrainConfig, pad_id: int) -> dict:

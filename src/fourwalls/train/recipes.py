@@ -19,7 +19,7 @@ from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.store import ModelRef, Store
 from fourwalls.tokenizer import Tokenizer
 from fourwalls.train import data as D
-from fourwalls.train.loop import TrainConfig, rank, train
+from fourwalls.train.loop import TrainConfig, full_state_dict, rank, train
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -74,12 +74,13 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
     train_ds, val_ds = D.split(D.load_text_corpus(data, tok, seq_len), val_fraction, cfg.seed)
     identity = {"method": "pretrain", "preset": preset_name, "seq_len": seq_len}
     result = train(model, train_ds, val_ds, cfg, run_dir, resume=resume, identity=identity, pad_id=eos)
+    state = full_state_dict(model)  # every rank: gathering a sharded model's weights is a collective
     if rank() != 0:  # only rank 0 writes to the store
         return None, result
     lineage = {"method": "pretrain", "preset": preset_name, "data": str(data), "data_digest": train_ds.digest,
                "seq_len": seq_len, "hyperparameters": asdict(cfg), "val_loss": result.get("val_loss"),
                "command": _command()}
-    return store.add(name, mcfg, model.state_dict(), tok, lineage=lineage), result
+    return store.add(name, mcfg, state, tok, lineage=lineage), result
 
 
 def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConfig, lora: Any = None,
@@ -128,13 +129,14 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
     lineage = {"method": method, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
                "data_digest": ds.digest, "data_stats": ds.stats, "hyperparameters": asdict(cfg),
                "val_loss": result.get("val_loss"), "command": _command()}
+    state = full_state_dict(model)  # every rank: gathering a sharded model's weights is a collective
     if rank() != 0:  # only rank 0 writes to the store
         return None, result
     if method != "full":
         lineage["lora"] = asdict(lora)
-        ref = store.add_adapter(name, base_ref, lambda d: save_adapter(d, model, lora, base_ref.name), lineage)
+        ref = store.add_adapter(name, base_ref, lambda d: save_adapter(d, model, lora, base_ref.name, state), lineage)
     else:
-        ref = store.add(name, lm.config, model.state_dict(), tok, lineage=lineage)
+        ref = store.add(name, lm.config, state, tok, lineage=lineage)
     return ref, result
 
 
