@@ -31,7 +31,7 @@ def _store(args: argparse.Namespace) -> Any:
 def _embedder(args: argparse.Namespace) -> Any:
     from fourwalls.rag.embed import embedder
 
-    return embedder(args.embedder, quantize=args.int8)
+    return embedder(args.embedder, quantize=not args.float32)
 
 
 def _groups(args: argparse.Namespace) -> set[str] | None:
@@ -186,8 +186,8 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
 def _embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedder", help="a sentence-transformers BERT folder (default: the packaged "
                    "all-MiniLM-L6-v2)")
-    p.add_argument("--int8", action="store_true", help="int8 linear layers in the embedder: faster, less accurate "
-                   "(see README)")
+    p.add_argument("--float32", action="store_true", help="the embedder's linear layers in float32 instead of "
+                   "int8: sentence-transformers' exact vectors, at half the speed (see README)")
 
 
 def _retrieval_flags(p: argparse.ArgumentParser) -> None:

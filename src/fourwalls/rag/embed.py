@@ -1,13 +1,14 @@
 """Sentence embeddings: a BERT encoder (all-MiniLM-L6-v2 by default) with mean pooling, run offline on the CPU.
 
 The encoder is fourwalls' own (a dozen lines over torch), read from a sentence-transformers folder: config.json,
-model.safetensors, tokenizer.json. Speed comes from the batching, not from approximations of the maths:
+model.safetensors, tokenizer.json. Its speed comes from:
 
-- texts are sorted by token count and cut into batches of at most ``batch_tokens`` padded tokens, so a batch pads
-  only to its own longest text and short texts do not wait behind long ones;
-- optionally (``quantize=True``) the linear layers run in int8 (``Int8Linear``: int8 weights per output channel,
-  activations quantized per token): faster, at a small cost in retrieval quality (README figures), so float32
-  stays the default.
+- the batching: texts are sorted by token count and cut into batches of at most ``batch_tokens`` padded tokens, so
+  a batch pads only to its own longest text and short texts do not wait behind long ones;
+- int8 linear layers by default (``Int8Linear``: int8 weights per output channel, each token's activations
+  quantized over its own range): embeddings at cosine 0.997 to float32's and the labelled set's nDCG@10 unchanged
+  (README figures), at twice float32's speed. ``quantize=False`` gives float32 (on oneDNN's products, as the
+  decoder's), equal to sentence-transformers' vectors; so does a torch without fbgemm's int8 kernels.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _load_state(model: Bert, weights: dict[str, torch.Tensor]) -> None:
 class Embedder:
     """Text -> unit vectors. ``name`` and ``dim`` are what a collection records to refuse a mismatched embedder."""
 
-    def __init__(self, folder: Path | str | None = None, quantize: bool = False, max_tokens: int | None = None) -> None:
+    def __init__(self, folder: Path | str | None = None, quantize: bool = True, max_tokens: int | None = None) -> None:
         self.folder = Path(folder) if folder else default_folder()
         try:
             cfg = json.loads((self.folder / "config.json").read_text())
@@ -139,11 +140,11 @@ class Embedder:
         self._truncating.enable_truncation(self.max_tokens)
         self.name = DEFAULT if folder is None else self.folder.name
         self.dim = self.config.hidden_size
-        self.quantized = quantize
+        self.quantized = quantize and "fbgemm" in torch.backends.quantized.supported_engines
         model = Bert(self.config)
         _load_state(model, weights)
         model.eval().requires_grad_(False)
-        self.model = _int8(model) if quantize else model
+        self.model = _int8(model) if self.quantized else model
 
     def count(self, text: str) -> int:
         """Tokens of ``text`` without [CLS]/[SEP] (what chunking budgets against)."""
@@ -233,7 +234,7 @@ def check_embedder(collection: Collection, embedder: Embedder) -> None:
 
 
 @cache
-def embedder(folder: str | None = None, quantize: bool = False) -> Embedder:
+def embedder(folder: str | None = None, quantize: bool = True) -> Embedder:
     """One loaded embedder per process and settings."""
     return Embedder(folder, quantize=quantize)
 
