@@ -82,13 +82,15 @@ class LoadedModel:
 def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Transformer:
     """A Transformer holding ``state`` (float tensors cast to ``dtype``), without allocating random weights first.
 
-    A quantized model (``cfg.quantization``) gets its quantized layers; their integer tensors stay as stored.
+    A quantized model (``cfg.quantization``) gets its quantized layers; their integer tensors stay as stored, copied
+    only where a file's memory map placed them off a 64-byte boundary: torch's AVX-512 int8 kernel
+    (``_weight_int8pack_mm``) faulted on a weight 8 bytes off one, where safetensors may put a tensor.
     """
     from fourwalls.model.quant import skeleton, tie
 
     model = skeleton(cfg)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
-             if not (cfg.tie_embeddings and k.startswith("lm_head."))}
+    state = {k: v.to(dtype) if v.is_floating_point() else v if v.data_ptr() % 64 == 0 else v.clone()
+             for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k.startswith("lm_head."))]
     if missing or unexpected:

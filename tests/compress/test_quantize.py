@@ -130,6 +130,27 @@ def test_quantized_tiny_models_agree_with_their_float_originals(name, qcfg):
         quantize_model(model, qcfg)
 
 
+def test_quantized_model_builds_from_tensors_off_a_64_byte_boundary():
+    """A safetensors memory map can place a tensor 8 bytes off a 64-byte boundary; torch's AVX-512 int8 kernel
+    faulted on such a weight, so build_model copies it."""
+    model = tiny_model("tiny-qwen2")
+    with torch.no_grad():
+        quantize_model(model, QuantConfig("int8"))
+    state = {}
+    for k, v in model.state_dict().items():
+        if not v.is_floating_point():  # the same bytes, 8 bytes into a larger buffer
+            raw = torch.empty(v.numel() * v.element_size() + 64, dtype=torch.uint8)
+            view = raw[8:8 + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+            view.copy_(v)
+            assert view.data_ptr() % 64 == 8
+            v = view
+        state[k] = v
+    rebuilt = build_model(model.config, state)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24))  # 48 rows: torch's int8 kernel, not decoding's
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(tokens), model(tokens))
+
+
 # --- the store ------------------------------------------------------------------------------------
 
 
