@@ -88,9 +88,13 @@ def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype =
     """
     from fourwalls.model.quant import skeleton, tie
 
+    def as_loaded(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            return t.to(dtype)
+        return t if t.data_ptr() % 64 == 0 else t.clone()
+
     model = skeleton(cfg)
-    state = {k: v.to(dtype) if v.is_floating_point() else v if v.data_ptr() % 64 == 0 else v.clone()
-             for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
+    state = {k: as_loaded(v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k.startswith("lm_head."))]
     if missing or unexpected:

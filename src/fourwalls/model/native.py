@@ -80,4 +80,3 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, (1 << 31) - 1)
     except (OSError, AttributeError):
         pass
-

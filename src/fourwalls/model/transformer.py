@@ -152,6 +152,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def _future_mask(t: int) -> Tensor:
+    """[T, T]: 0 where a query may attend, -inf on the keys after it."""
+    return torch.full((t, t), float("-inf")).triu_(1)
+
+
 def _attention_probs(q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T + mask) for the query rows of one KV head's group [G * T, D] (already scaled)."""
     s = _onednn(q, k)
@@ -174,7 +179,7 @@ class _CausalAttention(torch.autograd.Function):
         kv = k.shape[1]
         k, v = k.contiguous(), v.contiguous()
         qs = (q * d**-0.5).reshape(b, kv, h // kv * t, d)
-        mask = torch.full((t, t), float("-inf")).triu_(1)
+        mask = _future_mask(t)
         out = torch.empty_like(qs)
         for i in range(b):
             for j in range(kv):
@@ -187,7 +192,7 @@ class _CausalAttention(torch.autograd.Function):
         qs, k, v, out = ctx.saved_tensors
         b, kv, gt, d = qs.shape
         t = k.shape[2]
-        mask = torch.full((t, t), float("-inf")).triu_(1)
+        mask = _future_mask(t)
         g = grad.contiguous().reshape(qs.shape)
         rows = (g * out).sum(-1, keepdim=True)  # sum_j P_ij dP_ij, softmax's backward term
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)

@@ -56,15 +56,24 @@ def _trainable(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with whole tensors: under FSDP every rank must call it, and rank 0 receives them."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return model.state_dict()
+    return get_model_state_dict(model, options=_WHOLE)
+
+
 def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The trainable weights and the optimizer state as whole tensors by parameter name.
 
     Under FSDP every rank must call it (the shards are gathered) and rank 0 receives them; the others get empty
     dicts."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     names = _trainable(model)
-    weights = {n: t.contiguous() for n, t in get_model_state_dict(model, options=options).items() if n in names}
-    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+    weights = {n: t.contiguous() for n, t in full_state_dict(model).items() if n in names}
+    return weights, get_optimizer_state_dict(model, optimizer, options=_WHOLE)
 
 
 def _fsync_dir(path: Path) -> None:

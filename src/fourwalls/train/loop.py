@@ -232,15 +232,6 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with whole tensors: under FSDP every rank must call it, and rank 0 receives them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def _validation(model: nn.Module, ds: Dataset, objective: Objective, cfg: TrainConfig, pad_id: int) -> dict:
     was_training = model.training
     model.eval()

@@ -19,7 +19,8 @@ from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.store import ModelRef, Store
 from fourwalls.tokenizer import Tokenizer
 from fourwalls.train import data as D
-from fourwalls.train.loop import TrainConfig, full_state_dict, rank, train
+from fourwalls.train.checkpoint import full_state_dict
+from fourwalls.train.loop import TrainConfig, rank, train
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
