@@ -2,9 +2,14 @@
 
 
 class FourwallsError(Exception):
-    """Base class: a problem the user can fix, with a message that says how."""
+    """Base class: a problem the user can fix, with a message that says how. ``param`` names the request field at
+    fault and ``code`` is a machine-readable reason (the OpenAI error object's fields; the CLI prints the message)."""
 
     http_status = 400
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class UsageError(FourwallsError):

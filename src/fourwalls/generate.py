@@ -106,7 +106,7 @@ def pick(logits: Tensor, history: Tensor, p: SamplingParams, generator: torch.Ge
 
 
 @dataclass
-class Chunk:
+class Delta:
     """A piece of streamed output: new text, the tokens behind it, and why generation ended (on the last)."""
 
     text: str
@@ -190,7 +190,7 @@ class Detokenizer:
         self.pending: list[TokenInfo] = []
         self.hold = max((len(s) for s in self.stop), default=0)
 
-    def push(self, info: TokenInfo) -> Chunk | None:
+    def push(self, info: TokenInfo) -> Delta | None:
         """Take one token; return a chunk when there is text to send or the output ended (EOS or stop string)."""
         self.pending.append(info)
         if info.id in self.eos:
@@ -204,20 +204,20 @@ class Detokenizer:
                 return self.finish("stop")
             safe -= max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         if safe > self.sent:
-            chunk = Chunk(text[self.sent:safe], self.pending)
+            chunk = Delta(text[self.sent:safe], self.pending)
             self.sent, self.pending = safe, []
             return chunk
         return None
 
-    def finish(self, reason: str) -> Chunk:
+    def finish(self, reason: str) -> Delta:
         """The last chunk: whatever was held back, and why the output ended."""
-        chunk = Chunk(self.text[self.sent:], self.pending, reason)
+        chunk = Delta(self.text[self.sent:], self.pending, reason)
         self.sent, self.pending = len(self.text), []
         return chunk
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,
-           eos_ids: Sequence[int] = (), session: Session | None = None) -> Iterator[Chunk]:
+           eos_ids: Sequence[int] = (), session: Session | None = None) -> Iterator[Delta]:
     """Generate and detokenize incrementally; stop strings are cut from the output and never streamed."""
     detok = Detokenizer(tokenizer, p.stop, eos_ids)
     for info in generate_tokens(model, prompt, p, eos_ids, session):

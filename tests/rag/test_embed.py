@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fourwalls.model.native import native
-from fourwalls.rag.embed import Int8Linear, embedder
+from fourwalls.rag.embed import PerTokenInt8Linear, embedder
 
 from .test_rag import LABELLED
 
@@ -37,7 +37,7 @@ def test_int8_linear_quantizes_each_token_over_its_own_range(gelu):
     lin, x = _layer(), _inputs()
     ref = lin(x)
     ref = nn.functional.gelu(ref) if gelu else ref
-    err = _rel_err(Int8Linear(lin, gelu=gelu)(x), ref)
+    err = _rel_err(PerTokenInt8Linear(lin, gelu=gelu)(x), ref)
     assert err.median() < 0.02 and err.max() < 0.06, (err.median(), err.max())  # 7-bit steps of each own range
     # torch's dynamic quantization, one range for the whole tensor: the outlier tokens coarsen everyone's steps
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -54,7 +54,7 @@ def test_int8_linear_quantizes_each_token_over_its_own_range(gelu):
 @torch.no_grad()
 def test_int8_linear_c_and_torch_paths_agree(monkeypatch, gelu):
     lin, x = _layer(k=200, n=60), _inputs(k=200)  # widths that are not multiples of 8: the scalar tails too
-    layer = Int8Linear(lin, gelu=gelu)
+    layer = PerTokenInt8Linear(lin, gelu=gelu)
     fast = layer(x)
     monkeypatch.setattr("fourwalls.rag.embed.native", lambda: None)
     torch.testing.assert_close(fast, layer(x), atol=2e-4, rtol=1e-4)

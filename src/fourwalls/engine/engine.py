@@ -31,14 +31,14 @@ from fourwalls.errors import (
     RequestTimeoutError,
     UsageError,
 )
-from fourwalls.generate import Chunk, Detokenizer, SamplingParams, pick
+from fourwalls.generate import Delta, Detokenizer, SamplingParams, pick
 from fourwalls.model.fused import decode_step, decoder
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
 
 log = logging.getLogger("fourwalls.engine")
 
-Event = Chunk | FourwallsError  # a piece of output (the last has finish_reason), or why the request failed
+Event = Delta | FourwallsError  # a piece of output (the last has finish_reason), or why the request failed
 
 
 @dataclass
@@ -295,7 +295,7 @@ class Engine:
         self.rows[dst] = self.rows[src]
 
 
-def _merge(first: Chunk | None, last: Chunk) -> Chunk:
+def _merge(first: Delta | None, last: Delta) -> Delta:
     if first is None:
         return last
-    return Chunk(first.text + last.text, first.tokens + last.tokens, last.finish_reason)
+    return Delta(first.text + last.text, first.tokens + last.tokens, last.finish_reason)

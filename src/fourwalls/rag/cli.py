@@ -50,8 +50,9 @@ def cmd_ingest(args: argparse.Namespace) -> None:
         items, refused = file_items(paths)
     store = _store(args)
     sync = [str(p.resolve()) for p in paths] if args.sync else None
-    report = ingest(store, _embedder(args), items, args.collection, args.group, _pairs(args.meta, "--meta"), sync,
-                    args.chunk_tokens, args.overlap, progress=not args.quiet)
+    report = ingest(store, _embedder(args), items, args.collection, groups=args.group,
+                    meta=_pairs(args.meta, "--meta"), sync_roots=sync, max_tokens=args.chunk_tokens,
+                    overlap=args.overlap, progress=not args.quiet)
     failed = refused + report.failed
     for source, message in failed:
         print(f"fourwalls: skipped {source}: {message}", file=sys.stderr)

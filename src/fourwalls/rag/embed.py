@@ -5,7 +5,7 @@ model.safetensors, tokenizer.json. Its speed comes from:
 
 - the batching: texts are sorted by token count and cut into batches of at most ``batch_tokens`` padded tokens, so
   a batch pads only to its own longest text and short texts do not wait behind long ones;
-- int8 linear layers by default (``Int8Linear``: int8 weights per output channel, each token's activations
+- int8 linear layers by default (``PerTokenInt8Linear``: int8 weights per output channel, each token's activations
   quantized over its own range): embeddings at cosine 0.997 to float32's and the labelled set's nDCG@10 unchanged
   (README figures), at twice float32's speed. ``quantize=False`` gives float32 (on oneDNN's products, as the
   decoder's), equal to sentence-transformers' vectors; so does a torch without fbgemm's int8 kernels.
@@ -64,7 +64,7 @@ class Layer(nn.Module):
         self.out = Linear(c.hidden_size, c.hidden_size)
         self.norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.up = Linear(c.hidden_size, c.intermediate_size)
-        self.act = nn.GELU()  # exact (erf); Int8Linear fuses it into ``up`` and this becomes Identity
+        self.act = nn.GELU()  # exact (erf); PerTokenInt8Linear fuses it into ``up`` and this becomes Identity
         self.down = Linear(c.intermediate_size, c.hidden_size)
         self.norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
@@ -175,7 +175,7 @@ class Embedder:
         return out
 
 
-class Int8Linear(nn.Module):
+class PerTokenInt8Linear(nn.Module):
     """A Linear in int8 on fbgemm's kernels, with each token's activations quantized over its own range.
 
     torch's dynamic quantization takes one range for the whole input tensor, so one token's outliers coarsen
@@ -220,8 +220,8 @@ def _int8(model: Bert) -> nn.Module:
     torch.backends.quantized.engine = "fbgemm"  # measured faster than "x86" and "onednn" on AVX2 here
     for layer in model.layers:
         for name in ("qkv", "out", "down"):
-            setattr(layer, name, Int8Linear(getattr(layer, name)))
-        layer.up, layer.act = Int8Linear(layer.up, gelu=True), nn.Identity()
+            setattr(layer, name, PerTokenInt8Linear(getattr(layer, name)))
+        layer.up, layer.act = PerTokenInt8Linear(layer.up, gelu=True), nn.Identity()
     return model
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fourwalls.errors import FormatError, FourwallsError, NotFoundError, UsageError
 from fourwalls.files import sha256_file
 from fourwalls.rag.embed import Embedder, check_embedder
-from fourwalls.rag.stores import ChunkRow, DocumentInfo, Store, indexed_text
+from fourwalls.rag.stores import ChunkRow, DocumentInfo, DocumentStore, indexed_text
 
 SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
 MAX_BYTES = 50 * 2**20  # refuse bigger files
@@ -436,9 +436,9 @@ def beir_items(path: Path) -> list[Item]:
             for doc_id, title, text in read_corpus(corpus)]
 
 
-def ingest(store: Store, embedder: Embedder, items: list[Item], collection: str, groups: list[str] = (),
-           meta: dict[str, str] | None = None, sync_roots: list[str] | None = None, max_tokens: int = 192,
-           overlap: int = 32, batch_chunks: int = 256, progress: bool = True) -> Report:
+def ingest(store: DocumentStore, embedder: Embedder, items: list[Item], collection: str, *,
+           groups: list[str] = (), meta: dict[str, str] | None = None, sync_roots: list[str] | None = None,
+           max_tokens: int = 192, overlap: int = 32, batch_chunks: int = 256, progress: bool = True) -> Report:
     """Bring ``collection`` up to date with ``items``: new and changed ones (re)written, unchanged ones skipped,
     and with ``sync_roots`` the documents under those roots that are no longer among the items removed.
 
@@ -500,7 +500,7 @@ def ingest(store: Store, embedder: Embedder, items: list[Item], collection: str,
     return report
 
 
-def reembed(store: Store, embedder: Embedder, collection: str, progress: bool = True) -> int:
+def reembed(store: DocumentStore, embedder: Embedder, collection: str, progress: bool = True) -> int:
     """Embed every chunk of ``collection`` again with ``embedder`` and swap the vectors in, in one transaction."""
     hits = store.all_chunks(collection)
     texts = [indexed_text(h.title, h.heading, h.text) for h in hits]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fourwalls.errors import UsageError
 from fourwalls.rag.embed import Embedder, check_embedder
-from fourwalls.rag.stores import Hit, Store
+from fourwalls.rag.stores import DocumentStore, Hit
 
 MODES = ("hybrid", "bm25", "vector")
 RRF_K = 60
@@ -21,7 +21,7 @@ RRF_K = 60
 
 @dataclass
 class Retriever:
-    store: Store
+    store: DocumentStore
     embedder: Embedder
     bm25_weight: float = 1.0
     vector_weight: float = 1.0

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fourwalls.engine import Request as EngineRequest
 from fourwalls.errors import ForbiddenError, FourwallsError, NotFoundError, UsageError
-from fourwalls.generate import Chunk, SamplingParams, TokenInfo
+from fourwalls.generate import Delta, SamplingParams, TokenInfo
 from fourwalls.serve.auth import Key
 from fourwalls.serve.schemas import MAX_STOP, AdapterLoad, ChatCompletionRequest, CompletionRequest, Sampling
 from fourwalls.serve.state import Batch, ServerState, error_from
@@ -92,9 +92,7 @@ def _constraint(state: ServerState, body: Sampling) -> Any:
 
 
 def _bad(message: str, param: str) -> FourwallsError:
-    e = FourwallsError(message)
-    e.param = param  # type: ignore[attr-defined]
-    return e
+    return FourwallsError(message, param=param)
 
 
 def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
@@ -103,9 +101,9 @@ def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
     return {"x-fourwalls-adapter-digest": state.engine.adapters[adapter].digest}
 
 
-async def _collect(batch: Batch, request: Request) -> list[list[Chunk]]:
+async def _collect(batch: Batch, request: Request) -> list[list[Delta]]:
     """Every choice's chunks; gives up (cancelling the generation) if the client disconnects meanwhile."""
-    out: list[list[Chunk]] = [[] for _ in batch.requests]
+    out: list[list[Delta]] = [[] for _ in batch.requests]
     events = batch.events().__aiter__()
     try:
         while True:
@@ -125,7 +123,7 @@ async def _collect(batch: Batch, request: Request) -> list[list[Chunk]]:
 
 
 async def _respond(batch: Batch, body: Sampling, request: Request, key: Key | None, frame: Any,
-                   headers: dict[str, str]) -> Response | list[list[Chunk]]:
+                   headers: dict[str, str]) -> Response | list[list[Delta]]:
     """A streaming response of ``frame(choice, chunk)`` events, or (not streaming) every choice's chunks."""
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -209,7 +207,7 @@ async def completions(body: CompletionRequest, request: Request, state: State,
         lp = _completion_logprobs(state, tokens) if body.logprobs is not None else None
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
-    def frame(i: int, c: Chunk | None) -> dict[str, Any]:
+    def frame(i: int, c: Delta | None) -> dict[str, Any]:
         choices = [] if c is None else [choice(i, c.text, c.tokens, c.finish_reason)]
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
 
@@ -263,7 +261,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     started: set[int] = set()
     started_citations: list[bool] = []
 
-    def frame(i: int, c: Chunk | None) -> dict[str, Any]:
+    def frame(i: int, c: Delta | None) -> dict[str, Any]:
         choices = []
         if c is not None:
             delta: dict[str, Any] = {"content": c.text}

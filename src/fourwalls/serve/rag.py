@@ -63,9 +63,7 @@ router = APIRouter()
 
 def _error(cls: type[FourwallsError], message: str, param: str | None = None,
            code: str | None = None) -> FourwallsError:
-    e = cls(message)
-    e.param, e.code = param, code  # type: ignore[attr-defined]
-    return e
+    return cls(message, param=param, code=code)
 
 
 def _admin(key: Key | None, what: str) -> None:
@@ -235,8 +233,8 @@ async def upload_document(name: str, body: DocumentUpload, state: State, key: Au
         embedder, store = rag.embedder, rag.store
         with rag.writes:
             _collection(store, name)
-            report = ingest(store, embedder, [item], name, body.groups, body.meta, None, body.chunk_tokens,
-                            body.overlap, progress=False)
+            report = ingest(store, embedder, [item], name, groups=body.groups, meta=body.meta,
+                            max_tokens=body.chunk_tokens, overlap=body.overlap, progress=False)
             if report.failed:
                 raise _error(FormatError, report.failed[0][1], "content_base64" if body.text is None else "text",
                              "unreadable_document")

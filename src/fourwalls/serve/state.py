@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fourwalls.engine import Engine, Request
 from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import FourwallsError, NotFoundError
-from fourwalls.generate import Chunk
+from fourwalls.generate import Delta
 from fourwalls.serve.auth import KeyRing
 from fourwalls.serve.metrics import Metrics
 from fourwalls.store import LoadedModel, Store
@@ -34,7 +34,7 @@ def error_from(e: FourwallsError) -> JSONResponse:
     headers = {"Retry-After": str(e.retry_after)} if hasattr(e, "retry_after") else None
     if e.http_status == 503:
         headers = {"Retry-After": "1"}
-    return error_response(e.http_status, str(e), getattr(e, "param", None), getattr(e, "code", None), headers)
+    return error_response(e.http_status, str(e), e.param, e.code, headers)
 
 
 class _LockedStore:
@@ -132,9 +132,8 @@ class ServerState:
         adapter = name.removeprefix(base + ":") if name.startswith(base + ":") else name
         if adapter in self.engine.adapters:
             return adapter
-        e = NotFoundError(f"model '{name}' does not exist; GET /v1/models lists the base model and its adapters")
-        e.param, e.code = "model", "model_not_found"  # type: ignore[attr-defined]
-        raise e
+        raise NotFoundError(f"model '{name}' does not exist; GET /v1/models lists the base model and its adapters",
+                            param="model", code="model_not_found")
 
 
 class Batch:
@@ -143,7 +142,7 @@ class Batch:
 
     def __init__(self, state: ServerState, requests: list[Request], adapter: str | None) -> None:
         self.state, self.requests, self.adapter = state, requests, adapter
-        self.queue: asyncio.Queue[tuple[int, Chunk | FourwallsError]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Delta | FourwallsError]] = asyncio.Queue()
         self.open = len(requests)
         self.start = time.monotonic()
         self.last: list[float | None] = [None] * len(requests)

@@ -86,7 +86,9 @@ class Hit:
                 "similarity": None if self.similarity is None else round(self.similarity, 4)}
 
 
-class Store(Protocol):
+class DocumentStore(Protocol):
+    """A document store (SQLite or PostgreSQL): collections of documents, their chunks and vectors."""
+
     def create_collection(self, name: str, embedder: str, dim: int) -> Collection: ...
     def collection(self, name: str) -> Collection: ...  # NotFoundError when absent
     def collections(self) -> list[Collection]: ...
@@ -134,7 +136,7 @@ def indexed_text(title: str, heading: str | None, text: str) -> str:
     return "\n".join(filter(None, (headed(title, heading), text)))
 
 
-def open_store(url: str | None = None) -> Store:
+def open_store(url: str | None = None) -> DocumentStore:
     """``None``: the home's SQLite file; ``postgresql://...``: a PostgreSQL server; else a SQLite file path."""
     if url and url.startswith(("postgresql://", "postgres://")):
         from fourwalls.rag.stores.postgres import PostgresStore
