@@ -167,7 +167,8 @@ def cmd_reembed(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from fourwalls.eval.retrieval import evaluate_retriever, plot_modes, read_qrels, read_queries
+    from fourwalls.eval.retrieval import evaluate_retriever, plot_modes
+    from fourwalls.rag.beir import read_qrels, read_queries
 
     queries, qrels = read_queries(Path(args.queries)), read_qrels(Path(args.qrels))
     retriever = _retriever(args)
