@@ -46,7 +46,8 @@ def ingestion(n: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from fourwalls.rag.embed import Embedder, default_folder
-    from fourwalls.rag.ingest import Item, ingest, load_text
+    from fourwalls.rag.ingest import Item, ingest
+    from fourwalls.rag.loaders import load_text
     from fourwalls.rag.stores import indexed_text
     from fourwalls.rag.stores.sqlite import SqliteStore
 
@@ -91,7 +92,7 @@ def fill(store, emb, size: int, base_texts: list[str], base_vectors: np.ndarray,
 
 
 def latency(sizes: list[int], pg: str | None) -> dict:
-    from fourwalls.eval.retrieval import read_queries
+    from fourwalls.rag.beir import read_queries
     from fourwalls.rag.embed import Embedder
     from fourwalls.rag.retrieve import Retriever
     from fourwalls.rag.stores.sqlite import SqliteStore
@@ -132,7 +133,8 @@ def latency(sizes: list[int], pg: str | None) -> dict:
 
 
 def quality() -> dict:
-    from fourwalls.eval.retrieval import evaluate_retriever, read_qrels, read_queries
+    from fourwalls.eval.retrieval import evaluate_retriever
+    from fourwalls.rag.beir import read_qrels, read_queries
     from fourwalls.rag.embed import Embedder
     from fourwalls.rag.ingest import beir_items, ingest
     from fourwalls.rag.retrieve import Retriever

@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fourwalls.rag.cli import register
 
-    register(sub, _Parser, _sampling_flags, DEFAULT_MODEL)
+    register(sub, _Parser, _sampling_flags, _params, _load, DEFAULT_MODEL)
 
     models = sub.add_parser("models", help="the model store: import, list, show, rm")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)

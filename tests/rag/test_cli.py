@@ -92,7 +92,24 @@ def test_bad_input(home, docs, tmp_path, capsys):
         (["rag", "ingest", str(docs), "-c", "bad name!"], "invalid collection name"),
         (["rag", "search", "x", "-c", "hb", "--where", "novalue"], "KEY=VALUE"),
         (["rag", "rm", "-c", "hb"], "--all"),
+        (["rag", "ask", "why?", "-c", "hb", "--top-p", "2"], "top_p must be in (0, 1]"),  # before the model loads
+        (["rag", "ask", "why?", "-c", "nope", "--model", "no-such-model"], "no collection named 'nope'"),
         (["rag", "list", "--store", "postgresql://fw@127.0.0.1:1/x?connect_timeout=2"], "cannot reach PostgreSQL"),
     ]:
         code, _, err = run(capsys, *argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+@pytest.mark.slow
+def test_ask_loads_the_model_and_lists_the_sources(home, docs, capsys):
+    from fourwalls.rag.answer import NO_ANSWER
+
+    run(capsys, "rag", "ingest", str(docs), "-c", "hb", "--quiet")
+    code, out, err = run(capsys, "rag", "ask", "How many weeks of parental leave do employees get?", "-c", "hb",
+                         "-k", "1", "--max-tokens", "8")
+    answer, _, sources = out.partition("\nSources:\n")
+    assert code == 0 and answer.strip() and answer.strip() != NO_ANSWER, (out, err)
+    [source] = sources.splitlines()  # -k 1: the one chunk the answer was grounded on, numbered 1
+    assert source[1:].startswith("[1] ") and source.endswith("leave.md [0:39]  Leave"), source
+    code, out, _ = run(capsys, "rag", "ask", "What is the capital of Peru?", "-c", "hb", "--max-tokens", "8")
+    assert code == 0 and out.strip() == NO_ANSWER  # nothing similar enough: nothing generated, no sources

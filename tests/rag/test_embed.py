@@ -85,7 +85,8 @@ def test_float32_embedder_equals_sentence_transformers():
 
 def test_int8_embedder_keeps_the_labelled_sets_ndcg(tmp_path):
     """The issue's bar for a faster embedder: retrieval quality within 0.5 nDCG@10 points of float32's."""
-    from fourwalls.eval.retrieval import evaluate_retriever, read_qrels, read_queries
+    from fourwalls.eval.retrieval import evaluate_retriever
+    from fourwalls.rag.beir import read_qrels, read_queries
     from fourwalls.rag.ingest import beir_items, ingest
     from fourwalls.rag.retrieve import Retriever
     from fourwalls.rag.stores.sqlite import SqliteStore

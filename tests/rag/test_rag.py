@@ -13,8 +13,9 @@ import apsw
 import pytest
 
 from fourwalls.errors import UsageError
-from fourwalls.eval.retrieval import evaluate_retriever, read_qrels, read_queries
+from fourwalls.eval.retrieval import evaluate_retriever
 from fourwalls.rag.answer import NO_ANSWER, control_tokens, messages, relevant
+from fourwalls.rag.beir import read_qrels, read_queries
 from fourwalls.rag.embed import embedder
 from fourwalls.rag.ingest import beir_items, file_items, ingest, reembed
 from fourwalls.rag.retrieve import Retriever

@@ -20,7 +20,7 @@ from fourwalls.errors import FormatError
 from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.rag.answer import NO_ANSWER
-from fourwalls.rag.ingest import load_text
+from fourwalls.rag.loaders import load_text
 from fourwalls.serve.auth import KeyRing
 from fourwalls.serve.server import ServeConfig
 from tests.serve.conftest import LiveServer, free_port

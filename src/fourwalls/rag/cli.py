@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +141,15 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(f"   {text[:300]}{'…' if len(text) > 300 else ''}")
 
 
-def cmd_ask(args: argparse.Namespace) -> None:
-    from fourwalls.cli import _load, _params
+def cmd_ask(args: argparse.Namespace, sampling: Callable[[argparse.Namespace], Any],
+            load_model: Callable[[str], Any]) -> None:
     from fourwalls.rag.answer import MIN_SIMILARITY, ask
 
-    params = _params(args)
+    params = sampling(args)
     params.validate()
     retriever = _retriever(args)
     retriever.store.collection(args.collection)  # a missing collection fails before the model loads
-    answer = ask(_load(args.model), retriever, args.collection, args.question, params, args.k, _groups(args),
+    answer = ask(load_model(args.model), retriever, args.collection, args.question, params, args.k, _groups(args),
                  _pairs(args.where, "--where"),
                  MIN_SIMILARITY if args.min_similarity is None else args.min_similarity)
     print(answer.text)
@@ -167,7 +169,8 @@ def cmd_reembed(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from fourwalls.eval.retrieval import evaluate_retriever, plot_modes, read_qrels, read_queries
+    from fourwalls.eval.retrieval import evaluate_retriever, plot_modes
+    from fourwalls.rag.beir import read_qrels, read_queries
 
     queries, qrels = read_queries(Path(args.queries)), read_qrels(Path(args.qrels))
     retriever = _retriever(args)
@@ -205,7 +208,11 @@ def _retrieval_flags(p: argparse.ArgumentParser) -> None:
     _embedder_flags(p)
 
 
-def register(sub: Any, parser_class: type, sampling_flags: Any, default_model: str) -> None:
+def register(sub: Any, parser_class: type, sampling_flags: Callable[[argparse.ArgumentParser], None],
+             sampling: Callable[[argparse.Namespace], Any], load_model: Callable[[str], Any],
+             default_model: str) -> None:
+    """Add `rag` and its subcommands to ``sub``; `rag ask` takes the main command's sampling flags, reads them with
+    ``sampling`` and loads its model with ``load_model``."""
     rag = sub.add_parser("rag", help="retrieval-augmented generation over your documents")
     rsub = rag.add_subparsers(dest="rag_command", required=True, parser_class=parser_class)
 
@@ -259,7 +266,8 @@ def register(sub: Any, parser_class: type, sampling_flags: Any, default_model: s
                    "(default 0.3)")
     _retrieval_flags(p)
     sampling_flags(p)
-    p.set_defaults(func=cmd_ask, temperature=0.0, repeat_penalty=1.1)  # greedy, without the loops of small models
+    p.set_defaults(func=partial(cmd_ask, sampling=sampling, load_model=load_model), temperature=0.0,
+                   repeat_penalty=1.1)  # greedy, without the loops of small models
 
     p = rsub.add_parser("reembed", help="re-embed a collection with another embedder")
     p.add_argument("--collection", "-c", required=True)

@@ -43,7 +43,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fourwalls.errors import ForbiddenError, FormatError, FourwallsError, NotFoundError, UsageError
 from fourwalls.rag.answer import MIN_SIMILARITY, NO_ANSWER, Answer, cited, control_tokens, relevant
 from fourwalls.rag.answer import messages as grounded_messages
-from fourwalls.rag.ingest import SUFFIXES, Item, ingest, load, load_text
+from fourwalls.rag.ingest import Item, ingest
+from fourwalls.rag.loaders import SUFFIXES, load, load_text
 from fourwalls.rag.stores import indexed_text
 from fourwalls.serve.auth import Key
 from fourwalls.serve.openai import AuthKey, State, _sse
