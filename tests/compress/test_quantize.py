@@ -18,8 +18,8 @@ from fourwalls.eval.perplexity import decode_perplexity, perplexity
 from fourwalls.export import export_model
 from fourwalls.formats import read_checkpoint
 from fourwalls.generate import SamplingParams, generate_tokens
+from fourwalls.model.ops import Linear
 from fourwalls.model.quant import Int4Linear, Int8Embedding, Int8Linear, QuantConfig, quantize_model
-from fourwalls.model.transformer import Linear
 from fourwalls.store import DEFAULT_MODEL, Store, build_model
 from tests.conftest import tiny_model
 from tests.test_tokenizer import byte_tokenizer

@@ -125,18 +125,24 @@ def test_requests_for_different_adapters_share_a_batch_and_match_each_adapter_al
 def test_unknown_and_removed_adapters_are_refused(make_engine, tmp_path):
     model = tiny_model()
     _random_adapter(model, tmp_path / "a1", 1, r=4)
+    with_adapter = copy.deepcopy(model)
+    load_adapter(with_adapter, tmp_path / "a1")
+    expected = alone(with_adapter, [1, 2], max_new_tokens=4, temperature=0)
+    assert expected != alone(model, [1, 2], max_new_tokens=4, temperature=0)
     engine = make_engine(model, max_len=64)
     with pytest.raises(NotFoundError):
         Run(engine, [1, 2], "a1", max_new_tokens=2)
     engine.add_adapter("a1", tmp_path / "a1")
-    assert Run(engine, [1, 2], "a1", max_new_tokens=2, temperature=0).tokens()
+    assert Run(engine, [1, 2], "a1", max_new_tokens=4, temperature=0).tokens() == expected
     engine.remove_adapter("a1")
     with pytest.raises(NotFoundError):
         Run(engine, [1, 2], "a1", max_new_tokens=2)
 
 
 def test_full_queue_is_refused_and_cancelling_frees_the_row(make_engine):
-    engine = make_engine(tiny_model(), max_batch=1, max_len=256, max_queue=1)
+    model = tiny_model()
+    expected = alone(model, [4, 5], max_new_tokens=3, temperature=0)
+    engine = make_engine(model, max_batch=1, max_len=256, max_queue=1)
     long = Run(engine, [1, 2, 3], max_new_tokens=250, temperature=0)
     while engine.num_running == 0:
         time.sleep(0.01)
@@ -144,7 +150,7 @@ def test_full_queue_is_refused_and_cancelling_frees_the_row(make_engine):
     with pytest.raises(OverloadedError):
         Run(engine, [6], max_new_tokens=3)
     long.request.cancel()
-    assert len(queued.tokens(timeout=10)) == 3  # it got the freed row
+    assert queued.tokens(timeout=10) == expected  # it got the freed row
     assert not long.done.is_set() or long.events[-1].finish_reason is None
 
 
@@ -164,7 +170,9 @@ def test_a_request_past_its_timeout_ends_with_an_error(make_engine):
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine):
-    engine = make_engine(tiny_model(), max_len=64)
+    model = tiny_model()
+    expected = alone(model, [1, 2, 3], max_new_tokens=4, temperature=0)
+    engine = make_engine(model, max_len=64)
     real = engine.model.forward
     calls = []
 
@@ -177,7 +185,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine):
     engine.model.forward = broken_once
     first = Run(engine, [1, 2, 3], max_new_tokens=4, temperature=0)
     assert first.done.wait(10) and isinstance(first.events[-1], FourwallsError)
-    assert len(Run(engine, [1, 2, 3], max_new_tokens=4, temperature=0).tokens()) == 4
+    assert Run(engine, [1, 2, 3], max_new_tokens=4, temperature=0).tokens() == expected
 
 
 def test_a_request_that_cannot_fit_is_refused_with_both_numbers(make_engine):

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import pytest
 import torch
 
 from fourwalls.generate import SamplingParams, generate_tokens
-from fourwalls.model.fused import decoder
-from fourwalls.model.native import native
-from fourwalls.model.quant import Int4Linear, QuantConfig, quantize_model
-from fourwalls.model.transformer import Linear, block_linears
+from fourwalls.model.fused import _Cache, _Layer, _Lin, _Model, _Scratch, decoder
+from fourwalls.model.native import abi, native
+from fourwalls.model.ops import Linear
+from fourwalls.model.quant import Int4Linear, QuantConfig, quantize_model, quantize_nf4
+from fourwalls.model.transformer import block_linears
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no AVX2 or no C compiler here: decoding runs in torch")
+
+
+def test_the_structures_have_the_compiled_kernels_layout():
+    """fused.py's ctypes structures against the library's own sizes and offsets (kernels.c's fw_abi): a field
+    added, moved or resized on one side only would otherwise be read as garbage, not fail."""
+    layout = abi()
+    for struct in (_Lin, _Layer, _Model, _Scratch, _Cache):
+        name = struct.__name__.removeprefix("_")
+        assert ctypes.sizeof(struct) == layout[name], name
+        ours = {f"{name}.{field}": getattr(struct, field).offset for field, _ in struct._fields_}
+        assert ours == {key: value for key, value in layout.items() if key.startswith(f"{name}.")}
 
 
 class Int8InputsInt4(torch.nn.Module):
@@ -91,18 +104,12 @@ def int4_model(name: str, awq: bool, only: str | None = None):
         quantize_model(model, QuantConfig("int4", group_size=32, input_scales=True), scales)
     else:
         quantize_model(model, QuantConfig("int4", group_size=32))
-    for parent in list(model.modules()):
-        for attr, layer in list(parent.named_children()):
-            if isinstance(layer, Int4Linear) and only is not None and attr != only:
-                setattr(parent, attr, Linear(layer.in_features, layer.out_features, bias=layer.bias is not None))
-                getattr(parent, attr).weight.data = layer.dequantize()
-                if layer.bias is not None:
-                    getattr(parent, attr).bias.data = layer.bias
+    for _, parent, attr, layer in block_linears(model, Int4Linear):
+        if only is not None and attr != only:
+            setattr(parent, attr, Linear.holding(layer.dequantize(), layer.bias))
     reference = copy.deepcopy(model)
-    for parent in list(reference.modules()):
-        for attr, layer in list(parent.named_children()):
-            if isinstance(layer, Int4Linear):
-                setattr(parent, attr, Int8InputsInt4(layer))
+    for _, parent, attr, layer in block_linears(reference, Int4Linear):
+        setattr(parent, attr, Int8InputsInt4(layer))
     return model, reference
 
 
@@ -148,9 +155,13 @@ def test_what_the_fused_step_does_not_take_runs_in_torch():
     cache = model.new_cache(1, 16)
     with torch.inference_mode():
         assert fused(torch.tensor([[4, 5]]), torch.tensor([0, 1]), cache) is None  # a prompt, not a step
-        assert fused(torch.tensor([[4]] * 33), torch.tensor([0]), model.new_cache(33, 16)) is None
+        rows = abi()["MAX_ROWS"] + 1
+        assert fused(torch.tensor([[4]] * rows), torch.tensor([0]), model.new_cache(rows, 16)) is None
     assert fused(torch.tensor([[4]]), torch.tensor([0]), cache) is None  # gradients wanted: training
     int4 = tiny_model()
     quantize_model(int4, QuantConfig("int4", group_size=16))
     assert decoder(int4) is None  # groups narrower than the kernel's blocks of 32: torch's int4 kernel
+    nf4 = tiny_model()
+    quantize_nf4(nf4)
+    assert decoder(nf4) is None  # a layer kind the kernels do not read
     assert decoder(tiny_model().to(torch.bfloat16)) is None

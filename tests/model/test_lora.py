@@ -17,7 +17,7 @@ from fourwalls.model.lora import (
     merge_lora,
     save_adapter,
 )
-from fourwalls.model.transformer import Linear
+from fourwalls.model.ops import Linear
 from tests.conftest import tiny_model
 from tests.test_tokenizer import byte_tokenizer
 

@@ -1,7 +1,7 @@
 import torch
 
+from fourwalls.model.ops import linear
 from fourwalls.model.quant import NF4_LEVELS, NF4Linear, quantize_nf4
-from fourwalls.model.transformer import linear
 from tests.conftest import tiny_model
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
 from fourwalls.files import sha256_file
-from fourwalls.model.lora import TARGETS, read_adapter
+from fourwalls.model.lora import read_adapter
+from fourwalls.model.native import NativeLinear, as_native
+from fourwalls.model.transformer import block_linears
 
 
 @dataclass
@@ -55,6 +57,14 @@ class MultiLoRALinear(nn.Module):
         xa = (x.to(self.A.dtype) @ self.A.T) * mask[:, None, :]  # [B, T, ranks]: each row keeps its adapter's
         return y + (xa @ self.B.T).to(y.dtype)
 
+    def as_native(self) -> NativeLinear | None:
+        """The base layer as the C kernels read it, with the stacked adapters and the batch's row mask."""
+        base = as_native(self.base)
+        if base is None:
+            return None
+        lora_b = None if self.B is None else self.B.t().contiguous()  # the kernel adds B's rows per output
+        return replace(base, lora_a=self.A, lora_b=lora_b, rows_mask=lambda: self.slots.mask)
+
 
 class AdapterSet:
     """The adapters loaded over one model, by name; their layers wrapped in place."""
@@ -63,12 +73,9 @@ class AdapterSet:
         self.model = model
         self.slots = RowSlots()
         self.layers: dict[str, MultiLoRALinear] = {}
-        for qual, module in model.layers.named_modules():
-            for attr, child in list(module.named_children()):
-                if attr in TARGETS:
-                    wrapped = MultiLoRALinear(child, self.slots)
-                    setattr(module, attr, wrapped)
-                    self.layers[f"layers.{qual}.{attr}"] = wrapped
+        for name, parent, attr, layer in block_linears(model, nn.Module):
+            self.layers[name] = MultiLoRALinear(layer, self.slots)
+            setattr(parent, attr, self.layers[name])
         self.adapters: dict[str, Adapter] = {}
         self.columns: dict[str, slice] = {}  # each adapter's columns in the stacked matrices
         self.total_rank = 0

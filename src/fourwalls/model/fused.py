@@ -2,27 +2,31 @@
 
 A decode step of the PyTorch model is some 4,000 small operator calls for a 30-layer model, which cost as much as
 reading the weights; a ``Decoder`` runs the same computation (embedding, every layer, head) in one C call. It takes
-float32 models whose linear layers are plain, int8, int4 (groups of 32 or more), or wrapped in multi-LoRA stacks (the
-serving engine's), and up to 32 rows of one token each; for anything else it returns None and the caller runs the
-model as usual.
+float32 models whose layers all say how the kernels read them (``as_native()``: plain, int8 and int4 linear layers,
+multi-LoRA stacks over them, the int8 embedding table), within the kernels' limits (``native.abi()``: up to
+``MAX_ROWS`` rows of one token each, block widths); for anything else it returns None and the caller runs the model
+as usual.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from fourwalls.errors import ContextLengthError
-from fourwalls.model.native import native
-from fourwalls.model.quant import Int4Linear, Int8Embedding, Int8Linear
-from fourwalls.model.transformer import KVCache, Linear, Transformer, decode_threads, rope_inv_freq
+from fourwalls.model.native import NativeLinear, abi, as_native, native
+from fourwalls.model.ops import Linear, decode_threads
+from fourwalls.model.transformer import KVCache, Transformer, rope_inv_freq
 
-MAX_ROWS = 32
+# kernels.c's structures, field for field; tests/model/test_fused.py checks every size and offset against the
+# library's own (native.abi()).
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_PROJ = ("q", "k", "v", "o", "gate", "up", "down")
+_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # Layer's fields: a block's layers
 
 
 class _Lin(ctypes.Structure):
@@ -54,45 +58,46 @@ class Decoder:
     """One model's weights as the C step reads them, and its scratch buffers."""
 
     def __init__(self, model: Transformer) -> None:
-        cfg = model.config
+        cfg, self.abi = model.config, abi()
+        self.max_rows = self.abi["MAX_ROWS"]
         self.tensors: list[Tensor] = []  # what the structures point into, kept alive with them
-        self.lora: list[nn.Module] = []
+        self.rows_mask: Callable[[], Tensor | None] | None = None  # the multi-LoRA layers' shared row mask
+        self.ranks: set[int] = set()
         self.widest = 0  # the widest layer input: int4 layers rearrange theirs in per-thread work space
         self.layers = (_Layer * cfg.n_layers)()
-        for i, block in enumerate(model.layers):
-            layer = self.layers[i]
-            layer.attn_norm = self._tensor(block.input_layernorm, "weight")
-            layer.mlp_norm = self._tensor(block.post_attention_layernorm, "weight")
-            for name, (owner, attr) in zip(_PROJ, ((block.self_attn, "q_proj"), (block.self_attn, "k_proj"),
-                                                   (block.self_attn, "v_proj"), (block.self_attn, "o_proj"),
-                                                   (block.mlp, "gate_proj"), (block.mlp, "up_proj"),
-                                                   (block.mlp, "down_proj"))):
-                setattr(layer, name, self._lin(owner, attr))
-        self.rank = max((m.A.shape[0] for m in self.lora if m.A is not None), default=0)
-        if any(m.A is not None and m.A.shape[0] != self.rank for m in self.lora):
+        for layer, block in zip(self.layers, model.layers):
+            layer.attn_norm = self._tensor(block.input_layernorm.weight)
+            layer.mlp_norm = self._tensor(block.post_attention_layernorm.weight)
+            for field, path in _PROJ.items():
+                setattr(layer, field, self._lin(block.get_submodule(path)))
+        if len(self.ranks) > 1:
             raise _Unsupported
+        self.rank = max(self.ranks, default=0)
         m = self.model = _Model(cfg.n_layers, cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                 cfg.vocab_size, self.rank)
         m.eps = cfg.norm_eps
-        self.tensors.append(rope_inv_freq(cfg, model.device))
-        m.inv_freq = self.tensors[-1].data_ptr()
+        m.inv_freq = self._tensor(rope_inv_freq(cfg, model.device))
         embed = model.embed_tokens
-        m.embed_kind = int(isinstance(embed, Int8Embedding))
-        m.embed = self._tensor(embed, "weight")
-        m.embed_scale = self._tensor(embed, "weight_scale") if m.embed_kind else None
-        m.norm = self._tensor(model.norm, "weight")
-        m.head = self._lin(model, "lm_head")
+        if type(embed) is nn.Embedding:  # torch's own class cannot say how: an fp32 table
+            table = NativeLinear("LIN_F32", embed.weight, *embed.weight.shape)
+        else:
+            table = as_native(embed)
+        if table is None or table.kind not in ("LIN_F32", "LIN_INT8"):  # the tables decode_step reads
+            raise _Unsupported
+        m.embed_kind, m.embed = self.abi[table.kind], self._tensor(table.weight)
+        m.embed_scale = self._tensor(table.scale)
+        m.norm = self._tensor(model.norm.weight)
+        m.head = self._lin(model.lm_head)
         m.layers = ctypes.addressof(self.layers)
         buf = {"x": cfg.dim, "xn": cfg.dim, "q": cfg.n_heads * cfg.head_dim, "k": cfg.n_kv_heads * cfg.head_dim,
                "v": cfg.n_kv_heads * cfg.head_dim, "att": cfg.n_heads * cfg.head_dim, "gate": cfg.hidden_dim,
                "up": cfg.hidden_dim, "xa": 7 * max(self.rank, 1), "cos": cfg.head_dim // 2,
                "sin": cfg.head_dim // 2}
-        self.buffers = {name: torch.empty(MAX_ROWS, width) for name, width in buf.items()}
+        self.buffers = {name: torch.empty(self.max_rows, width) for name, width in buf.items()}
         self.scratch = _Scratch(**{name: t.data_ptr() for name, t in self.buffers.items()})
         self.scores = self.work = torch.empty(0)
 
-    def _tensor(self, owner: object, attr: str) -> int | None:
-        t = getattr(owner, attr)
+    def _tensor(self, t: Tensor | None) -> int | None:
         if t is None:
             return None
         if t.dtype not in (torch.float32, torch.int8, torch.uint8) or not t.is_contiguous():
@@ -100,35 +105,19 @@ class Decoder:
         self.tensors.append(t)
         return t.data_ptr()
 
-    def _lin(self, owner: object, attr: str) -> _Lin:
-        module = getattr(owner, attr)
-        lora_a = lora_b = None
-        if hasattr(module, "slots"):  # a multi-LoRA stack (engine.multilora) around its base layer
-            self.lora.append(module)
-            lora_a = self._tensor(module, "A")
-            if module.B is not None:  # the kernel adds B's rows per output: B transposed, contiguous
-                self.tensors.append(module.B.t().contiguous())
-                lora_b = self.tensors[-1].data_ptr()
-            module = module.base
-        zero = in_scale = None
-        group = 0
-        if type(module) is Linear:
-            kind, scale, (n, k) = 0, None, module.weight.shape
-        elif type(module) is Int8Linear:
-            kind, scale, (n, k) = 1, self._tensor(module, "weight_scale"), module.weight.shape
-        elif type(module) is Int4Linear and module.group_size % 32 == 0:
-            kind, scale, group = 2, self._tensor(module, "scales"), module.group_size
-            n, k = module.out_features, module.in_features
-            self.tensors.append((module.zeros - 8 * module.scales).float().contiguous())
-            zero = self.tensors[-1].data_ptr()
-            in_scale = self._tensor(module, "input_scale")
-        else:
+    def _lin(self, module: nn.Module) -> _Lin:
+        lin = as_native(module)
+        block = self.abi.get(f"{lin.kind}_BLOCK") if lin is not None else None  # None: a kind the C step lacks
+        if block is None or lin.in_features % block or lin.group % block:
             raise _Unsupported
-        if k % (16 if kind == 0 else 32):  # the kernels' block widths
-            raise _Unsupported
-        self.widest = max(self.widest, k)
-        weight = self._tensor(module, "qweight" if kind == 2 else "weight")
-        return _Lin(kind, weight, scale, zero, in_scale, group, self._tensor(module, "bias"), lora_a, lora_b, n, k)
+        if lin.rows_mask is not None:
+            self.rows_mask = lin.rows_mask
+        if lin.lora_a is not None:
+            self.ranks.add(lin.lora_a.shape[0])
+        self.widest = max(self.widest, lin.in_features)
+        t = self._tensor
+        return _Lin(self.abi[lin.kind], t(lin.weight), t(lin.scale), t(lin.zero), t(lin.in_scale), lin.group,
+                    t(lin.bias), t(lin.lora_a), t(lin.lora_b), lin.out_features, lin.in_features)
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, cache: KVCache) -> Tensor | None:
         """Logits [B, vocab] for tokens [B, 1], or None when the fused step does not apply (the caller then runs
@@ -136,12 +125,12 @@ class Decoder:
         serving engine's cache, which has the same ``k`` and ``v`` buffers)."""
         rows = tokens.shape[0]
         k, v = cache.k, cache.v
-        if (tokens.shape[1] != 1 or rows > MAX_ROWS or torch.is_grad_enabled() or k[0].dtype != torch.float32
+        if (tokens.shape[1] != 1 or rows > self.max_rows or torch.is_grad_enabled() or k[0].dtype != torch.float32
                 or k[0].stride(2) != k[0].shape[3] or k[0].stride(3) != 1):
             return None
         mask = None
-        if self.lora:  # the engine's multi-LoRA layers share one row mask; None when no row uses an adapter
-            mask = self.lora[0].slots.mask
+        if self.rows_mask is not None:  # None when no row uses an adapter
+            mask = self.rows_mask()
             if mask is not None:
                 if mask.shape != (rows, self.rank):
                     return None
@@ -159,7 +148,7 @@ class Decoder:
         threads, length = torch.get_num_threads(), k[0].shape[2]
         if self.scores.numel() < threads * length:
             self.scores = torch.empty(threads * length)
-        work = MAX_ROWS * (self.widest + self.widest // 16)
+        work = self.max_rows * (self.widest + self.widest // 16)
         if self.work.numel() < threads * work:
             self.work = torch.empty(threads * work)
         self.scratch.scores, self.scratch.scores_len = self.scores.data_ptr(), length
@@ -180,7 +169,8 @@ def decoder(model: Transformer) -> Decoder | None:
     """The fused step for this model as it is now, or None when it cannot run it (build a new one after changing
     the model's layers or weights: it reads them where they were)."""
     cfg = model.config
-    if (native() is None or model.dtype != torch.float32 or model.device.type != "cpu" or cfg.head_dim % 16):
+    if (native() is None or model.dtype != torch.float32 or model.device.type != "cpu"
+            or cfg.head_dim % abi()["HEAD_DIM_BLOCK"]):
         return None
     try:
         return Decoder(model)

@@ -1,24 +1,36 @@
-/* fourwalls' CPU kernels for decoding (AVX2 + FMA, OpenMP), built and loaded by fourwalls/model/native.py.
+/* fourwalls' CPU kernels (AVX2 + FMA, OpenMP), built and loaded by fourwalls/model/native.py.
  *
- * Decoding reads every weight once per token, so it should run at memory speed; in PyTorch a step of a 30-layer
- * model is also some 4,000 small operator calls, which cost as much again as the reading. decode_step runs the
- * whole step (embedding, every layer, head) in one call and one parallel region: each matrix product splits its
- * output rows between the threads, each of which streams its own contiguous slice of the weights, and the phases
- * of a layer meet at a spinning barrier rather than a sleeping one.
- *
- * Weights are fp32, or int8 with one scale per output row (y[n] = scale[n] * sum_k x[k] q[n, k]). A linear layer
- * may carry stacked multi-LoRA factors: y += ((x A^T) * mask) B^T, where mask picks each row's adapter.
- * Widths must be multiples of 16 (fp32) or 32 (int8); the caller checks.
+ * decode_step: one decode step of a Llama-family model (fused.py). Decoding reads every weight once per token, so
+ *   it should run at memory speed; in PyTorch a step of a 30-layer model is also some 4,000 small operator calls,
+ *   which cost as much again as the reading. decode_step runs the whole step (embedding, every layer, head) in one
+ *   call and one parallel region: each matrix product splits its output rows between the threads, each of which
+ *   streams its own contiguous slice of the weights, and the phases of a layer meet at a spinning barrier rather
+ *   than a sleeping one. A linear layer (Lin) is fp32, int8 with one scale per output row
+ *   (y[n] = scale[n] * sum_k x[k] q[n, k]), or int4 with a scale and zero per group of inputs (its input rounded
+ *   to int8, as llama.cpp does); it may carry stacked multi-LoRA factors: y += ((x A^T) * mask) B^T, where mask
+ *   picks each row's adapter. The embedding table is fp32 or int8 with one scale per token.
+ * int8_linear: an int8 layer's product for a few rows on its own (quant.py's Int8Linear outside decode_step).
+ * stream_sum: the memory's read speed, which bounds decoding (benchmarks/decode.py).
+ * rows_unit, rows_affine: the embedder's per-token int8 activations around fbgemm's product (rag/embed.py).
+ * fw_abi: the limits, kinds and structure layout below, by name, for the Python side to read and its tests to
+ *   check its ctypes structures against.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
+enum { MAX_ROWS = 32 };  /* the most rows (sequences) one decode step takes */
+enum { LIN_F32, LIN_INT8, LIN_INT4 };  /* Lin.kind; Model.embed_kind is LIN_F32 or LIN_INT8 */
+/* The widths the kernels step through: a layer's input width (and an int4 group) must be a multiple of its
+ * kind's, and head_dim of HEAD_DIM_BLOCK. */
+enum { LIN_F32_BLOCK = 16, LIN_INT8_BLOCK = 32, LIN_INT4_BLOCK = 32, HEAD_DIM_BLOCK = 16 };
+
 typedef struct {
-    int64_t kind;          /* 0: fp32 weight, 1: int8 with per-row scale, 2: int4 with per-group scale and zero */
+    int64_t kind;          /* LIN_F32, LIN_INT8 (per-row scale) or LIN_INT4 (per-group scale and zero) */
     const void *w;         /* [n, k] row-major; int4: [n, k / 2] bytes, element 2i in the high nibble of byte i */
     const float *scale;    /* int8: [n]; int4: [n, k / group] */
     const float *zero;     /* int4: [n, k / group], zero - 8 * scale (w = q * scale + zero - 8 * scale) */
@@ -39,7 +51,7 @@ typedef struct {
     int64_t n_layers, dim, hidden, n_heads, n_kv_heads, head_dim, vocab, lora_rank;
     float eps;
     const float *inv_freq;  /* [head_dim / 2] */
-    int64_t embed_kind;     /* 0: fp32 table, 1: int8 table with per-token scale */
+    int64_t embed_kind;     /* LIN_F32: fp32 table; LIN_INT8: int8 table with per-token scale */
     const void *embed;
     const float *embed_scale;
     const float *norm;
@@ -245,20 +257,20 @@ typedef struct {
  * add: accumulate into y (the residual stream). lora: NULL when no row uses an adapter. */
 static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64_t ys, int add, const LoraIn *lora,
                         float *work, int64_t lo, int64_t hi) {
-    const int64_t k = L->k, groups = L->kind == 2 ? k / L->group : 0;
-    const int64_t row_bytes = L->kind == 0 ? k * 4 : L->kind == 1 ? k : k / 2;
+    const int64_t k = L->k, groups = L->kind == LIN_INT4 ? k / L->group : 0;
+    const int64_t row_bytes = L->kind == LIN_F32 ? k * 4 : L->kind == LIN_INT8 ? k : k / 2;
     float out[4];
     Int4Input in = {0};
-    if (L->kind == 2 && lo < hi)
+    if (L->kind == LIN_INT4 && lo < hi)
         in = int4_input(L, x, M, work);
     for (int64_t n = lo; n < hi; n++) {
         /* A touch 8 rows ahead starts the hardware prefetcher on them early (+7% read speed measured here). */
         _mm_prefetch((const char *)L->w + (n + 8) * row_bytes, _MM_HINT_T0);
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int rows = M - m0 < 4 ? (int)(M - m0) : 4;
-            if (L->kind == 0)
+            if (L->kind == LIN_F32)
                 DISPATCH(dot4_f32, (const float *)L->w + n * k, x + m0 * k, rows, k, out)
-            else if (L->kind == 2)
+            else if (L->kind == LIN_INT4)
                 DISPATCH_I4((const uint8_t *)L->w + n * (k / 2), L->scale + n * groups, L->zero + n * groups, &in,
                             m0, rows, k, L->group, out)
             else {
@@ -292,7 +304,7 @@ static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64
 
 /* Weight-only int8 matrix product for a few rows, on its own (int8 layers outside decode_step). */
 void int8_linear(const float *x, const int8_t *q, const float *scale, float *y, int64_t M, int64_t N, int64_t K) {
-    const Lin L = {.kind = 1, .w = q, .scale = scale, .n = N, .k = K};
+    const Lin L = {.kind = LIN_INT8, .w = q, .scale = scale, .n = N, .k = K};
     #pragma omp parallel
     {
         int64_t lo, hi;
@@ -435,7 +447,7 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
     const int64_t D = m->dim, F = m->hidden, hd = m->head_dim, half = hd / 2, R = m->lora_rank;
     const int64_t qn = m->n_heads * hd, kvn = m->n_kv_heads * hd, group = m->n_heads / m->n_kv_heads;
     Barrier bar = {0, 0};
-    int64_t cols[2 * 32];  /* each row's adapter columns, where its mask is non-zero (rows <= 32: fused.py) */
+    int64_t cols[2 * MAX_ROWS];  /* each row's adapter columns, where its mask is non-zero */
     for (int64_t r = 0; mask && r < M; r++) {
         int64_t first = R, last = 0;
         for (int64_t j = 0; j < R; j++)
@@ -459,7 +471,7 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
 
         span(M, t, nt, &lo, &hi);
         for (int64_t r = lo; r < hi; r++) {
-            if (m->embed_kind == 0)
+            if (m->embed_kind == LIN_F32)
                 memcpy(s->x + r * D, (const float *)m->embed + tokens[r] * D, D * sizeof(float));
             else {
                 const int8_t *e = (const int8_t *)m->embed + tokens[r] * D;
@@ -644,3 +656,34 @@ void rows_affine(float *y, int64_t M, int64_t N, const float *lo, const float *r
         }
     }
 }
+
+typedef struct {
+    const char *name;
+    int64_t value;
+} AbiEntry;
+
+#define CONSTANT(c) {#c, c}
+#define SIZE(S) {#S, sizeof(S)}
+#define FIELD(S, f) {#S "." #f, offsetof(S, f)}
+
+static const AbiEntry abi[] = {
+    CONSTANT(MAX_ROWS), CONSTANT(LIN_F32), CONSTANT(LIN_INT8), CONSTANT(LIN_INT4),
+    CONSTANT(LIN_F32_BLOCK), CONSTANT(LIN_INT8_BLOCK), CONSTANT(LIN_INT4_BLOCK), CONSTANT(HEAD_DIM_BLOCK),
+    SIZE(Lin), FIELD(Lin, kind), FIELD(Lin, w), FIELD(Lin, scale), FIELD(Lin, zero), FIELD(Lin, in_scale),
+    FIELD(Lin, group), FIELD(Lin, bias), FIELD(Lin, lora_a), FIELD(Lin, lora_b), FIELD(Lin, n), FIELD(Lin, k),
+    SIZE(Layer), FIELD(Layer, attn_norm), FIELD(Layer, mlp_norm), FIELD(Layer, q), FIELD(Layer, k), FIELD(Layer, v),
+    FIELD(Layer, o), FIELD(Layer, gate), FIELD(Layer, up), FIELD(Layer, down),
+    SIZE(Model), FIELD(Model, n_layers), FIELD(Model, dim), FIELD(Model, hidden), FIELD(Model, n_heads),
+    FIELD(Model, n_kv_heads), FIELD(Model, head_dim), FIELD(Model, vocab), FIELD(Model, lora_rank),
+    FIELD(Model, eps), FIELD(Model, inv_freq), FIELD(Model, embed_kind), FIELD(Model, embed),
+    FIELD(Model, embed_scale), FIELD(Model, norm), FIELD(Model, head), FIELD(Model, layers),
+    SIZE(Scratch), FIELD(Scratch, x), FIELD(Scratch, xn), FIELD(Scratch, q), FIELD(Scratch, k), FIELD(Scratch, v),
+    FIELD(Scratch, att), FIELD(Scratch, gate), FIELD(Scratch, up), FIELD(Scratch, xa), FIELD(Scratch, cos),
+    FIELD(Scratch, sin), FIELD(Scratch, scores), FIELD(Scratch, work), FIELD(Scratch, scores_len),
+    FIELD(Scratch, work_len),
+    SIZE(Cache), FIELD(Cache, k), FIELD(Cache, v), FIELD(Cache, row_stride), FIELD(Cache, head_stride),
+    {NULL, 0},
+};
+
+/* The table above: name and value pairs, ending with a NULL name (native.abi() reads it). */
+const AbiEntry *fw_abi(void) { return abi; }

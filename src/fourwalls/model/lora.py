@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fourwalls.errors import FormatError, NotFoundError, UnsupportedError, UsageError
-from fourwalls.model.transformer import Linear, linear
+from fourwalls.model.ops import Linear, linear
+from fourwalls.model.transformer import PROJECTIONS, block_linears
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model.model."  # PEFT's name for a *ForCausalLM's decoder ("model.") inside its wrapper
 
@@ -60,7 +60,7 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = TARGETS
+    target_modules: tuple[str, ...] = PROJECTIONS
 
     def __post_init__(self) -> None:
         # A JSON round trip of asdict() gives a list; one bare name is one target, not its letters.
@@ -71,11 +71,11 @@ class LoRAConfig:
         if not 0 <= self.dropout < 1:
             raise UsageError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
         if not self.target_modules:
-            raise UsageError(f"LoRA needs at least one target module; choose from {', '.join(TARGETS)}")
-        unknown = [t for t in self.target_modules if t not in TARGETS]
+            raise UsageError(f"LoRA needs at least one target module; choose from {', '.join(PROJECTIONS)}")
+        unknown = [t for t in self.target_modules if t not in PROJECTIONS]
         if unknown:
             raise UsageError(f"unknown LoRA target module(s) {', '.join(map(repr, unknown))}; "
-                             f"choose from {', '.join(TARGETS)}")
+                             f"choose from {', '.join(PROJECTIONS)}")
 
     @property
     def scaling(self) -> float:
@@ -110,16 +110,6 @@ class LoRALinear(nn.Module):
         return (base.float() + delta.to(base.device)).to(base.dtype)
 
 
-def _targets(model: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
-    """(parent, attribute, qualified name) of every targeted layer inside ``model.layers``."""
-    found = []
-    for qual, module in model.layers.named_modules():
-        for child_name, _child in module.named_children():
-            if child_name in names:
-                found.append((module, child_name, f"layers.{qual}.{child_name}"))
-    return found
-
-
 def _check_no_lora(model: nn.Module) -> None:
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UsageError("this model already has LoRA layers; merge them first (merge_lora / `fourwalls merge`)")
@@ -130,25 +120,17 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     _check_no_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    names = []
-    for parent, attr, qual in _targets(model, cfg.target_modules):
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), cfg))
-        names.append(qual)
-    return names
+    targets = block_linears(model, nn.Module, cfg.target_modules)
+    for _, parent, attr, layer in targets:
+        setattr(parent, attr, LoRALinear(layer, cfg))
+    return [name for name, *_ in targets]
 
 
 def merge_lora(model: nn.Module) -> None:
     """Replace every LoRALinear by a plain Linear with the merged weight; the model trains as a whole again."""
-    for module in list(model.modules()):
-        for attr, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                bias = child.base.bias
-                merged = Linear(child.base.in_features, child.base.out_features, bias=bias is not None,
-                                device="meta")
-                merged.weight = nn.Parameter(child.merged_weight().detach().clone())
-                if bias is not None:
-                    merged.bias = nn.Parameter(bias.detach().clone())
-                setattr(module, attr, merged)
+    for _, parent, attr, layer in block_linears(model, LoRALinear):
+        bias = None if layer.base.bias is None else layer.base.bias.detach().clone()
+        setattr(parent, attr, Linear.holding(layer.merged_weight().detach().clone(), bias))
     for p in model.parameters():  # attach_lora froze them
         p.requires_grad_(True)
 
@@ -234,8 +216,7 @@ def read_adapter(folder: Path, model: nn.Module) -> tuple[LoRAConfig, dict[str, 
     # PEFT's in-memory names carry the adapter name ("lora_A.default.weight"); files written by older code may too.
     weights = {k.replace(".default.weight", ".weight"): v for k, v in weights.items()}
     expected = {}
-    for parent, attr, qual in _targets(model, cfg.target_modules):
-        layer = getattr(parent, attr)
+    for qual, _, _, layer in block_linears(model, nn.Module, cfg.target_modules):
         expected[f"{_PREFIX}{qual}.lora_A.weight"] = (cfg.r, layer.in_features)
         expected[f"{_PREFIX}{qual}.lora_B.weight"] = (layer.out_features, cfg.r)
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

@@ -2,6 +2,9 @@
 
 Built into ~/.cache/fourwalls on first use (a second or two). Without AVX2, a compiler, or with FOURWALLS_NATIVE=0,
 everything runs on torch's kernels instead: slower, the same model.
+
+A layer the kernels can read says how, with ``as_native()`` returning a ``NativeLinear``; the kernels' own limits,
+kinds and structure layout come from the library (``abi()``), never from numbers copied here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 _C_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
@@ -61,7 +68,51 @@ def native() -> ctypes.CDLL | None:
     dll.rows_unit.restype = None
     dll.rows_affine.argtypes = [p, i64, i64, p, p, p, p, ctypes.c_int]
     dll.rows_affine.restype = None
+    dll.fw_abi.argtypes = []
+    dll.fw_abi.restype = ctypes.POINTER(_AbiEntry)
     return dll
+
+
+class _AbiEntry(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_int64)]
+
+
+def abi() -> dict[str, int]:
+    """kernels.c's limits, kernel kinds and structure layout by name (``MAX_ROWS``, ``LIN_INT8``, ``Lin`` for
+    sizeof(Lin), ``Lin.scale`` for offsetof(Lin, scale)); empty where the kernels cannot run."""
+    lib = native()
+    return {} if lib is None else _abi(lib)
+
+
+@functools.cache
+def _abi(lib: ctypes.CDLL) -> dict[str, int]:
+    table, out, i = lib.fw_abi(), {}, 0
+    while table[i].name is not None:  # the table ends with a NULL name
+        out[table[i].name.decode()] = table[i].value
+        i += 1
+    return out
+
+
+@dataclass
+class NativeLinear:
+    """A linear layer as the C kernels read it (kernels.c's ``Lin``): which kernel, and the tensors it reads.
+
+    ``kind`` is the kernel's name in kernels.c (``LIN_F32``, ``LIN_INT8``, ``LIN_INT4``). A layer kind the kernels
+    read has an ``as_native()`` method returning one of these; the fused step (fused.py) knows no layer classes.
+    """
+
+    kind: str
+    weight: Tensor  # LIN_INT4: two codes a byte, [out, in / 2]
+    out_features: int
+    in_features: int
+    bias: Tensor | None = None
+    scale: Tensor | None = None  # LIN_INT8: [out]; LIN_INT4: [out, groups]
+    zero: Tensor | None = None  # LIN_INT4: [out, groups], the group's zero - 8 * scale
+    in_scale: Tensor | None = None  # LIN_INT4: [in] or None, what the input is divided by (AWQ)
+    group: int = 0  # LIN_INT4: weights sharing one scale and zero
+    lora_a: Tensor | None = None  # [rank, in]: stacked adapters' A
+    lora_b: Tensor | None = None  # [rank, out]: their B transposed, scaling folded in
+    rows_mask: Callable[[], Tensor | None] | None = None  # each step's [rows, rank] adapter columns (None: no row's)
 
 
 @functools.cache
@@ -80,3 +131,9 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, (1 << 31) - 1)
     except (OSError, AttributeError):
         pass
+
+
+def as_native(layer: object) -> NativeLinear | None:
+    """How the C kernels read ``layer``, or None when they cannot (its kind has no ``as_native()``, or says no)."""
+    method = getattr(layer, "as_native", None)
+    return method() if method is not None else None

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
 from fourwalls.model.config import ModelConfig
-from fourwalls.model.native import native
-from fourwalls.model.transformer import Linear, Transformer, block_linears, linear
+from fourwalls.model.native import NativeLinear, abi, native
+from fourwalls.model.ops import Linear, linear
+from fourwalls.model.transformer import Transformer, block_linears
 
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -114,13 +115,13 @@ class QuantConfig:
 
 
 def _native_rows(x: Tensor, width: int) -> Tensor | None:
-    """x as contiguous fp32 rows when the native kernels take it (few rows, inference), else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or width % 32:
+    """x as contiguous fp32 rows when the native int8 kernel takes it (a decode step's rows), else None."""
+    limits = abi()
+    if (not limits or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or width % limits["LIN_INT8_BLOCK"]):
         return None
     rows = x.reshape(-1, width)
-    if rows.shape[0] > Linear.FAST_ROWS or native() is None:
-        return None
-    return rows.contiguous()
+    return rows.contiguous() if rows.shape[0] <= limits["MAX_ROWS"] else None
 
 
 def _bf16_rows(x: Tensor, width: int) -> Tensor:
@@ -149,6 +150,10 @@ class Int8Linear(nn.Module):
 
     def dequantize(self) -> Tensor:
         return self.weight.float() * self.weight_scale.float()[:, None]
+
+    def as_native(self) -> NativeLinear:
+        return NativeLinear("LIN_INT8", self.weight, self.out_features, self.in_features, bias=self.bias,
+                            scale=self.weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = _native_rows(x, self.in_features)
@@ -183,6 +188,10 @@ class Int8Embedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.weight).to(self.weight_scale.dtype) * self.weight_scale[tokens][..., None]
+
+    def as_native(self) -> NativeLinear:
+        """The table as the kernels read it: the same int8 matrix a tied head multiplies by."""
+        return NativeLinear("LIN_INT8", self.weight, *self.weight.shape, scale=self.weight_scale)
 
 
 class Int4Linear(nn.Module):
@@ -230,6 +239,11 @@ class Int4Linear(nn.Module):
         q = self.codes().float().view(self.out_features, -1, self.group_size)
         w = ((q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]).flatten(1)
         return w if self.input_scale is None else w / self.input_scale.float()
+
+    def as_native(self) -> NativeLinear:
+        return NativeLinear("LIN_INT4", self.qweight, self.out_features, self.in_features, bias=self.bias,
+                            scale=self.scales, zero=(self.zeros - 8 * self.scales).float().contiguous(),
+                            in_scale=self.input_scale, group=self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._kernel is None or self._kernel[0] is not self.qweight:
@@ -331,13 +345,12 @@ def tie(model: Transformer) -> None:
 
 def dequantize_model(model: nn.Module) -> None:
     """Replace quantized layers by float ones holding the dequantized weights (for export and for training)."""
-    for parent, attr, child in [(p, a, c) for p in model.modules() for a, c in p.named_children()
-                                if isinstance(c, Int8Linear | Int4Linear)]:
-        lin = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-        lin.weight = nn.Parameter(child.dequantize(), requires_grad=False)
-        if child.bias is not None:
-            lin.bias = nn.Parameter(child.bias.float().clone(), requires_grad=False)
-        setattr(parent, attr, lin)
+    quantized = block_linears(model, (Int8Linear, Int4Linear))
+    if isinstance(model.lm_head, Int8Linear | Int4Linear):
+        quantized.append(("lm_head", model, "lm_head", model.lm_head))
+    for _, parent, attr, child in quantized:
+        bias = None if child.bias is None else child.bias.float().clone()
+        setattr(parent, attr, Linear.holding(child.dequantize(), bias, requires_grad=False))
     if isinstance(model.embed_tokens, Int8Embedding):
         e = model.embed_tokens
         table = e.weight.float() * e.weight_scale.float()[:, None]

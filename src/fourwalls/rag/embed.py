@@ -28,7 +28,7 @@ from torch import nn
 
 from fourwalls.errors import FormatError, NotFoundError, UsageError
 from fourwalls.model.native import native
-from fourwalls.model.transformer import Linear
+from fourwalls.model.ops import Linear
 from fourwalls.rag.stores import Collection
 
 DEFAULT = "all-MiniLM-L6-v2"

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fourwalls.errors import FormatError, UsageError
 from fourwalls.files import read_text, sha256_file
-from fourwalls.model.transformer import IGNORE_INDEX
+from fourwalls.model.ops import IGNORE_INDEX
 from fourwalls.tokenizer import Tokenizer
 
 IGNORE = IGNORE_INDEX  # a label that is not scored
