@@ -154,9 +154,10 @@ async def _stream(batch: Batch, frame: Any, usage: bool, key: Key | None) -> Asy
     yield "data: [DONE]\n\n"
 
 
-def _usage(batch: Batch) -> dict[str, int]:
+def _usage(batch: Batch) -> dict[str, Any]:
     p, c = batch.prompt_tokens, batch.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": batch.cached_tokens}}
 
 
 def _log(state: ServerState, kind: str, prompt: Any, outputs: list[str]) -> None:

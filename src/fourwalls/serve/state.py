@@ -164,6 +164,11 @@ class Batch:
     def prompt_tokens(self) -> int:
         return sum(len(r.prompt) for r in self.requests)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache."""
+        return sum(r.cached_tokens or 0 for r in self.requests)
+
     async def events(self) -> Any:
         """Yield (index, chunk) until every request has finished; a failed request raises its error."""
         m = self.state.metrics
@@ -188,6 +193,7 @@ class Batch:
             if ev.finish_reason:
                 self.open -= 1
                 m.finished.labels(ev.finish_reason).inc()
+                m.cached_tokens.inc(self.requests[i].cached_tokens or 0)
                 m.e2e.observe(now - self.start)
             yield i, ev
 
