@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_ids: list[int],
                  config: EngineConfig | None = None) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
+        self.device = model.device
         self.config = config or EngineConfig()
         c = self.config
         c.max_len = min(c.max_len, model.config.context_length)
@@ -180,6 +182,7 @@ class Engine:
 
     # --- the engine thread ----------------------------------------------------------------------------
 
+    @torch.inference_mode()  # once for the thread, not per step: a decode step's own overhead is what a stream waits
     def _loop(self) -> None:
         while not self.stopped:
             self.last_tick = time.monotonic()
@@ -191,9 +194,8 @@ class Engine:
                     self.wake.wait(0.5)
                     self.wake.clear()
                     continue
-                with torch.inference_mode():
-                    self._prefill()
-                    self._decode()
+                self._prefill()
+                self._decode()
             except Exception as e:  # a bug must cost the requests in flight, not the server
                 log.exception("engine step failed")
                 for r in self.running:
@@ -215,11 +217,15 @@ class Engine:
             return False
 
         with self.lock:
-            self.waiting = deque(r for r in self.waiting if not gone(r))
+            dropped = [r for r in self.waiting if gone(r)]
+            if dropped:
+                self.waiting = deque(r for r in self.waiting if r not in dropped)
         for r in [r for r in self.running if gone(r)]:
             self._remove(r)
 
     def _sync_adapters(self) -> None:
+        if not self.adapters and not self.adapter_set.adapters:
+            return
         with self.lock:
             wanted = dict(self.adapters)
             in_use = {r.adapter for r in (*self.running, *self.waiting) if r.adapter}
@@ -261,10 +267,9 @@ class Engine:
         if r is None:
             return
         end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
-        device = self.model.device
-        tokens = torch.tensor([r.tokens[r.pos:end]], device=device)
-        positions = torch.arange(r.pos, end, device=device)
-        with self.adapter_set.select([r.adapter]):
+        tokens = torch.tensor([r.tokens[r.pos:end]], device=self.device)
+        positions = torch.arange(r.pos, end, device=self.device)
+        with self._adapters([r]):
             self.model(tokens, positions, PrefillCache(self.pool, r.blocks), last_only=True)
         self._filled(r, r.pos, end)
         r.pos = end
@@ -289,12 +294,11 @@ class Engine:
         batch = [r for r in self.running if r.decoding]
         if not batch:
             return
-        device = self.model.device
-        tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=device)
-        positions = torch.tensor([[r.pos] for r in batch], device=device)
+        tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=self.device)
+        positions = torch.tensor([[r.pos] for r in batch], device=self.device)
         width = max(len(r.blocks) for r in batch)
         table = torch.tensor([r.blocks + r.blocks[:1] * (width - len(r.blocks)) for r in batch], dtype=torch.int32)
-        with self.adapter_set.select([r.adapter for r in batch]):
+        with self._adapters(batch):
             logits = decode_step(self.fused, self.model, tokens, positions, DecodeCache(self.pool, table))
         for i, r in enumerate(batch):
             r.pos += 1
@@ -302,6 +306,12 @@ class Engine:
                 self._remove(r)
             elif r.pos % bs == 0:  # its last block is full
                 self._filled(r, r.pos - 1, r.pos)
+
+    def _adapters(self, rows: list[Request]) -> AbstractContextManager[None]:
+        """Each row's adapter for a forward over ``rows``."""
+        if not self.adapter_set.adapters:
+            return nullcontext()
+        return self.adapter_set.select([r.adapter for r in rows])
 
     def _salt(self, r: Request) -> bytes:
         """The root of ``r``'s block names: blocks computed with different adapters are never shared."""

@@ -97,6 +97,7 @@ class Decoder:
         self.buffers = {name: torch.empty(self.max_rows, width) for name, width in buf.items()}
         self.scratch = _Scratch(**{name: t.data_ptr() for name, t in self.buffers.items()})
         self.scores = self.work = torch.empty(0)
+        self.kv: tuple | None = None  # the cache's per-layer lists and their pointer arrays, for the next step
 
     def _tensor(self, t: Tensor | None) -> int | None:
         if t is None:
@@ -149,10 +150,10 @@ class Decoder:
             pos = input_pos[:, 0].contiguous()
             if int(pos.max()) >= length:
                 raise ContextLengthError(f"position {int(pos.max())} is beyond the KV cache of {length}")
-        kp = (ctypes.c_void_p * len(k))(*(t.data_ptr() for t in k))
-        vp = (ctypes.c_void_p * len(v))(*(t.data_ptr() for t in v))
-        c = _Cache(ctypes.addressof(kp), ctypes.addressof(vp), table.data_ptr(), table.shape[1], k[0].shape[2],
-                   k[0].stride(0), k[0].stride(1))
+        if self.kv is None or self.kv[0] is not k or self.kv[1] is not v:  # the same lists step after step
+            self.kv = k, v, *((ctypes.c_void_p * len(t))(*(x.data_ptr() for x in t)) for t in (k, v))
+        c = _Cache(ctypes.addressof(self.kv[2]), ctypes.addressof(self.kv[3]), table.data_ptr(), table.shape[1],
+                   k[0].shape[2], k[0].stride(0), k[0].stride(1))
         threads = torch.get_num_threads()
         if self.scores.numel() < threads * length:
             self.scores = torch.empty(threads * length)
