@@ -375,7 +375,7 @@ def main() -> None:
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * cores():
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {cores()} cores; another busy process skews "
               "these figures (fourwalls' batch-1 decode most)", file=sys.stderr)
-    lm = Store().load(args.model)
+    lm = Store().load(DEFAULT_MODEL if args.big else args.model)  # --big: the same tokenizer, no 4 GB to load
     eos_ids = sorted({i for t in (lm.tokenizer.eos_token, *EOS_TOKENS) if (i := lm.tokenizer.token_id(t)) is not None})
     # Distinct prompts for every phase and the same ones for both servers: a warm-up set, one set per level,
     # then the adapter-free reference (used only if the adapter concurrency is not among the levels) and the mix.
