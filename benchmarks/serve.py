@@ -21,6 +21,7 @@ exports as a Q4_0 GGUF (made once, kept in ~/.cache/fourwalls/bench), the same f
 
     python benchmarks/serve.py [--requests 64] [--concurrency 1,4,16] [--big] [--skip-llamacpp]
                                [--fourwalls-args "--max-batch 16"]
+    python benchmarks/serve.py --quick   # a smoke run: 4 requests per phase at 1 and 4, 8 tokens out
 
 Run on a quiet machine: the client shares the cores with the server.
 """
@@ -365,7 +366,12 @@ def main() -> None:
     ap.add_argument("--skip-adapters", action="store_true")
     ap.add_argument("--fourwalls-args", default="", help='extra `fourwalls serve` arguments, e.g. "--max-batch 16"')
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a single request may take")
+    ap.add_argument("--quick", action="store_true", help="a smoke run, no figures: 4 requests per phase (4 in the "
+                    "prefix phase) at concurrency 1 and 4, 8 output tokens; flags given as well still apply")
     args = ap.parse_args()
+    if args.quick:
+        ap.set_defaults(requests=4, concurrency="1,4", max_tokens=8, prefix_requests=4)
+        args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.adapter_concurrency = args.adapter_concurrency or max(args.concurrency)
     if args.big:
