@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from fourwalls.serve.auth import KeyRing
+from fourwalls.serve.caller import KeyRing
 from fourwalls.store import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow

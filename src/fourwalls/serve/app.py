@@ -1,4 +1,4 @@
-"""The FastAPI app: the OpenAI routes, health and metrics, and a gate that every request passes first."""
+"""The FastAPI app: the route modules, health and metrics, and a gate that every request passes first."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from fourwalls.errors import FourwallsError
-from fourwalls.serve import rag
-from fourwalls.serve.openai import router
-from fourwalls.serve.state import ServerState, error_from, error_response
+from fourwalls.serve import embeddings, openai, rag
+from fourwalls.serve.common import error_from, error_response
+from fourwalls.serve.state import ServerState
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/healthz", "/readyz",
           "/metrics", "/openapi.json", "/docs", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
@@ -36,8 +36,8 @@ def route_label(path: str) -> str:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
     app.state.fourwalls = state
-    app.include_router(router)
-    app.include_router(rag.router)
+    for routes in (openai, rag, embeddings):
+        app.include_router(routes.router)
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

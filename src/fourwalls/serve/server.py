@@ -16,7 +16,7 @@ from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import UsageError
 from fourwalls.serve.app import create_app
-from fourwalls.serve.auth import KeyRing
+from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.state import ServerState
 from fourwalls.store import Store
