@@ -42,7 +42,7 @@ async def embeddings(body: EmbeddingRequest, state: State, caller: CurrentCaller
     vectors: np.ndarray = await asyncio.to_thread(embedder.embed, texts)
     caller.spend(tokens)
     if body.encoding_format == "base64":
-        values: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        values: list[str] | list[list[float]] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
         values = [v.tolist() for v in vectors]
     return {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
