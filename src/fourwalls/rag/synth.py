@@ -42,7 +42,7 @@ MIN_CHUNK_WORDS = 25  # a shorter chunk holds too little to ask about
 DROP_REASONS = ("malformed", "too_similar", "ungrounded")
 INSTRUCT_SYSTEM = (
     "You write one question that a document answers. The question must make sense to someone who cannot see the "
-    "document: name what it is about. Reply with the question only.")
+    "document: name what it is about. Questions look like these:\n{examples}Reply with the question only.")
 _LEANS_ON_SOURCE = re.compile(r"\b(passage|the text|this text|the source|the document|above|excerpt)\b", re.I)
 _IMPERATIVE = re.compile(r"(explain|list|summari[sz]e|describe|give|name|compare|outline|define|tell)\b.*\.$",
                          re.I)
@@ -130,11 +130,11 @@ def clean_instruction(text: str) -> str | None:
     there is none, or it leans on a passage the reader of the final data will not see."""
     for line in text.splitlines():
         line = re.sub(r"^\W*(?:\d+[.)]\s*)?(?:(?:question|instruction|task|q)\s*:\s*)?", "", line.strip(), flags=re.I)
+        line = line.strip().strip("\"'*").strip()
         if "?" in line:
             line = line[: line.index("?") + 1]
         elif not _IMPERATIVE.match(line):
             continue
-        line = line.strip().strip("\"'").strip()
         if 3 <= len(line.split()) <= 60 and not _LEANS_ON_SOURCE.search(line) and "<" not in line:
             return line
         return None
@@ -184,19 +184,19 @@ def synthesize(lm: Any, store: DocumentStore, collection: str, count: int, out: 
         examples = rng.sample(seeds, min(3, len(seeds))) + rng.sample(
             [k["messages"][0]["content"] for k in kept], min(2, len(kept)))
         before = asked_of.setdefault(hit.id, [])
-        user = (f"Document:\n<source>\n{neutralise(hit.text, control)}\n</source>\n\n"
-                "Examples of questions about other documents:\n" + "".join(f"- {e}\n" for e in examples) +
-                ("Already asked about this document, so ask something else:\n" +
-                 "".join(f"- {b}\n" for b in before) if before else "") +
-                "\nWrite one question that this document answers.")
-        text, _ = generate([{"role": "system", "content": INSTRUCT_SYSTEM}, {"role": "user", "content": user}],
+        system = INSTRUCT_SYSTEM.format(examples="".join(f"- {e}\n" for e in examples))
+        user = (f"<source>\n{neutralise(hit.text, control)}\n</source>\n\n" +
+                ("Already asked about it, so ask something else:\n" + "".join(f"- {b}\n" for b in before)
+                 if before else "") + "Write one question that the text above answers.")
+        text, _ = generate([{"role": "system", "content": system}, {"role": "user", "content": user}],
                            SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.95, seed=rng.getrandbits(31)))
         instruction = clean_instruction(text)
         if instruction is None:
             report.dropped["malformed"] += 1
             continue
         before.append(instruction)
-        if any(scorer.score(k["messages"][0]["content"], instruction)["rougeL"].fmeasure >= SIMILAR for k in kept):
+        pool = seeds + [k["messages"][0]["content"] for k in kept]  # a copied seed task is no new task either
+        if any(scorer.score(known, instruction)["rougeL"].fmeasure >= SIMILAR for known in pool):
             report.dropped["too_similar"] += 1
             continue
         text, finish = generate(messages(instruction, [hit], control),
