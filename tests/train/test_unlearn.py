@@ -114,6 +114,24 @@ def test_an_empty_forget_set_is_refused(planted, tmp_path, content):
     assert "x" not in store.names()
 
 
+def test_cli_refuses_an_empty_forget_set_in_one_line(planted, tmp_path, capsys, monkeypatch):
+    from fourwalls.cli import main
+
+    store, files = planted
+    monkeypatch.setenv("FOURWALLS_HOME", str(store.root))
+    empty = tmp_path / "forget.jsonl"
+    empty.write_text("")
+    rc = main(["unlearn", "--model", "planted", "--forget", str(empty), "--retain", str(files["retain"]),
+               "--name", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "nothing to unlearn" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "The vault code for the north office is 4471 9902."}\n{"txet": 1}\n')
+    rc = main(["unlearn", "--model", "planted", "--forget", str(bad), "--retain", str(files["retain"]),
+               "--name", "x", "--max-len", "64"])
+    assert rc == 2 and f"{bad}:2:" in capsys.readouterr().err and "x" not in store.names()
+
+
 def test_npo_starts_as_gradient_ascent_on_sequence_likelihoods():
     """At the reference (pi = pi_ref) NPO's loss is 2/beta * log 2 and its gradient that of minus the mean summed
     log-likelihood of the forget rows; the retain term is the retain rows' mean NLL (the loop's causal LM loss)."""

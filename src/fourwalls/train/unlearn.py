@@ -42,12 +42,16 @@ class Probe:
     rest: str
 
 
-def load_set(path: Path, tok: Tokenizer, eos: int | None, max_len: int, skip_bad_lines: bool, what: str
-             ) -> D.Dataset:
-    """JSONL in any shape `finetune` reads (by suffix), else plain text with one example per paragraph."""
+def check_not_empty(path: Path, what: str) -> None:
     if not read_text(path, f"{what} file").strip():
         raise UsageError(f"the {what} set {path} is empty; there is nothing to " +
                          ("unlearn" if what == "forget" else "keep: give text the model should still know"))
+
+
+def load_set(path: Path, tok: Tokenizer, eos: int | None, max_len: int, skip_bad_lines: bool, what: str
+             ) -> D.Dataset:
+    """JSONL in any shape `finetune` reads (by suffix), else plain text with one example per paragraph."""
+    check_not_empty(path, what)
     if path.suffix == ".jsonl":
         return D.load_jsonl(path, tok, eos, "auto", max_len, skip_bad_lines)
     return D.load_paragraphs(path, tok, eos, max_len)
@@ -161,6 +165,8 @@ def unlearn(model_name: str, forget: Path, retain: Path, name: str, cfg: TrainCo
     cfg.validate()
     store = store or Store()
     store.check_new_name(name)
+    check_not_empty(forget, "forget")  # before the model loads: bad input fails fast
+    check_not_empty(retain, "retain")
     base_ref, lm = load_trainable(store, model_name, "unlearn")
     if max_len > lm.config.context_length:
         raise UsageError(f"--max-len {max_len} exceeds the model's context window ({lm.config.context_length})")
