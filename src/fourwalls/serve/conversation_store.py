@@ -150,13 +150,15 @@ def _fold(text: str) -> str:
 def _row(c: Conversation) -> tuple[str, str, str, str]:
     """title, settings, messages and search text as stored; UsageError for text SQLite cannot hold."""
     texts = [c.title, *(_text(m.get("content")) for m in c.messages)]
-    row = (c.title, json.dumps(c.settings, ensure_ascii=False), json.dumps(c.messages, ensure_ascii=False),
-           _fold("\n".join(texts)))
     try:
+        row = (c.title, json.dumps(c.settings, ensure_ascii=False, allow_nan=False),
+               json.dumps(c.messages, ensure_ascii=False, allow_nan=False), _fold("\n".join(texts)))
         for value in row:
             value.encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError("the conversation holds text that is not valid Unicode (a lone surrogate)") from None
+    except ValueError:  # JSON has no NaN or infinity, and the conversation must read back as JSON
+        raise UsageError("the conversation holds a number that is not finite (NaN or infinity)") from None
     return row
 
 

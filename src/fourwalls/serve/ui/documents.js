@@ -112,7 +112,7 @@ export function setupDocuments(state, { changed, fail }) {
           bar.value = Math.round(f * 90); // the last tenth: the server reading and indexing it
           if (f === 1) status.textContent = "indexing";
         });
-        done(`${r.status}: ${r.chunks} chunks`, true);
+        done(`${r.status}: ${r.chunks} ${r.chunks === 1 ? "chunk" : "chunks"}`, true);
       } catch (e) {
         done(`not uploaded: ${e.message}`, false);
       }
