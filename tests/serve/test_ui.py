@@ -179,7 +179,7 @@ def test_sign_in_stream_stop_regenerate_edit_and_reload(tab, server, shots):
     refused.wait_for()
     assert refused.inner_text() == "This key was refused: invalid API key."  # a message, not a blank page
     assert page.locator("#app").is_hidden()
-    page.screenshot(path=shots / "sign-in-refused.png")
+    page.screenshot(path=shots / "sign-in-refused.png", animations="disabled")
     page.get_by_label("API key").fill(ALICE)
     page.get_by_label("API key").press("Enter")
     page.locator("#app").wait_for(state="visible")
@@ -218,7 +218,7 @@ def test_sign_in_stream_stop_regenerate_edit_and_reload(tab, server, shots):
     kept = stopped.locator(".content").inner_text()
     assert len(kept.strip()) > 20
     assert engine_idle(server), "the stopped answer still runs in the engine"
-    page.screenshot(path=shots / "chat-stopped-light.png")
+    page.screenshot(path=shots / "chat-stopped-light.png", animations="disabled")
 
     # Regenerate the last answer, then edit and resend the last question.
     t.settings(max_tokens=6)
@@ -315,7 +315,7 @@ def test_rag_answer_cites_sources_that_open_their_quoted_chunk(tab, server, shot
     dialog.wait_for(state="visible")
     assert "Every employee gets 25 vacation days per year." in page.locator("#citation-text").inner_text()
     assert page.locator("#citation-where").inner_text() == "holidays.md · Holidays"
-    page.screenshot(path=shots / "citation-light.png")
+    page.screenshot(path=shots / "citation-light.png", animations="disabled")
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
 
@@ -399,7 +399,7 @@ def test_admin_uploads_several_files_with_progress_and_an_error_per_file(tab, se
                                     f"(--max-body-bytes {BODY_LIMIT})")  # (65536 - 4096) * 3/4: base64 in JSON
     assert page.locator("#uploads li.ok progress").get_attribute("value") == "100"
     page.locator("#doc-rows td", has_text="onboarding.md").wait_for()
-    page.screenshot(path=shots / "documents-upload-light.png")
+    page.screenshot(path=shots / "documents-upload-light.png", animations="disabled")
 
     # Drag and drop: a file dropped on the zone goes in the same way.
     page.evaluate("""() => {
@@ -512,7 +512,7 @@ def test_admin_view_shows_the_model_metrics_and_loads_and_unloads_an_adapter(tab
     page.locator("#load-status", has_text="loaded zero (sha256-").wait_for(timeout=TIMEOUT)
     digest = server.state.engine.adapters["zero"].digest
     page.locator("#admin-adapters td", has_text=digest).wait_for()
-    page.screenshot(path=shots / "admin-light.png")
+    page.screenshot(path=shots / "admin-light.png", animations="disabled")
     page.keyboard.press("Escape")
     assert "zero (adapter of smollm2-135m-instruct)" in page.locator("#model").inner_text()  # the picker has it
     page.get_by_role("button", name="Admin").click()
@@ -551,7 +551,7 @@ def test_phone_and_wide_layouts_in_both_themes(tab, server, shots, dark):
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert (background == "rgb(22, 26, 25)") == dark  # the theme follows the system's
     assert page.locator("#sidebar").is_visible() and page.locator("#toggle-sidebar").is_hidden()
-    page.screenshot(path=shots / f"chat-wide-{theme}.png")
+    page.screenshot(path=shots / f"chat-wide-{theme}.png", animations="disabled")
 
     phone = tab(width=390, height=844, dark=dark)
     phone.sign_in(ALICE)
@@ -562,13 +562,19 @@ def test_phone_and_wide_layouts_in_both_themes(tab, server, shots, dark):
     page.get_by_role("button", name="Conversations").click()
     link = page.locator("#conversations a", has_text="Vacation policy").first
     link.wait_for(state="visible")
-    page.screenshot(path=shots / f"phone-sidebar-{theme}.png")
+    page.screenshot(path=shots / f"phone-sidebar-{theme}.png", animations="disabled")
+    page.keyboard.press("Escape")  # Esc, or a tap beside it, puts the list away
+    page.wait_for_function("() => !document.body.classList.contains('sidebar-open')")
+    page.get_by_role("button", name="Conversations").click()
+    page.mouse.click(370, 400)
+    page.wait_for_function("() => !document.body.classList.contains('sidebar-open')")
+    page.get_by_role("button", name="Conversations").click()
     link.click()
     page.locator(".message.assistant").first.wait_for()
     page.wait_for_function("() => !document.body.classList.contains('sidebar-open')")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.get_by_label("Message", exact=True).wait_for(state="visible")
-    page.screenshot(path=shots / f"phone-chat-{theme}.png")
+    page.screenshot(path=shots / f"phone-chat-{theme}.png", animations="disabled")
 
 
 # --- a server that goes away ----------------------------------------------------------------------------------------
@@ -612,7 +618,7 @@ def test_a_server_that_goes_away_mid_stream_shows_an_error_and_keeps_the_text(br
         assert len(page.locator(".message.assistant .content").inner_text().strip()) > 20  # what arrived is kept
         assert page.locator("#send").is_visible()
         page.locator("#notice", has_text="This conversation was not saved").wait_for()
-        page.screenshot(path=shots / "server-gone-light.png")
+        page.screenshot(path=shots / "server-gone-light.png", animations="disabled")
         t.close()
     finally:
         if proc.poll() is None:

@@ -5,9 +5,9 @@ last user message is the question; ``rag.answer.ground`` retrieves for it, among
 and returns the conversation with the relevant chunks as numbered sources in place of its system message (earlier
 turns are kept), together with those sources. The response carries a top-level ``citations`` list: ``{"index",
 "source", "title", "heading", "page", "span", "score", "similarity", "text", "cited"}``, ``text`` the quoted chunk,
-``cited`` when an answer cites ``[index]``. When streaming, the citations come in the first chunk's top-level ``citations`` field, all with
-``cited: false`` (the text is not known yet). When no chunk is relevant, no model runs: the answer is
-``answer.NO_ANSWER``, with ``citations: []`` and zero usage.
+``cited`` when an answer cites ``[index]``. When streaming, the citations come in the first chunk's top-level
+``citations`` field, all with ``cited: false`` (the text is not known yet). When no chunk is relevant, no model
+runs: the answer is ``answer.NO_ANSWER``, with ``citations: []`` and zero usage.
 """
 
 from __future__ import annotations

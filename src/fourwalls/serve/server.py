@@ -91,16 +91,17 @@ def serve(cfg: ServeConfig) -> None:
     """Serve ``cfg.model`` until SIGTERM (drain, then exit) or Ctrl-C."""
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines; protect it with --api-keys", cfg.host)
-    state = build_state(cfg)
-    config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
-                            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
     missing = [name for name in UI_LIBRARIES if not (UI / name).is_file()]
     if missing:
         print(f"fourwalls: the web page's libraries are missing ({', '.join(missing)} under {UI}); "
               "scripts/build-ui fetches them (make run does)", file=sys.stderr)
+    state = build_state(cfg)
+    config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
+                            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"fourwalls: serving {state.lm.name}; web chat at http://{host}:{cfg.port}/ , API at "
-          f"http://{host}:{cfg.port}/v1 (documented at /docs)", file=sys.stderr, flush=True)
+    url = f"http://{host}:{cfg.port}"
+    print(f"fourwalls: serving {state.lm.name}: web chat at {url}/ and API at {url}/v1 (documented at {url}/docs)",
+          file=sys.stderr, flush=True)
     try:
         _Server(config, state, cfg.drain_timeout).run()
     finally:

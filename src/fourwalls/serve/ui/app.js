@@ -348,11 +348,15 @@ function wire() {
     }
   });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && state.busy && !document.querySelector("dialog[open]")) {
+    if (e.key !== "Escape" || document.querySelector("dialog[open]")) return;
+    if (state.busy) {
       e.preventDefault();
       stop();
+    } else {
+      toggleSidebar(false);
     }
   });
+  $("#scrim").addEventListener("click", () => toggleSidebar(false));
   $("#stop").addEventListener("click", stop);
   $("#new-chat").addEventListener("click", () => {
     if (location.hash) location.hash = "";
