@@ -85,8 +85,9 @@ class Caller:
         if self.key is not None and not self.key.admin:
             raise ForbiddenError(f"{what} needs an admin API key")
 
-    def admit(self, prompt_tokens: int) -> None:
-        """Count a request against the key's budgets, or raise RateLimitError saying when to retry."""
+    def admit(self, prompt_tokens: int, *, count: bool = True) -> None:
+        """Count a request against the key's budgets, or raise RateLimitError saying when to retry; ``count=False``
+        only checks (before work whose size is not known yet, such as the retrieval of a RAG chat)."""
         k = self.key
         if k is None:
             return
@@ -103,7 +104,8 @@ class Caller:
                 oldest = k.tokens[0][0] if k.tokens else now
                 raise RateLimitError(f"token limit of {k.tpm} per minute reached ({used} used, this prompt has "
                                      f"{prompt_tokens})", _retry(now, oldest))
-            k.requests.append(now)
+            if count:
+                k.requests.append(now)
 
     def spend(self, tokens: int) -> None:
         """Charge the tokens a request used (prompt and completion) to the key's per-minute budget."""

@@ -34,15 +34,12 @@ from fastapi import APIRouter
 from fourwalls.errors import FormatError, FourwallsError, NotFoundError, UsageError
 from fourwalls.rag.ingest import Item, ingest
 from fourwalls.rag.loaders import SUFFIXES, Document, load, load_text
-from fourwalls.rag.stores import Collection, DocumentInfo, DocumentStore
+from fourwalls.rag.stores import Collection, DocumentStore
 from fourwalls.serve.common import CurrentCaller, State
 from fourwalls.serve.schemas import CollectionCreate, DocumentUpload, SearchRequest
+from fourwalls.serve.state import readable
 
 router = APIRouter()
-
-
-def _visible(doc: DocumentInfo, groups: set[str] | None) -> bool:
-    return groups is None or not doc.groups or bool(groups.intersection(doc.groups))
 
 
 def _unix(stamp: str) -> int | str:
@@ -58,7 +55,7 @@ def _collection_object(store: DocumentStore, c: Collection, groups: set[str] | N
            "chunks": c.chunks, "created": _unix(c.created)}
     if groups is None and not with_documents:
         return out
-    docs = [d for d in store.documents(c.name) if _visible(d, groups)]
+    docs = [d for d in store.documents(c.name) if readable(d, groups)]
     out["documents"], out["chunks"] = len(docs), sum(d.chunks for d in docs)  # what this caller may read
     if with_documents:  # the documents themselves instead of their number
         out["documents"] = [{"source": d.source, "title": d.title, "groups": d.groups, "meta": d.meta,
@@ -71,12 +68,14 @@ def _collection_object(store: DocumentStore, c: Collection, groups: set[str] | N
 
 @router.get("/v1/collections")
 async def list_collections(state: State, caller: CurrentCaller) -> Any:
-    """Every collection, with the number of documents and chunks the API key may read."""
+    """The collections in which the API key may read a document, with the number of documents and chunks it may
+    read."""
     rag, groups = state.rag, caller.groups
 
     def work() -> list[dict]:
         store = rag.store
-        return [_collection_object(store, c, groups) for c in store.collections()]
+        found = [_collection_object(store, c, groups) for c in store.collections()]
+        return [c for c in found if groups is None or c["documents"]]
 
     return {"object": "list", "data": await asyncio.to_thread(work)}
 
@@ -107,7 +106,7 @@ async def get_collection(name: str, state: State, caller: CurrentCaller) -> Any:
     rag, groups = state.rag, caller.groups
 
     def work() -> dict:
-        return _collection_object(rag.store, rag.collection(name), groups, with_documents=True)
+        return _collection_object(rag.store, rag.collection(name, groups), groups, with_documents=True)
 
     return await asyncio.to_thread(work)
 
@@ -229,8 +228,8 @@ async def search(name: str, body: SearchRequest, state: State, caller: CurrentCa
     rag, groups = state.rag, caller.groups
 
     def work() -> list[dict]:
-        rag.collection(name)
-        hits = rag.retriever().search(name, body.query, body.top_k, body.mode, groups, body.where)
+        rag.collection(name, groups)
+        hits = rag.retriever(caller).search(name, body.query, body.top_k, body.mode, groups, body.where)
         return [h.citation() | {"text": h.text} for h in hits]
 
     return {"object": "list", "data": await asyncio.to_thread(work)}

@@ -14,12 +14,13 @@ import uvicorn
 
 from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
-from fourwalls.errors import UsageError
+from fourwalls.errors import FormatError, UsageError
 from fourwalls.serve.app import create_app
 from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.state import ServerState
-from fourwalls.store import Store
+from fourwalls.store import LoadedModel, Store
+from fourwalls.templates import BUDGET, TemplateSandbox
 
 log = logging.getLogger("fourwalls.serve")
 
@@ -52,10 +53,30 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
         except UsageError as e:
             raise UsageError(f"--adapter {name}={where}: {e}") from None
     grammars = Grammars(lm.tokenizer, lm.config.vocab_size, lm.config.eos_token_ids)
+    templates = TemplateSandbox()
+    check_template(lm, templates)
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
-                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder)
+                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, templates=templates)
     engine.start()
     return state
+
+
+PROBE = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"},
+         {"role": "assistant", "content": "Hello. How can I help?"}, {"role": "user", "content": "Name a colour."}]
+
+
+def check_template(lm: LoadedModel, sandbox: TemplateSandbox) -> None:
+    """Refuse a model whose chat template exceeds its budget on a plain conversation: it would fail every chat
+    request, each after the whole time budget."""
+    if not lm.tokenizer.chat_template:
+        return
+    try:
+        lm.tokenizer.apply_chat_template(PROBE, sandbox=sandbox)
+    except UsageError as e:
+        if e.code == BUDGET:
+            raise FormatError(f"model '{lm.name}' is refused: on a plain four-message conversation {e}; fix its "
+                              "chat template (tokenizer_config.json) or import another model") from None
+        # A template may refuse system messages or this order of turns: its budget is all that is checked here.
 
 
 class _Server(uvicorn.Server):
