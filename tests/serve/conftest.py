@@ -56,6 +56,7 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.state.engine.stop()
+        self.state.templates.close()
 
 
 @pytest.fixture(scope="session")

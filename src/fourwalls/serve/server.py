@@ -14,7 +14,7 @@ import uvicorn
 
 from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
-from fourwalls.errors import FormatError, UsageError
+from fourwalls.errors import FormatError, OverloadedError, UsageError
 from fourwalls.serve.app import create_app
 from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
@@ -81,11 +81,13 @@ def check_template(lm: LoadedModel, sandbox: TemplateSandbox) -> None:
 
 class _Server(uvicorn.Server):
     """uvicorn, except that SIGTERM drains first: /readyz and new requests get 503 while the requests in
-    flight finish (up to the drain timeout), then the server exits with status 0."""
+    flight finish, up to the drain timeout. Those still unfinished then are cut: each gets a 503 (a stream, an
+    error event before [DONE]) and one line in the log, and the server exits with status 1 instead of 0."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
         super().__init__(config)
         self.fw_state, self.drain_timeout = state, drain_timeout
+        self.cut = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM or self.fw_state.draining:
@@ -100,19 +102,33 @@ class _Server(uvicorn.Server):
         log.info("draining: %d running, %d waiting", engine.num_running, engine.num_waiting)
         while (engine.num_running or engine.num_waiting) and time.monotonic() < deadline:
             time.sleep(0.05)
+        cut = engine.abort(OverloadedError(f"the server stopped before this request finished (drain timeout "
+                                           f"{self.drain_timeout:g} s); retry on another replica"))
+        for r in cut:
+            log.warning("drain timeout: cut a request after %d of its %d tokens", r.generated,
+                        r.params.max_new_tokens)
+        self.cut = len(cut)
+        while engine.num_running and time.monotonic() < deadline + 5:  # the engine frees them at its next step
+            time.sleep(0.05)
         time.sleep(0.2)  # let the last responses flush
         self.should_exit = True
 
 
-def serve(cfg: ServeConfig) -> None:
-    """Serve ``cfg.model`` until SIGTERM (drain, then exit) or Ctrl-C."""
+def serve(cfg: ServeConfig) -> int:
+    """Serve ``cfg.model`` until SIGTERM (drain, then exit) or Ctrl-C; the exit status: 1 if a drain had to cut
+    requests, else 0."""
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines; protect it with --api-keys", cfg.host)
     state = build_state(cfg)
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
+    server = _Server(config, state, cfg.drain_timeout)
     try:
-        _Server(config, state, cfg.drain_timeout).run()
+        server.run()
     finally:
         state.engine.stop()
         state.rag.close()
+        state.templates.close()
+    if server.cut:
+        log.error("drain timeout: %d request(s) cut; exiting with status 1", server.cut)
+    return 1 if server.cut else 0
