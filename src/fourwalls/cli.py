@@ -517,6 +517,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:
+        from fourwalls.files import disk_full
+
+        if not disk_full(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"fourwalls: error: the disk is full{where}; free some space and try again", file=sys.stderr)
+        return 2
     return status or 0
 
 

@@ -482,3 +482,20 @@ def test_common_terms_only_add_to_rare_matches(store):
     hits = store.search_text("c", "robot zebra", 10)
     assert [h.text for h in hits] == ["robot zebra", "zebra crossing"]  # both terms beat one; fillers not matched
     assert len(store.search_text("c", "robot", 10)) == 10  # a query of common terms alone still matches on them
+
+
+def test_a_full_disk_on_the_postgresql_server_is_one_error_and_writes_nothing(pg, monkeypatch):
+    import psycopg
+
+    from fourwalls.errors import DiskFullError
+
+    pg.create_collection("c", "e", DIM)
+    put(pg, "c", "a.md", ["kept"], unit(1, 1))
+
+    def full(*a, **kw):
+        raise psycopg.errors.DiskFull('could not extend file "base/16384/16400": No space left on device')
+
+    monkeypatch.setattr(pg, "_insert_vectors", full)
+    with pytest.raises(DiskFullError, match="disk is full on the PostgreSQL server"):
+        put(pg, "c", "b.md", ["lost"], unit(2, 1))
+    assert sources(pg.documents("c")) == ["a.md"] and pg.collection("c").chunks == 1

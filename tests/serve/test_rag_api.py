@@ -492,3 +492,21 @@ def test_the_embedder_is_a_model_the_key_must_be_allowed_everywhere_it_runs(serv
     assert call(server, "POST", "/v1/embeddings", "sk-both", json=embed).status_code == 200
     assert search(server, "vacation", "sk-both")
     assert chat(server, "How many vacation days do employees get?", "sk-both").status_code == 200
+
+
+def test_an_upload_onto_a_full_disk_is_a_507_and_the_store_stays_whole(server, session_store, small_disk):
+    disk = small_disk(1024)  # the schema fits; a document's vectors do not (sqlite-vec allocates 1.5 MB at once)
+    live = LiveServer(ServeConfig("tiny-rag", port=free_port(), rag_store=str(disk / "rag.db"),
+                                  engine=EngineConfig(max_batch=1, max_len=256)), session_store)
+    try:
+        assert call(live, "POST", "/v1/collections", key=None, json={"name": "c"}).status_code == 201
+        doc = {"source": "leave.md", "text": "Parental leave is 16 weeks at full pay."}
+        r = call(live, "POST", "/v1/collections/c/documents", key=None, json=doc)
+        err = error(r, 507)
+        assert err["code"] == "disk_full" and "disk is full" in err["message"] and r.headers["connection"] == "close"
+        assert call(live, "GET", "/v1/collections/c", key=None).json()["documents"] == []
+        small_disk.grow(disk, 64 * 1024)
+        r = call(live, "POST", "/v1/collections/c/documents", key=None, json=doc)
+        assert r.status_code == 200 and r.json()["status"] == "added", r.text
+    finally:
+        live.close()

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from fourwalls.errors import FourwallsError
+from fourwalls.files import disk_full
 from fourwalls.serve import embeddings, openai, rag
 from fourwalls.serve.common import error_from, error_response
 from fourwalls.serve.state import ServerState
@@ -92,6 +93,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def crash(_: Request, e: Exception) -> Response:
+        if disk_full(e):  # a write that does not say so itself
+            return error_response(507, "the disk is full on the server; free some space there and try again",
+                                  code="disk_full")
         return error_response(500, f"internal error ({type(e).__name__})")
 
     return Gate(app, state)  # type: ignore[return-value]

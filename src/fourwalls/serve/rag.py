@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from fourwalls.errors import FormatError, FourwallsError, NotFoundError, UsageError
+from fourwalls.files import writing
 from fourwalls.rag.ingest import Item, ingest
 from fourwalls.rag.loaders import SUFFIXES, Document, load, load_text
 from fourwalls.rag.stores import Collection, DocumentStore
@@ -132,7 +133,8 @@ async def delete_collection(name: str, state: State, caller: CurrentCaller) -> A
 def _load_file(source: str, data: bytes, title: str | None) -> Document:
     """Parse an upload with the loader of its source's suffix, from a private temporary file."""
     stem = f"upload-{uuid.uuid4().hex}"
-    with tempfile.TemporaryDirectory(prefix="fourwalls-upload-") as tmp:
+    with writing(Path(tempfile.gettempdir()), "the uploaded file", len(data)), \
+            tempfile.TemporaryDirectory(prefix="fourwalls-upload-") as tmp:
         path = Path(tmp) / (stem + Path(source).suffix.lower())
         path.write_bytes(data)
         try:

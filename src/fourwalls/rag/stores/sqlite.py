@@ -22,7 +22,8 @@ import apsw
 import numpy as np
 import sqlite_vec
 
-from fourwalls.errors import FormatError, NotFoundError, OverloadedError, UsageError
+from fourwalls.errors import DiskFullError, FormatError, NotFoundError, OverloadedError, UsageError
+from fourwalls.files import full_message
 from fourwalls.rag.stores.base import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
 
 SCHEMA = """
@@ -76,6 +77,8 @@ class SqliteStore:
             self.db.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON")
             with self._write():
                 self.db.execute(SCHEMA)
+        except apsw.FullError:
+            raise DiskFullError(full_message(self.path.parent, f"the document store {self.path.name}")) from None
         except apsw.Error as e:
             raise FormatError(f"cannot open the document store {self.path}: {e}") from None
 
@@ -102,17 +105,24 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        """One write transaction, taking the write lock up front (a deferred one could not upgrade under WAL)."""
+        """One write transaction, taking the write lock up front (a deferred one could not upgrade under WAL). A
+        full disk is a DiskFullError, and the transaction is undone."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except apsw.BusyError:
             raise OverloadedError(f"the document store {self.path} is locked by another writer; retry") from None
+        except apsw.FullError:
+            raise DiskFullError(full_message(self.path.parent, f"the document store {self.path.name}")) from None
         try:
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as e:
+            if self.db.in_transaction:  # SQLite has already rolled back after some errors, a full disk among them
+                self.db.execute("ROLLBACK")
+            if isinstance(e, apsw.FullError):
+                raise DiskFullError(full_message(self.path.parent, f"the document store {self.path.name}")) \
+                    from None
             raise
-        self.db.execute("COMMIT")
 
     # collections
 
