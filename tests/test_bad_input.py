@@ -228,3 +228,32 @@ def test_a_checkpoint_onto_a_full_disk_says_so_and_keeps_the_last_one(small_disk
         checkpoint.save(folder, 2, {"w": torch.zeros(100_000)}, {}, {})
     assert e.value.http_status == 507 and checkpoint.latest(folder)[1] == 1
     assert [p.name for p in folder.iterdir()] == ["step-00000001"]
+
+
+# --- model files that lie (issue 22.8) ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_folder(tiny, tmp_path) -> Path:
+    folder = tmp_path / "hf"
+    cfg, state, tok = read_checkpoint(tiny)
+    write_hf(folder, cfg, state, tok)
+    return folder
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_import_with_a_tokenizer_config_that_is_not_a_json_object(capsys, home, hf_folder, text):
+    (hf_folder / "tokenizer_config.json").write_text(text)
+    line = fails(capsys, home, "models", "import", str(hf_folder), "--name", "m")
+    assert "tokenizer_config.json" in line and "JSON" in line
+
+
+@pytest.mark.parametrize("file,value", [("generation_config.json", "abc"), ("generation_config.json", [2, "x"]),
+                                        ("generation_config.json", 10**9), ("generation_config.json", True),
+                                        ("config.json", "abc")])
+def test_import_with_an_eos_token_id_that_is_no_token(capsys, home, hf_folder, file, value):
+    data = json.loads((hf_folder / file).read_text())
+    data["eos_token_id"] = value
+    (hf_folder / file).write_text(json.dumps(data))
+    line = fails(capsys, home, "models", "import", str(hf_folder), "--name", "m")
+    assert file in line and "eos_token_id" in line and repr(value)[:20] in line

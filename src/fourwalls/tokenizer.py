@@ -108,7 +108,12 @@ class Tokenizer:
             raise FormatError(f"{path} is not a valid tokenizer file ({e})") from None
         cfg: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
-            cfg = json.loads((folder / "tokenizer_config.json").read_text())
+            try:
+                cfg = json.loads((folder / "tokenizer_config.json").read_text())
+            except ValueError as e:
+                raise FormatError(f"{folder / 'tokenizer_config.json'} is not valid JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise FormatError(f"{folder / 'tokenizer_config.json'} is not a JSON object")
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
