@@ -94,3 +94,14 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return "sha256-" + h.hexdigest()
+
+
+def folder_digest(folder: Path, names: list[str] | None = None) -> str:
+    """``sha256-<hex>`` over the names and contents of a folder's files (``names``, or all but manifest.json): two
+    folders that differ in any of them differ in digest."""
+    files = sorted(f for f in Path(folder).iterdir() if f.is_file() and
+                   (f.name in names if names is not None else f.name != "manifest.json"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return "sha256-" + h.hexdigest()
