@@ -271,7 +271,8 @@ class PostgresStore:
         allowed = self._allowed(cid, groups, where)
         if tsquery is None or allowed == []:
             return []
-        common = self._common(cid, terms) if len(terms) > 1 else set()
+        common = set() if len(terms) < 2 else self._common(cid, terms) if groups is None else \
+            self._common_among(cid, terms, self._allowed(cid, groups, None) or [])
         rare = self.conn.execute(TSQUERY, ([t for t in terms if t not in common],)).fetchone()[0] if common else None
         only = "" if allowed is None else "AND doc = ANY(%(allowed)s::bigint[])"
         rows = self.conn.execute(
@@ -297,6 +298,18 @@ class PostgresStore:
         rows = self.conn.execute("SELECT t, tsvector_to_array(to_tsvector('english', t)) FROM unnest(%s::text[]) t",
                                  (terms,))
         return {t for t, lex in rows if lex and set(lex) <= lexemes}
+
+    def _common_among(self, cid: int, terms: list[str], readable: list[int]) -> set[str]:
+        """The common terms for a caller who reads only the ``readable`` documents, counted among their chunks: the
+        planner's statistics cover the documents it cannot read too, and would let them change its matches."""
+        chunks = self.conn.execute("SELECT coalesce(sum(chunks), 0) FROM fw_documents WHERE id = ANY(%s::bigint[])",
+                                   (readable,)).fetchone()[0]
+        if chunks < 1000:  # as in the SQLite store: matching every term is cheap in a small collection
+            return set()
+        rows = self.conn.execute(
+            f"SELECT t, (SELECT count(*) FROM fw_vec_{cid} WHERE tsv @@ plainto_tsquery('english', t) AND "
+            "doc = ANY(%s::bigint[])) FROM unnest(%s::text[]) t", (readable, terms))
+        return {t for t, n in rows if n > chunks * COMMON}
 
     def search_vector(self, collection: str, vector: np.ndarray, k: int, groups: set[str] | None = None,
                       where: dict[str, str] | None = None) -> list[Hit]:
