@@ -9,7 +9,7 @@ The file::
                "admin": false, "rpm": 60, "tpm": 20000, "groups": ["hr", "eng"]}]}
 
 ``models`` lists the models and adapters the key may use ("*": all), the embedder's name included for
-/v1/embeddings; ``rpm``/``tpm`` are requests and tokens (prompt + completion) per minute, absent or null for no
+/v1/embeddings, search and RAG chat, which all run it; ``rpm``/``tpm`` are requests and tokens (prompt + completion) per minute, absent or null for no
 limit; ``admin`` allows loading and unloading adapters and writing document collections (creating and deleting
 collections, uploading and deleting documents).
 

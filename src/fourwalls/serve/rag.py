@@ -13,7 +13,9 @@ collections' embedder (see ``embeddings``).
 
 Access: with API keys on, writes need an admin key, and every read (search, a collection's document list and
 counts) sees only the documents of the caller's groups plus those with no groups; the groups go into the searches
-themselves, so the top k is cut after them (see ``caller``). Blocking work runs in worker threads; the store is
+themselves, so the top k is cut after them, and so do the term statistics of BM25 (see ``caller``). A collection in
+which the caller may read no document is neither listed nor found (404). Searching runs the embedder: the key must
+be allowed to use it, as for /v1/embeddings. Blocking work runs in worker threads; the store is
 shared by them under ``RagService.lock``, and ``RagService.writes`` keeps whole writes from interleaving.
 """
 
