@@ -9,9 +9,9 @@ The file::
                "admin": false, "rpm": 60, "tpm": 20000, "groups": ["hr", "eng"]}]}
 
 ``models`` lists the models and adapters the key may use ("*": all), the embedder's name included for
-/v1/embeddings, search and RAG chat, which all run it; ``rpm``/``tpm`` are requests and tokens (prompt + completion) per minute, absent or null for no
-limit; ``admin`` allows loading and unloading adapters and writing document collections (creating and deleting
-collections, uploading and deleting documents).
+/v1/embeddings, search and RAG chat, which all run it; ``rpm``/``tpm`` are requests and tokens (prompt +
+completion) per minute, absent or null for no limit; ``admin`` allows loading and unloading adapters and writing
+document collections (creating and deleting collections, uploading and deleting documents).
 
 ``groups`` scopes what the key may read from document collections (search, RAG chat, document lists): documents
 of those groups, plus the documents that have no groups (readable by every key). ``["*"]`` reads every group.
@@ -72,6 +72,11 @@ class Caller:
             return None if k.admin else set()
         return None if "*" in k.groups else set(k.groups)
 
+    @property
+    def admin(self) -> bool:
+        """May load adapters and write document collections (anyone may, without keys)."""
+        return self.key is None or self.key.admin
+
     def may_use(self, model: str) -> bool:
         return self.key is None or "*" in self.key.models or model in self.key.models
 
@@ -82,7 +87,7 @@ class Caller:
 
     def require_admin(self, what: str) -> None:
         """ForbiddenError unless the caller is an admin; ``what`` names the action in the message."""
-        if self.key is not None and not self.key.admin:
+        if not self.admin:
             raise ForbiddenError(f"{what} needs an admin API key")
 
     def admit(self, prompt_tokens: int, *, count: bool = True) -> None:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from fourwalls.engine import Engine, Request
@@ -15,8 +16,9 @@ from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import FourwallsError, NotFoundError
 from fourwalls.generate import Delta
 from fourwalls.serve.caller import Caller, KeyRing
+from fourwalls.serve.conversation_store import ConversationStore
 from fourwalls.serve.metrics import Metrics
-from fourwalls.store import LoadedModel, Store
+from fourwalls.store import LoadedModel, Store, home
 from fourwalls.templates import TemplateSandbox
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
     from fourwalls.rag.embed import Embedder
     from fourwalls.rag.retrieve import Retriever
-    from fourwalls.rag.stores import Collection, DocumentInfo, DocumentStore
+    from fourwalls.rag.stores import Collection, DocumentStore
 
 
 class _LockedStore:
@@ -90,7 +92,7 @@ class RagService:
         collection in which they may read no document is a 404 too: its name is not theirs to know."""
         try:
             c = self.store.collection(name)
-            if groups is not None and not any(readable(d, groups) for d in self.store.documents(name)):
+            if groups is not None and not any(d.readable(groups) for d in self.store.documents(name)):
                 raise NotFoundError(name)
             return c
         except NotFoundError:
@@ -102,11 +104,6 @@ class RagService:
             if self._store is not None:
                 self._store.close()
                 self._store = None
-
-
-def readable(doc: DocumentInfo, groups: set[str] | None) -> bool:
-    """Whether a caller of ``groups`` (None: all) may read ``doc``: it has no groups, or one of theirs."""
-    return groups is None or not doc.groups or bool(groups.intersection(doc.groups))
 
 
 @dataclass
@@ -125,16 +122,36 @@ class ServerState:
     rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
     embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
     templates: TemplateSandbox = field(default_factory=TemplateSandbox)  # renders the model's chat template
+    conversations_path: Path = field(default_factory=lambda: home() / "conversations.db")
     _rag: RagService | None = field(default=None, repr=False)
-    _rag_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _conversations: ConversationStore | None = field(default=None, repr=False)
 
     @property
     def rag(self) -> RagService:
         """The RAG service, created on first use (nothing is opened or loaded until a RAG route needs it)."""
-        with self._rag_lock:
+        with self._opening:
             if self._rag is None:
                 self._rag = RagService(self.rag_store, self.embedder_folder)
             return self._rag
+
+    @property
+    def conversations(self) -> ConversationStore:
+        """The saved conversations, opened on first use."""
+        with self._opening:
+            if self._conversations is None:
+                self._conversations = ConversationStore(self.conversations_path)
+            return self._conversations
+
+    def close(self) -> None:
+        """Close the stores that were opened and the template sandbox's children."""
+        self.templates.close()
+        with self._opening:
+            if self._rag is not None:
+                self._rag.close()
+            if self._conversations is not None:
+                self._conversations.close()
+                self._conversations = None
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a request's ``model`` names (None: the base model); 404 for anything else."""
