@@ -75,7 +75,7 @@ class Server:
         self.server.should_exit = True
         time.sleep(0.5)
         self.state.engine.stop()
-        self.state.templates.close()
+        self.state.close()
 
 
 class Client:

@@ -45,10 +45,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def disk_full(e: BaseException) -> bool:
     """Whether ``e`` says that a disk or a quota is full: an OSError, or a library's error that wraps one
-    (safetensors' SafetensorError, apsw's FullError, psycopg's DiskFull)."""
+    (safetensors' SafetensorError, apsw's FullError, sqlite3's SQLITE_FULL, psycopg's DiskFull)."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    if type(e).__name__ in ("FullError", "DiskFull"):
+    if type(e).__name__ in ("FullError", "DiskFull") or getattr(e, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
         return True
     return any(s in str(e) for s in ("No space left on device", "Disk quota exceeded", "os error 28"))
 
