@@ -38,6 +38,12 @@ def start(port: int, home: Path, *args: str) -> subprocess.Popen:
         time.sleep(0.2)
 
 
+def read_stream(url: str, body: dict, lines: list[str]) -> None:
+    """POST a streamed completion, appending its ``data:`` lines to ``lines`` as they come."""
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        lines.extend(ln for ln in r.iter_lines() if ln.startswith("data:"))
+
+
 def test_sigterm_drains_then_exits_0(session_store):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -46,12 +52,7 @@ def test_sigterm_drains_then_exits_0(session_store):
         stream_lines: list[str] = []
         body = {"model": DEFAULT_MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 60, "temperature": 0,
                 "stream": True}
-
-        def consume():
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                stream_lines.extend(ln for ln in r.iter_lines() if ln.startswith("data:"))
-
-        reader = threading.Thread(target=consume)
+        reader = threading.Thread(target=read_stream, args=(url, body, stream_lines))
         reader.start()
         while not stream_lines:
             time.sleep(0.02)
@@ -78,12 +79,7 @@ def test_a_drain_that_times_out_cuts_with_an_error_logs_each_and_exits_1(session
         stream_lines: list[str] = []
         whole: list[httpx.Response] = []
         body = {"model": DEFAULT_MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 480, "ignore_eos": True}
-
-        def consume():
-            with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
-                stream_lines.extend(ln for ln in r.iter_lines() if ln.startswith("data:"))
-
-        readers = [threading.Thread(target=consume),
+        readers = [threading.Thread(target=read_stream, args=(url, {**body, "stream": True}, stream_lines)),
                    threading.Thread(target=lambda: whole.append(httpx.post(f"{url}/v1/completions", json=body,
                                                                            timeout=120)))]
         for t in readers:

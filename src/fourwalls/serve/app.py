@@ -156,6 +156,7 @@ class Gate:
                     headers.append("connection", "close")  # an error: a client must not send the next request on it
             await send(message)
 
+        self.state.in_flight += 1
         try:
             if self.state.draining and path.startswith("/v1/"):
                 await error_response(503, "the server is draining; retry on another replica",
@@ -177,6 +178,7 @@ class Gate:
                 receive = _replay(body, receive)
             await self.app(scope, receive, stamped)
         finally:
+            self.state.in_flight -= 1
             self.state.metrics.requests.labels(route_label(path), str(status[0])).inc()
 
     async def _read_body(self, receive: Receive) -> bytes | None:

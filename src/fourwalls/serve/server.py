@@ -116,9 +116,10 @@ class _Server(uvicorn.Server):
             log.warning("drain timeout: cut a request after %d of its %d tokens", r.generated,
                         r.params.max_new_tokens)
         self.cut = len(cut)
-        while engine.num_running and time.monotonic() < deadline + 5:  # the engine frees them at its next step
+        # The engine frees the cut rows at its next step; their responses then end with the error. uvicorn's own
+        # shutdown would cancel a response still being written, so wait until every one is sent.
+        while (engine.num_running or self.fw_state.in_flight) and time.monotonic() < deadline + 5:
             time.sleep(0.05)
-        time.sleep(0.2)  # let the last responses flush
         self.should_exit = True
 
 

@@ -118,6 +118,7 @@ class ServerState:
     log_requests: bool = False
     stall_timeout: float = 30.0
     draining: bool = False
+    in_flight: int = 0  # HTTP requests whose response is not yet sent (a drain waits for them)
     created: int = field(default_factory=lambda: int(time.time()))
     rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
     embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
