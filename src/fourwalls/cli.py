@@ -274,9 +274,11 @@ def cmd_align(args: argparse.Namespace) -> None:
     if ref is None:  # a torchrun worker other than rank 0
         return
     run_dir = args.run_dir or Store().root / "runs" / args.name
-    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps; held out: reward accuracy "
-          f"{result['val_reward_accuracy']:.2f}, margin {result['val_reward_margin']:.3f}, loss "
-          f"{result['val_loss']:.4f}; curves in {run_dir}/loss.png")
+    held_out = ", ".join(f"{label} {result[key]:{form}}" for key, label, form in [
+        ("val_reward_accuracy", "reward accuracy", ".2f"), ("val_reward_margin", "margin", ".3f"),
+        ("val_loss", "loss", ".4f")] if key in result)  # KTO: no margin when the held-out answers share a label
+    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps; held out: {held_out}; "
+          f"curves in {run_dir}/loss.png")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:

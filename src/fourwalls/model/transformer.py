@@ -226,11 +226,15 @@ class Transformer(nn.Module):
             return self.lm_head(self.norm(x))
         h, flat = self.norm(x).flatten(0, 1), targets.flatten()
         fused = type(self.lm_head) is Linear and not torch.is_autocast_enabled(h.device.type)
-        if log_probs:
+        if log_probs:  # the head runs on the targeted positions only (a preference pair's answers, not its prompt)
+            keep = flat != IGNORE_INDEX
+            h, kept = h[keep], flat[keep]
             if fused:
-                return linear_log_probs(h, self.lm_head.weight, flat).view(targets.shape)
-            logp = F.log_softmax(self.lm_head(h).float(), -1).gather(1, flat.clamp(min=0)[:, None]).squeeze(1)
-            return (logp * (flat != IGNORE_INDEX)).view(targets.shape)
+                logp = linear_log_probs(h, self.lm_head.weight, kept)
+            else:
+                logp = F.log_softmax(self.lm_head(h).float(), -1).gather(1, kept[:, None]).squeeze(1)
+            return torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device).masked_scatter(keep.view(
+                targets.shape), logp)
         if fused:
             return linear_cross_entropy(h, self.lm_head.weight, flat)
         return F.cross_entropy(self.lm_head(h).float(), flat, ignore_index=IGNORE_INDEX)

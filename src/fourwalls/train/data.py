@@ -1,8 +1,9 @@
-"""Training data: JSONL of plain text, Alpaca instructions or OpenAI chats, and plain-text corpora.
+"""Training data: JSONL of plain text, Alpaca instructions or OpenAI chats, plain-text corpora, and preferences
+(chosen/rejected pairs, KTO's labelled answers).
 
 Every example becomes ``input_ids`` plus ``labels`` (the same ids, with -100 wherever no loss is taken: the prompt
-and system/user turns of instruction and chat data). Order is a pure function of (seed, epoch), so a run resumed
-from a checkpoint reads exactly the batches it would have read.
+and system/user turns of instruction and chat data); a preference example is two of those. Order is a pure function
+of (seed, epoch), so a run resumed from a checkpoint reads exactly the batches it would have read.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Example:
 
 @dataclass
 class Dataset:
-    examples: list[Example]
+    examples: list[Any]  # Example; Pair or Labelled for preference data
     shape: str
     digest: str  # sha256 of the source file(s): lineage and resume checks
     stats: dict[str, int] = field(default_factory=dict)

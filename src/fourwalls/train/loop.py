@@ -1,4 +1,5 @@
-"""The one training loop. Pretraining, fine-tuning, distillation and unlearning differ only in data and objective.
+"""The one training loop. Pretraining, fine-tuning, preference tuning, distillation and unlearning differ only in
+data and objective.
 
 Under ``torchrun --nproc-per-node N`` the same loop runs data-parallel (gloo on CPU, NCCL on GPU): every rank takes
 its share of each global batch and only rank 0 writes checkpoints, metrics and plots. The model is replicated (DDP),
