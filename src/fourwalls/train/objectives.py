@@ -138,7 +138,7 @@ def _two(batch: dict[str, Tensor], names: tuple[str, str]) -> tuple[Tensor, Tens
 
 def _tokens(labels: Tensor) -> float:
     """Tokens run for these rows, padding excluded: every sequence ends with its answer."""
-    positions = torch.arange(1, labels.shape[1] + 1)
+    positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
     return float(((labels != IGNORE) * positions).amax(1).sum())
 
 
@@ -217,10 +217,11 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
         b = ids.shape[0] // 2
         ref = _reference(model, batch, ("answer", "mismatched"), ids, labels)
         logps, _ = answer_logps(model, ids[:b], labels[:b])
+        training = torch.is_grad_enabled()  # validation: each rank that runs it sees the whole set
         with torch.no_grad():  # the reference point: no gradient flows through it
             inner = getattr(model, "module", model)
             kl = (answer_logps(inner, ids[b:], labels[b:])[0] - ref[b:]).mean()
-            if dist.is_initialized() and torch.is_grad_enabled():  # training: the global batch's estimate, as TRL's
+            if dist.is_initialized() and training:  # the global batch's estimate, as TRL's
                 dist.all_reduce(kl)
                 kl /= dist.get_world_size()
             kl = kl.clamp(min=0)
