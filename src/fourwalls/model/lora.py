@@ -116,6 +116,7 @@ class LoRALinear(nn.Module):
 
 
 def has_lora(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a LoRALinear."""
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
