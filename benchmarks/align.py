@@ -63,7 +63,7 @@ def worker(impl: str, steps: int) -> dict:
     if impl == "fourwalls":
         from fourwalls.model.lora import LoRAConfig, attach_lora
         from fourwalls.model.native import keep_freed_memory
-        from fourwalls.train.data import load_preferences
+        from fourwalls.train.data import collate, load_preferences
         from fourwalls.train.objectives import preference
 
         keep_freed_memory()  # as fourwalls' training loop does
@@ -78,7 +78,7 @@ def worker(impl: str, steps: int) -> dict:
         attach_lora(model, LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
         objective = preference("dpo", BETA)
         eos = lm.config.eos_token_ids[0]
-        batches = [ds.batch(ds.examples[i:i + BATCH], eos) for i in range(0, len(ds), BATCH)]
+        batches = [collate(ds.examples[i:i + BATCH], eos) for i in range(0, len(ds), BATCH)]
 
         def step(i: int) -> float:
             loss, m = objective(model, batches[i])

@@ -16,8 +16,9 @@ from fourwalls.cli import main
 from fourwalls.errors import FormatError, UsageError
 from fourwalls.store import DEFAULT_MODEL, Store
 from fourwalls.train import checkpoint
-from fourwalls.train.data import IGNORE, load_preferences
+from fourwalls.train.data import IGNORE, Example, collate, load_preferences
 from fourwalls.train.loop import TrainConfig
+from fourwalls.train.objectives import with_paired
 from fourwalls.train.recipes import align
 from tests.test_tokenizer import byte_tokenizer
 from tests.train.test_finetune import tiny_base  # noqa: F401  (a fixture)
@@ -69,14 +70,15 @@ def test_pairs_flat_and_chat_forms_score_only_the_final_answer(tmp_path):
     ])
     ds = load_preferences(path, tok)
     assert ds.shape == "pairs" and ds.stats == {"examples": 2, "bad_lines": 0, "truncated": 0}
-    flat, chat = ds.examples
-    assert answer_text(tok, flat.chosen) == "In the cabinet.<|im_end|>\n"
-    assert answer_text(tok, flat.rejected) == answer_text(tok, chat.rejected) == "Lost.<|im_end|>\n"
-    assert answer_text(tok, chat.chosen) == "In the cabinet.<|im_end|>\n"  # the earlier "Hello!" carries no loss
-    assert tok.decode(flat.chosen.input_ids, False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
-    assert "Hello!" in tok.decode(chat.chosen.input_ids, False)
-    batch = ds.batch(ds.examples, 0)  # chosen and rejected padded to one width: they run as one batch
-    assert batch["chosen_ids"].shape == batch["rejected_ids"].shape and "ref_chosen" not in batch
+    flat, chat = ds.examples  # each the chosen answer, paired with the rejected one
+    assert answer_text(tok, flat) == "In the cabinet.<|im_end|>\n"
+    assert answer_text(tok, flat.paired) == answer_text(tok, chat.paired) == "Lost.<|im_end|>\n"
+    assert answer_text(tok, chat) == "In the cabinet.<|im_end|>\n"  # the earlier "Hello!" carries no loss
+    assert tok.decode(flat.input_ids, False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert "Hello!" in tok.decode(chat.input_ids, False)
+    ids, labels = with_paired(collate(ds.examples, 0))  # chosen then rejected: one batch, one forward
+    assert ids.shape == labels.shape == (4, max(len(e.input_ids) for e in [*ds.examples, flat.paired, chat.paired]))
+    assert answer_text(tok, Example(ids[3].tolist(), labels[3].tolist())) == "Lost.<|im_end|>\n"
 
 
 def test_kto_records_pair_each_prompt_with_the_previous_answer_for_the_kl_term(tmp_path):
@@ -84,10 +86,10 @@ def test_kto_records_pair_each_prompt_with_the_previous_answer_for_the_kl_term(t
     rows = [{"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0} for i in range(3)]
     ds = load_preferences(write_jsonl(tmp_path / "k.jsonl", rows), tok)
     assert ds.shape == "kto" and ds.stats["desirable"] == 2
-    assert [answer_text(tok, e.answer) for e in ds.examples] == [f"A{i}.<|im_end|>\n" for i in range(3)]
-    assert [answer_text(tok, e.mismatched) for e in ds.examples] == [f"A{i}.<|im_end|>\n" for i in (2, 0, 1)]
-    assert "Q1?" in tok.decode(ds.examples[1].mismatched.input_ids, False)
-    assert ds.batch(ds.examples, 0)["desirable"].tolist() == [True, False, True]
+    assert [answer_text(tok, e) for e in ds.examples] == [f"A{i}.<|im_end|>\n" for i in range(3)]
+    assert [answer_text(tok, e.paired) for e in ds.examples] == [f"A{i}.<|im_end|>\n" for i in (2, 0, 1)]
+    assert "Q1?" in tok.decode(ds.examples[1].paired.input_ids, False)
+    assert collate(ds.examples, 0)["desirable"].tolist() == [1.0, 0.0, 1.0]
 
 
 BAD = [

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from fourwalls.model.lora import LoRAConfig, adapters_off, attach_lora
-from fourwalls.train.data import IGNORE, load_preferences
-from fourwalls.train.objectives import preference, reference_logps
+from fourwalls.train.data import IGNORE, collate, load_preferences
+from fourwalls.train.objectives import preference, reference_logps, with_paired
 from tests.conftest import tiny_model
 from tests.test_tokenizer import byte_tokenizer
 
@@ -89,8 +89,8 @@ def _with_reference(model, ds):
     with adapters_off(model):
         refs = reference_logps(model, ds, 0)
     for e, (a, b) in zip(ds.examples, refs.tolist()):
-        e.ref = (a, b)
-    return ds.batch(ds.examples, 0)
+        e.values.update(ref_logp=a, paired_ref_logp=b)
+    return collate(ds.examples, 0)
 
 
 @pytest.mark.parametrize("kind,loss_type", [("dpo", "sigmoid"), ("ipo", "ipo")])
@@ -99,10 +99,9 @@ def test_dpo_and_ipo_equal_trls_dpo_trainer(setup, kind, loss_type, beta):
     model, pairs, _ = setup
     batch = _with_reference(model, pairs)
     ours, metrics = preference(kind, beta)(model, batch)
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+    ids, labels = with_paired(batch)  # the chosen answers, then the rejected ones, at one width
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": (labels != IGNORE).long(),
-              "ref_chosen_logps": batch["ref_chosen"], "ref_rejected_logps": batch["ref_rejected"]}
+              "ref_chosen_logps": batch["ref_logp"], "ref_rejected_logps": batch["paired_ref_logp"]}
     self = _trainer(trl.DPOTrainer, ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type],
                     loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0)
     theirs = trl.DPOTrainer._compute_loss(self, TRLView(model), inputs, False)
@@ -120,16 +119,17 @@ def test_dpo_and_ipo_equal_trls_dpo_trainer(setup, kind, loss_type, beta):
 def test_kto_equals_trls_kto_trainer(setup, weights, kl_shift):
     model, _, labelled = setup
     batch = _with_reference(model, labelled)
-    batch["ref_mismatched"] += kl_shift  # the KL estimate both ways: positive, and clamped to 0
+    batch["paired_ref_logp"] += kl_shift  # the KL estimate both ways: positive, and clamped to 0
     ours, metrics = preference("kto", 0.1, *weights)(model, batch)
 
-    def rows(name):
-        return {"input_ids": batch[f"{name}_ids"], "attention_mask": torch.ones_like(batch[f"{name}_ids"]),
-                "completion_mask": (batch[f"{name}_labels"] != IGNORE).long()}
+    def rows(prefix):  # "": the answers; "paired_": the mismatched answers (the KL term's)
+        ids = batch[f"{prefix}input_ids"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "completion_mask": (batch[f"{prefix}labels"] != IGNORE).long()}
 
-    main, kl = rows("answer"), rows("mismatched")
-    inputs = {**main, **{f"KL_{k}": v for k, v in kl.items()}, "label": batch["desirable"],
-              "ref_logps": batch["ref_answer"], "ref_KL_logps": batch["ref_mismatched"]}
+    main, kl = rows(""), rows("paired_")
+    inputs = {**main, **{f"KL_{k}": v for k, v in kl.items()}, "label": batch["desirable"].bool(),
+              "ref_logps": batch["ref_logp"], "ref_KL_logps": batch["paired_ref_logp"]}
     self = _trainer(trl.KTOTrainer, calculate_KL=True, loss_type="kto", beta=0.1, desirable_weight=weights[0],
                     undesirable_weight=weights[1])
     theirs = trl.KTOTrainer._compute_loss(self, TRLView(model), inputs, False)
@@ -146,15 +146,15 @@ def test_orpo_equals_trls_orpo_trainer(setup, beta):
     from trl.experimental.orpo import ORPOTrainer
 
     model, pairs, _ = setup
-    batch = pairs.batch(pairs.examples, 0)
+    batch = collate(pairs.examples, 0)
     ours, metrics = preference("orpo", beta)(model, batch)
     # TRL takes ORPO's NLL over the prompt and the answer (its attention mask); the paper, and fourwalls, over the
     # answer. So TRL gets the answer as the attention mask: the model ignores it (causal, right-padded), and the rest
     # of the computation is TRL's.
     inputs = {}
-    for side in ("chosen", "rejected"):
-        labels = batch[f"{side}_labels"]
-        inputs |= {f"{side}_input_ids": batch[f"{side}_ids"], f"{side}_labels": labels,
+    for side, prefix in (("chosen", ""), ("rejected", "paired_")):
+        labels = batch[f"{prefix}labels"]
+        inputs |= {f"{side}_input_ids": batch[f"{prefix}input_ids"], f"{side}_labels": labels,
                    f"{side}_attention_mask": (labels != IGNORE).long()}
     self = _trainer(ORPOTrainer, beta=beta, is_encoder_decoder=False, padding_value=0,
                     concatenated_inputs=ORPOTrainer.concatenated_inputs, get_batch_logps=ORPOTrainer.get_batch_logps)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,15 @@ _ROLES = {"system", "user", "assistant"}
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # A second sequence trained beside this one: unlearning's retain example, a preference pair's rejected answer,
+    # KTO's mismatched answer (whose log-ratio estimates the KL term).
+    paired: Example | None = None
+    values: dict[str, float] = field(default_factory=dict)  # numbers an objective reads per example
 
 
 @dataclass
 class Dataset:
-    examples: list[Any]  # Example; Pair or Labelled for preference data
+    examples: list[Example]
     shape: str
     digest: str  # sha256 of the source file(s): lineage and resume checks
     stats: dict[str, int] = field(default_factory=dict)
@@ -47,10 +52,6 @@ class Dataset:
     @property
     def tokens(self) -> int:
         return sum(len(e.input_ids) for e in self.examples)
-
-    def batch(self, examples: list[Any], pad_id: int) -> dict[str, Tensor]:
-        """Some of this dataset's examples as one batch, laid out as its shape's objective reads it."""
-        return _COLLATE.get(self.shape, collate)(examples, pad_id)
 
 
 def detect_shape(obj: Any) -> str | None:
@@ -175,6 +176,17 @@ def load_jsonl(path: Path, tok: Tokenizer, eos_id: int | None, shape: str = "aut
                    {"examples": len(examples), "bad_lines": bad, "truncated": truncated})
 
 
+def load_paragraphs(path: Path, tok: Tokenizer, eos_id: int | None, max_len: int = 1024) -> Dataset:
+    """A plain-text file, one example per paragraph (blank-line separated), each truncated to ``max_len`` tokens."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", read_text(path, "data file")) if p.strip()]
+    if not paragraphs:
+        raise UsageError(f"{path} holds no text")
+    examples = [_encode_text(tok, p, eos_id) for p in paragraphs]
+    truncated = sum(len(e.input_ids) > max_len for e in examples)
+    examples = [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
+    return Dataset(examples, "text", sha256_file(path), {"examples": len(examples), "truncated": truncated})
+
+
 def load_text_corpus(path: Path, tok: Tokenizer, seq_len: int) -> Dataset:
     """A plain-text file cut into consecutive blocks of ``seq_len`` tokens (for pretraining)."""
     text = read_text(path, "data file")
@@ -217,7 +229,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids, "labels": labels}
+    batch = {"input_ids": ids, "labels": labels}
+    if examples[0].paired is not None:
+        batch.update({f"paired_{k}": v for k, v in collate([e.paired for e in examples], pad_id).items()})
+    for key in examples[0].values:
+        batch[key] = torch.tensor([e.values[key] for e in examples])
+    return batch
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -234,7 +251,7 @@ def batches(ds: Dataset, batch_size: int, seed: int, pad_id: int, start: int = 0
         epoch, pos = divmod(index, per_epoch)
         order = batch_order(len(ds), batch_size, seed, epoch)
         for b in order[pos:]:
-            yield ds.batch([ds.examples[i] for i in b], pad_id)
+            yield collate([ds.examples[i] for i in b], pad_id)
         index = (epoch + 1) * per_epoch
 
 
@@ -242,26 +259,6 @@ def batches(ds: Dataset, batch_size: int, seed: int, pad_id: int, start: int = 0
 
 PREFERENCE_SHAPES = ("pairs", "kto")
 _PREFERENCE_EXPECTED = "'prompt' (or 'messages') with 'chosen'+'rejected', or with 'completion'+'label'"
-
-
-@dataclass
-class Pair:
-    """A prompt's chosen and rejected answers, each the whole rendered conversation with loss on the answer only."""
-
-    chosen: Example
-    rejected: Example
-    ref: tuple[float, float] | None = None  # the reference model's log-probabilities of the two answers
-
-
-@dataclass
-class Labelled:
-    """KTO's unpaired example: an answer labelled desirable or not, and a mismatched one (this prompt with another
-    record's answer) whose log-ratio to the reference estimates the KL term."""
-
-    answer: Example
-    desirable: bool
-    mismatched: Example
-    ref: tuple[float, float] | None = None  # the reference model's log-probabilities of answer and mismatched
 
 
 def detect_preference_shape(obj: Any) -> str | None:
@@ -338,7 +335,9 @@ def load_preferences(path: Path, tok: Tokenizer, shape: str = "auto", max_len: i
 
     Each bad line (malformed, identical answers) is an error naming file:line, or skipped and counted; a pair or
     answer that truncation to ``max_len`` leaves with nothing to score, or with two equal answers, is counted too.
-    A KTO record's mismatched answer is the previous record's (the last record's for the first), as TRL pairs them.
+    Each example is the prompt with the chosen answer (KTO: with its answer, and ``values["desirable"]`` 1 or 0),
+    ``paired`` with the prompt and the rejected answer (KTO: the mismatched answer, the previous record's, the last
+    record's for the first, as TRL pairs them).
     """
     if shape not in ("auto", *PREFERENCE_SHAPES):
         raise UsageError(f"unknown preference format '{shape}'; choose auto, {', '.join(PREFERENCE_SHAPES)}")
@@ -357,43 +356,11 @@ def load_preferences(path: Path, tok: Tokenizer, shape: str = "auto", max_len: i
         if first is None or second is None or (shape == "pairs" and first == second):
             bad += 1
             continue
-        examples.append(Pair(first, second) if shape == "pairs" else Labelled(first, obj["label"], second))
+        values = {} if shape == "pairs" else {"desirable": float(obj["label"])}
+        examples.append(replace(first, paired=second, values=values))
     if not examples:
         raise UsageError(f"{path} holds no usable examples" + (f" ({bad} bad lines skipped)" if bad else ""))
     stats = {"examples": len(examples), "bad_lines": bad, "truncated": truncated}
     if shape == "kto":
-        stats["desirable"] = sum(e.desirable for e in examples)
+        stats["desirable"] = int(sum(e.values["desirable"] for e in examples))
     return Dataset(examples, shape, sha256_file(path), stats)
-
-
-def _collate_two(first: list[Example], second: list[Example], names: tuple[str, str], refs: list[Any],
-                 pad_id: int) -> dict[str, Tensor]:
-    """Two sequences a row, right-padded to one width (so they can run as one batch), under ``NAME_ids`` and
-    ``NAME_labels``; with every row's reference log-probabilities, those too as ``ref_NAME``."""
-    both, n = collate(first + second, pad_id), len(first)
-    out = {}
-    for name, rows in zip(names, (slice(0, n), slice(n, None))):
-        out[f"{name}_ids"], out[f"{name}_labels"] = both["input_ids"][rows], both["labels"][rows]
-    if all(r is not None for r in refs):
-        out[f"ref_{names[0]}"], out[f"ref_{names[1]}"] = torch.tensor(refs, dtype=torch.float32).unbind(1)
-    return out
-
-
-def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, Tensor]:
-    """``chosen_ids``, ``chosen_labels``, ``rejected_ids``, ``rejected_labels`` [B, T], ``ref_chosen`` and
-    ``ref_rejected`` [B] when the pairs carry reference log-probabilities."""
-    return _collate_two([p.chosen for p in pairs], [p.rejected for p in pairs], PAIRED_NAMES["pairs"],
-                        [p.ref for p in pairs], pad_id)
-
-
-def collate_labelled(rows: list[Labelled], pad_id: int) -> dict[str, Tensor]:
-    """``answer_*`` and ``mismatched_*`` as ``collate_pairs`` lays out pairs, and ``desirable`` [B] (bool)."""
-    out = _collate_two([r.answer for r in rows], [r.mismatched for r in rows], PAIRED_NAMES["kto"],
-                       [r.ref for r in rows], pad_id)
-    out["desirable"] = torch.tensor([r.desirable for r in rows])
-    return out
-
-
-PAIRED_NAMES = {"pairs": ("chosen", "rejected"), "kto": ("answer", "mismatched")}  # the two sequences of a row
-_COLLATE: dict[str, Callable[[list[Any], int], dict[str, Tensor]]] = {"pairs": collate_pairs,
-                                                                      "kto": collate_labelled}

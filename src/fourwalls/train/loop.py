@@ -27,7 +27,7 @@ from tqdm import tqdm
 from fourwalls.errors import FourwallsError, UsageError
 from fourwalls.model.native import keep_freed_memory
 from fourwalls.train import checkpoint
-from fourwalls.train.data import Dataset, batches
+from fourwalls.train.data import Dataset, batches, collate
 from fourwalls.train.objectives import Objective, causal_lm
 
 _COUNTS = ("tokens", "examples")  # what an objective's metrics count, not measure: not logged as curves
@@ -105,7 +105,7 @@ def evaluate_metrics(model: nn.Module, ds: Dataset, objective: Objective, batch_
     weights: dict[str, float] = {}
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
-            loss, m = objective(model, ds.batch(ds.examples[i : i + batch_size], pad_id))
+            loss, m = objective(model, collate(ds.examples[i : i + batch_size], pad_id))
             w = m.get("examples", m["tokens"])
             for key, value in {"loss": loss.item(), **m}.items():
                 if key in _COUNTS:

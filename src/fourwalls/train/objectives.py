@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
 from fourwalls.model.lora import adapters_off, has_lora
-from fourwalls.train.data import IGNORE, PAIRED_NAMES, Dataset
+from fourwalls.train.data import IGNORE, Dataset, collate
 
 Objective = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
 
@@ -131,9 +131,10 @@ def answer_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor,
     return model(ids, targets=targets, log_probs=True).sum(1), (targets != IGNORE).sum(1)
 
 
-def _two(batch: dict[str, Tensor], names: tuple[str, str]) -> tuple[Tensor, Tensor]:
-    """A row's two sequences as one batch of 2B (first all the firsts, then the seconds): one forward for both."""
-    return (torch.cat([batch[f"{n}_ids"] for n in names]), torch.cat([batch[f"{n}_labels"] for n in names]))
+def with_paired(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The batch's rows, then their paired rows, as one batch of 2B ids and labels: one forward for both."""
+    return (_stack(batch["input_ids"], batch["paired_input_ids"], 0),
+            _stack(batch["labels"], batch["paired_labels"], IGNORE))
 
 
 def _tokens(labels: Tensor) -> float:
@@ -146,20 +147,19 @@ def reference_logps(model: nn.Module, ds: Dataset, pad_id: int, batch_size: int 
     """The answer log-probabilities [N, 2] of every example of a preference dataset under ``model`` (chosen and
     rejected, or KTO's answer and mismatched answer): computed once before training, they are the reference for a
     run that changes the model itself."""
-    names, out = PAIRED_NAMES[ds.shape], []
+    out = []
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
-            logps, _ = answer_logps(model, *_two(ds.batch(ds.examples[i : i + batch_size], pad_id), names))
+            logps, _ = answer_logps(model, *with_paired(collate(ds.examples[i : i + batch_size], pad_id)))
             out.append(logps.view(2, -1).t())
     return torch.cat(out)
 
 
-def _reference(model: nn.Module, batch: dict[str, Tensor], names: tuple[str, str], ids: Tensor,
-               labels: Tensor) -> Tensor:
-    """The reference's log-probabilities of the 2B sequences: from the batch when precomputed, else from this model
-    with its LoRA adapters switched off (in the same step, without gradients)."""
-    if f"ref_{names[0]}" in batch:
-        return torch.cat([batch[f"ref_{n}"] for n in names])
+def _reference(model: nn.Module, batch: dict[str, Tensor], ids: Tensor, labels: Tensor) -> Tensor:
+    """The reference's log-probabilities of the 2B sequences: from the batch when precomputed (``ref_logp`` and
+    ``paired_ref_logp``), else from this model with its LoRA adapters switched off (in the same step, no gradient)."""
+    if "ref_logp" in batch:
+        return torch.cat([batch["ref_logp"], batch["paired_ref_logp"]])
     if not has_lora(model):
         raise UsageError("training without LoRA needs the reference log-probabilities computed before training "
                          "(fourwalls align does this: the cache of --ref-cache)")
@@ -192,7 +192,7 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
         raise UsageError("--desirable-weight and --undesirable-weight must be >= 0 and not both 0")
 
     def paired(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        ids, labels = _two(batch, ("chosen", "rejected"))
+        ids, labels = with_paired(batch)
         b = ids.shape[0] // 2
         logps, counts = answer_logps(model, ids, labels)
         metrics = {"examples": float(b), "tokens": _tokens(labels)}
@@ -203,7 +203,7 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
             rewards = beta * mean.detach()
             metrics.update(_rewards(rewards[:b], rewards[b:]), nll=nll.item(), log_odds_ratio=ratio.mean().item())
             return nll - beta * ratio.mean(), metrics
-        ref = _reference(model, batch, ("chosen", "rejected"), ids, labels)
+        ref = _reference(model, batch, ids, labels)
         if kind == "dpo":
             losses = dpo_losses(logps[:b], logps[b:], ref[:b], ref[b:], beta)
         else:
@@ -213,9 +213,9 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
         return losses.mean(), metrics
 
     def kto(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        ids, labels = _two(batch, ("answer", "mismatched"))
+        ids, labels = with_paired(batch)  # each answer, then the mismatched answers
         b = ids.shape[0] // 2
-        ref = _reference(model, batch, ("answer", "mismatched"), ids, labels)
+        ref = _reference(model, batch, ids, labels)
         logps, _ = answer_logps(model, ids[:b], labels[:b])
         training = torch.is_grad_enabled()  # validation: each rank that runs it sees the whole set
         with torch.no_grad():  # the reference point: no gradient flows through it
@@ -225,7 +225,7 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
                 dist.all_reduce(kl)
                 kl /= dist.get_world_size()
             kl = kl.clamp(min=0)
-        desirable = batch["desirable"]
+        desirable = batch["desirable"].bool()
         loss = kto_losses(logps - ref[:b], desirable, kl, beta, desirable_weight, undesirable_weight).mean()
         rewards = beta * (logps - ref[:b]).detach()
         chosen, rejected = rewards[desirable], rewards[~desirable]
@@ -239,3 +239,60 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
         return loss, metrics
 
     return kto if kind == "kto" else paired
+
+
+UNLEARNING = ("npo", "grad-ascent", "grad-diff")
+
+
+def unlearning(method: str = "npo", beta: float = 0.1, retain_weight: float = 1.0
+               ) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
+    """Make the model forget the batch's rows while keeping its ``paired`` rows (the retain set).
+
+    - ``npo`` (Zhang et al. 2024, negative preference optimization): ``2/beta * log(1 + (pi/pi_ref)^beta)`` per
+      forget sequence, ``pi`` its likelihood under the model and ``pi_ref`` under the model before unlearning
+      (``batch["ref_nll"]``, its summed NLL), plus ``retain_weight`` times the retain rows' mean NLL. Where the
+      model already finds a sequence unlikely the ratio is small and its gradient fades, so unlearning slows down
+      by itself instead of running away as gradient ascent does.
+    - ``grad-ascent``: minus the forget rows' mean NLL, nothing else (the retain rows are ignored).
+    - ``grad-diff``: gradient ascent on the forget rows plus ``retain_weight`` times the retain rows' mean NLL.
+
+    Metrics: ``forget_nll`` and ``retain_nll`` (mean per token), ``log_ratio`` (NPO's mean log pi/pi_ref),
+    ``tokens``. Forget and retain rows go through the model in one forward pass, the head run on the scored positions
+    only (``answer_logps``).
+    """
+    if method not in UNLEARNING:
+        raise UsageError(f"unknown unlearning objective '{method}'; choose {', '.join(UNLEARNING)}")
+    if not beta > 0:
+        raise UsageError(f"--beta must be > 0, not {beta}")
+    if retain_weight < 0:
+        raise UsageError(f"--retain-weight must be >= 0, not {retain_weight}")
+
+    def objective(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        ids, labels = batch["input_ids"], batch["labels"]
+        n = ids.shape[0]
+        if method != "grad-ascent":
+            ids = _stack(ids, batch["paired_input_ids"], 0)
+            labels = _stack(labels, batch["paired_labels"], IGNORE)
+        logps, count = answer_logps(model, ids, labels)
+        nll = -logps  # each row's summed NLL
+        forget_nll = nll[:n].sum() / count[:n].sum().clamp(min=1)
+        metrics = {"forget_nll": forget_nll.item(), "tokens": float(count.sum())}
+        if method == "npo":
+            log_ratio = batch["ref_nll"] - nll[:n]  # log pi - log pi_ref
+            loss = 2 / beta * F.softplus(beta * log_ratio).mean()
+            metrics["log_ratio"] = log_ratio.mean().item()
+        else:
+            loss = -forget_nll
+        if method != "grad-ascent":
+            retain_nll = nll[n:].sum() / count[n:].sum().clamp(min=1)
+            loss = loss + retain_weight * retain_nll
+            metrics["retain_nll"] = retain_nll.item()
+        return loss, metrics
+
+    return objective
+
+
+def _stack(a: Tensor, b: Tensor, pad: int) -> Tensor:
+    """Two [B, T] batches as one, the narrower padded on the right with ``pad``."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=pad) for t in (a, b)])

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from torch import nn
 
 from fourwalls.errors import FormatError, UsageError
 from fourwalls.files import atomic_write
 from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
-from fourwalls.store import ModelRef, Store
+from fourwalls.store import LoadedModel, ModelRef, Store
 from fourwalls.tokenizer import Tokenizer
 from fourwalls.train import data as D
 from fourwalls.train.checkpoint import full_state_dict
@@ -88,55 +89,56 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
     return store.add(name, mcfg, state, tok, lineage=lineage), result
 
 
-_METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora")
 
 
-def _trainable_base(store: Store, model_name: str, name: str, method: str, lora: Any, max_len: int,
-                    seed: int) -> tuple[ModelRef, Any, Any]:
-    """The stored float model ``model_name`` loaded to be trained by ``method`` into ``name``: for qlora its frozen
-    base held in 4-bit NF4, for lora and qlora an adapter attached (its random A matrices seeded by ``seed``).
-    Returns the model's reference, the loaded model and the LoRA settings."""
-    from fourwalls.model.lora import LoRAConfig, attach_lora
-
-    if method not in _METHODS:
-        raise UsageError(f"unknown method '{method}'; choose full, lora or qlora")
+def load_trainable(store: Store, model_name: str, name: str, method: str, max_len: int, verb: str = "fine-tune"
+                   ) -> tuple[ModelRef, LoadedModel]:
+    """A stored float model to train by ``method`` into the new name ``name`` on sequences up to ``max_len``
+    tokens (an adapter or a model quantized for deployment is refused; the method and name are checked first)."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method '{method}'; choose {', '.join(METHODS)}")
     store.check_new_name(name)
     base_ref = store.resolve(model_name)
     if base_ref.kind == "adapter":
-        raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) and train the result")
+        raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) or {verb} its base")
     lm = store.load(model_name)
     if lm.config.quantization:
-        raise UsageError(f"'{model_name}' is quantized for deployment; train its float parent "
+        raise UsageError(f"'{model_name}' is quantized for deployment; {verb} its float parent "
                          f"'{base_ref.manifest.get('lineage', {}).get('parent')}' (or use --method qlora on it)")
     if max_len > lm.config.context_length:
         raise UsageError(f"--max-len {max_len} exceeds the model's context window ({lm.config.context_length})")
+    return base_ref, lm
+
+
+def make_trainable(model: nn.Module, method: str, lora: Any, seed: int) -> Any:
+    """``full`` trains every weight; ``lora`` attaches an adapter (``lora``'s settings, else the defaults; its random
+    A matrices seeded by ``seed``); ``qlora`` first holds the base in 4-bit NF4. Returns the LoRA settings."""
+    from fourwalls.model.lora import LoRAConfig, attach_lora
+
     lora = lora or LoRAConfig()
-    if method == "qlora":  # the frozen base held in 4-bit NF4, LoRA trained on top
+    if method == "qlora":
         from fourwalls.model.quant import quantize_nf4
 
-        quantize_nf4(lm.model)
+        quantize_nf4(model)
     if method != "full":
         torch.manual_seed(seed)  # LoRA's A matrices are random: the same seed gives the same run
-        attach_lora(lm.model, lora)
-    return base_ref, lm, lora
+        attach_lora(model, lora)
+    return lora
 
 
-def _store_trained(store: Store, name: str, method: str, lm: Any, lora: Any, base_ref: ModelRef,
-                   lineage: dict[str, Any]) -> ModelRef | None:
-    """Store what training made of ``lm``: an adapter on ``base_ref`` (lora, qlora) or a whole model (full).
-
-    Under torchrun every rank must call it (a sharded model's weights are gathered); only rank 0 writes, the others
-    get None."""
+def store_trained(store: Store, name: str, method: str, base_ref: ModelRef, lm: LoadedModel, lora: Any,
+                  lineage: dict[str, Any]) -> ModelRef | None:
+    """Store a trained ``lm.model``: the adapter alone (on ``base_ref``) or the whole model; None off rank 0."""
     from fourwalls.model.lora import save_adapter
 
-    model = lm.model
-    state = full_state_dict(model)
-    if rank() != 0:
+    state = full_state_dict(lm.model)  # every rank: gathering a sharded model's weights is a collective
+    if rank() != 0:  # only rank 0 writes to the store
         return None
     if method == "full":
         return store.add(name, lm.config, state, lm.tokenizer, lineage=lineage)
     lineage["lora"] = asdict(lora)
-    return store.add_adapter(name, base_ref, lambda d: save_adapter(d, model, lora, base_ref.name, state), lineage)
+    return store.add_adapter(name, base_ref, lambda d: save_adapter(d, lm.model, lora, base_ref.name, state), lineage)
 
 
 def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConfig, lora: Any = None,
@@ -145,7 +147,7 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
              resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
     """Fine-tune a stored model (full or LoRA) on JSONL data; store the new model or adapter as ``name``."""
     store = store or Store()
-    base_ref, lm, lora = _trainable_base(store, model_name, name, method, lora, max_len, cfg.seed)
+    base_ref, lm = load_trainable(store, model_name, name, method, max_len)
     tok, eos = lm.tokenizer, (lm.config.eos_token_ids or (None,))[0]
     ds = D.load_jsonl(data, tok, eos, shape, max_len, skip_bad_lines)
     if val_data is not None:
@@ -154,6 +156,7 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
         train_ds, val_ds = D.split(ds, val_fraction, cfg.seed)
     if pack:
         train_ds = D.pack(train_ds, max_len)
+    lora = make_trainable(lm.model, method, lora, cfg.seed)
     identity = {"method": method, "base_digest": lm.digest, "max_len": max_len, "pack": pack,
                 **({"lora": asdict(lora)} if method != "full" else {})}
     run_dir = _run_dir(store, name, run_dir)
@@ -163,7 +166,7 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
     lineage = {"method": method, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
                "data_digest": ds.digest, "data_stats": ds.stats, "hyperparameters": asdict(cfg),
                "val_loss": result.get("val_loss"), "command": _command()}
-    return _store_trained(store, name, method, lm, lora, base_ref, lineage), result
+    return store_trained(store, name, method, base_ref, lm, lora, lineage), result
 
 
 def merge(adapter: str, name: str, store: Store | None = None) -> ModelRef:
@@ -206,12 +209,13 @@ def align(model_name: str, data: Path, objective: str, name: str, cfg: TrainConf
     if objective == "orpo" and ref_cache is not False:
         raise UsageError("ORPO has no reference model, so nothing to cache; drop --ref-cache")
     store = store or Store()
-    base_ref, lm, lora = _trainable_base(store, model_name, name, method, lora, max_len, cfg.seed)
+    base_ref, lm = load_trainable(store, model_name, name, method, max_len, "align")
     ds = D.load_preferences(data, lm.tokenizer, shape, max_len, skip_bad_lines)
     if ds.shape != wanted:
         hint = "--objective kto" if ds.shape == "kto" else "--objective dpo, ipo or orpo"
         raise UsageError(f"{data} holds {ds.shape} data, which --objective {objective} cannot read; use {hint}")
     val_ds = D.load_preferences(val_data, lm.tokenizer, ds.shape, max_len, skip_bad_lines) if val_data else None
+    lora = make_trainable(lm.model, method, lora, cfg.seed)  # before the reference: qlora's is the NF4 base
     eos = (lm.config.eos_token_ids or (None,))[0]
     pad = eos if eos is not None else 0
     settings: dict[str, Any] = {"objective": objective, "beta": beta, "max_len": max_len}
@@ -236,7 +240,7 @@ def align(model_name: str, data: Path, objective: str, name: str, cfg: TrainConf
     lineage = {"method": method, **settings, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
                "data_digest": ds.digest, "data_stats": ds.stats, **reference, "hyperparameters": asdict(cfg),
                **{k: v for k, v in result.items() if k.startswith("val_")}, "command": _command()}
-    return _store_trained(store, name, method, lm, lora, base_ref, lineage), result
+    return store_trained(store, name, method, base_ref, lm, lora, lineage), result
 
 
 def _with_reference(model: torch.nn.Module, ds: D.Dataset, folder: Path, key: list[Any], pad_id: int,
@@ -264,7 +268,8 @@ def _with_reference(model: torch.nn.Module, ds: D.Dataset, folder: Path, key: li
         if rank() == 0:
             meta = {"base_digest": str(key[0]), "data_digest": ds.digest, "shape": ds.shape}
             atomic_write(path, lambda tmp: save_file({"logps": values.contiguous()}, str(tmp), metadata=meta))
-    examples = [replace(e, ref=(a, b)) for e, (a, b) in zip(ds.examples, values.tolist())]
+    examples = [replace(e, values={**e.values, "ref_logp": a, "paired_ref_logp": b})
+                for e, (a, b) in zip(ds.examples, values.tolist())]
     info = {"reference": "the base's log-probabilities, cached", "ref_cache": str(path),
             "ref_logps_digest": "sha256-" + hashlib.sha256(values.numpy().tobytes()).hexdigest()}
     return replace(ds, examples=examples), info, reused
