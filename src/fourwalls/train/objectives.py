@@ -125,8 +125,8 @@ def orpo_log_odds_ratio(chosen_mean: Tensor, rejected_mean: Tensor) -> Tensor:
 
 
 def answer_logps(model: nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's answer log-probability (the sum over its labelled tokens) [B] and its number of answer tokens [B],
-    gathered a chunk of the head at a time: the batch's logits are never whole."""
+    """Each row's log-probability of its labelled tokens (an answer; for unlearning, the text) summed [B], and how
+    many there are [B]; the head runs on those positions only, a chunk at a time: the logits are never whole."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position t predicts token t + 1
     return model(ids, targets=targets, log_probs=True).sum(1), (targets != IGNORE).sum(1)
 
