@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fourwalls.errors import ContextLengthError
 from fourwalls.model.config import ModelConfig
-from fourwalls.model.ops import IGNORE_INDEX, Linear, causal_attention, linear_cross_entropy
+from fourwalls.model.ops import IGNORE_INDEX, Linear, causal_attention, linear_cross_entropy, linear_log_probs
 
 # The linear layers of a decoder block, by attribute name (as in HF's Llama modules and in PEFT's target_modules).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -197,12 +197,14 @@ class Transformer(nn.Module):
                                 self.device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, targets: Tensor | None = None) -> Tensor:
+                last_only: bool = False, targets: Tensor | None = None, log_probs: bool = False) -> Tensor:
         """Logits for ``tokens`` [B, T] at ``input_pos`` [T] (default 0..T-1), or [B, T] when each row has its own
         positions (a cache that supports it: the serving engine's); ``last_only`` keeps the last position.
 
         With ``targets`` [B, T] (the token each position should predict, ``IGNORE_INDEX`` where none), the mean
-        cross-entropy over the targeted positions instead, computed with the head by ``linear_cross_entropy``."""
+        cross-entropy over the targeted positions instead, computed with the head by ``linear_cross_entropy``; with
+        ``log_probs`` too, each position's log-probability of its target [B, T] (0 where none), likewise without
+        the logits (``linear_log_probs``)."""
         t = tokens.shape[1]
         if input_pos is None:
             if t > self.config.context_length:
@@ -222,10 +224,20 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if targets is None:
             return self.lm_head(self.norm(x))
-        h, targets = self.norm(x).flatten(0, 1), targets.flatten()
-        if type(self.lm_head) is Linear and not torch.is_autocast_enabled(h.device.type):
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
-        return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=IGNORE_INDEX)
+        h, flat = self.norm(x).flatten(0, 1), targets.flatten()
+        fused = type(self.lm_head) is Linear and not torch.is_autocast_enabled(h.device.type)
+        if log_probs:  # the head runs on the targeted positions only (a preference pair's answers, not its prompt)
+            keep = flat != IGNORE_INDEX
+            h, kept = h[keep], flat[keep]
+            if fused:
+                logp = linear_log_probs(h, self.lm_head.weight, kept)
+            else:
+                logp = F.log_softmax(self.lm_head(h).float(), -1).gather(1, kept[:, None]).squeeze(1)
+            return torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device).masked_scatter(keep.view(
+                targets.shape), logp)
+        if fused:
+            return linear_cross_entropy(h, self.lm_head.weight, flat)
+        return F.cross_entropy(self.lm_head(h).float(), flat, ignore_index=IGNORE_INDEX)
 
 
 def block_linears(model: nn.Module, types: type | tuple[type, ...] = Linear,
