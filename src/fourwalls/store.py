@@ -32,6 +32,7 @@ from fourwalls.files import atomic_write, sha256_file
 from fourwalls.formats import read_checkpoint
 from fourwalls.formats.hf import WEIGHTS, read_hf, write_hf
 from fourwalls.model.config import ModelConfig
+from fourwalls.model.quant import GGUF_SCHEME
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
 
@@ -88,13 +89,18 @@ def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype =
     """
     from fourwalls.model.quant import skeleton, tie
 
-    def as_loaded(t: Tensor) -> Tensor:
-        if t.is_floating_point():
+    # A GGUF block layer's scales and offsets keep their dtype (fp16 or fp32): they are the file's exact numbers.
+    blocks = (cfg.quantization or {}).get("layers", {}) if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME \
+        else {}
+    exact = {f"{layer}.{t}" for layer in blocks for t in ("scales", "offsets")}
+
+    def as_loaded(key: str, t: Tensor) -> Tensor:
+        if t.is_floating_point() and key not in exact:
             return t.to(dtype)
         return t if t.data_ptr() % 64 == 0 else t.clone()
 
     model = skeleton(cfg)
-    state = {k: as_loaded(v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
+    state = {k: as_loaded(k, v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k.startswith("lm_head."))]
     if missing or unexpected:
@@ -157,15 +163,21 @@ class Store:
             raise UsageError(f"'{where}' is a model, not an adapter")
         return ref.path
 
-    def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
-        """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype."""
+    def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32,
+             quantized: bool = True) -> LoadedModel:
+        """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype.
+
+        A GGUF file's quantized matrices stay quantized, in its own blocks (as stored, too, once imported);
+        ``quantized=False`` dequantizes those to ``dtype``, for training. Models made by `fourwalls quantize` stay
+        quantized either way.
+        """
         ref = self.resolve(name_or_path)
         if dtype is None:
             dtype = DTYPES.get(ref.manifest.get("dtype", ""), torch.float32)
         if ref.kind == "adapter":  # the base model with the adapter attached (unmerged)
             from fourwalls.model.lora import load_adapter
 
-            base = self.load(ref.manifest["base"], dtype)
+            base = self.load(ref.manifest["base"], dtype, quantized)
             if base.digest != ref.manifest["base_digest"]:
                 raise FormatError(f"adapter '{ref.name}' was trained on {ref.manifest['base_digest']}, but "
                                   f"'{ref.manifest['base']}' is now {base.digest}")
@@ -174,8 +186,9 @@ class Store:
         if ref.path.is_dir():
             cfg, state, tok = read_hf(ref.path, ref.name)
         else:
-            # Parsing and dequantizing a GGUF takes seconds; keep the converted folder, keyed by the file's digest.
-            cached = self.root / "cache" / ref.digest
+            # Parsing a GGUF file's metadata takes seconds: keep its repacked form (as large as the file), keyed by
+            # the file's digest. Before the blocks were kept, the cache held fp32 weights (5x the file): drop it.
+            cached = self.root / "cache" / f"gguf-{ref.digest}"
             if cached.is_dir():
                 cfg, state, tok = read_hf(cached, ref.name)
             else:
@@ -183,9 +196,16 @@ class Store:
                 try:
                     self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok), WEIGHTS,
                                        {"source": str(ref.path)}, target=cached)
+                    _rmtree(self.root / "cache" / ref.digest)
                 except OSError:
                     pass  # a read-only or full home only costs the next start the same seconds
-        return LoadedModel(ref.name, ref.digest, build_model(cfg, state, dtype), tok)
+        model = build_model(cfg, state, dtype)
+        if not quantized and (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:
+            from fourwalls.model.quant import dequantize_model
+
+            dequantize_model(model)
+            model.to(dtype)
+        return LoadedModel(ref.name, ref.digest, model, tok)
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -202,6 +222,10 @@ class Store:
             or str(next(v.dtype for v in state.values() if v.is_floating_point())).removeprefix("torch."),
             "lineage": lineage or {},
         }
+        if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:  # what the file held, and any loss on the way
+            manifest["gguf_types"] = cfg.quantization["gguf_types"]
+            if "requantized" in cfg.quantization:
+                manifest["requantized"] = cfg.quantization["requantized"]
         digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), WEIGHTS,
                                     manifest)
         text = json.dumps({"digest": digest})
@@ -245,13 +269,20 @@ class Store:
         return digest
 
     def import_model(self, path: Path, name: str, dtype: str = "auto") -> ModelRef:
-        """Import a GGUF file or HF folder; GGUF weights are dequantized to fp32 unless ``dtype`` says otherwise."""
+        """Import a GGUF file or HF folder. ``auto`` keeps the weights as they are (a GGUF file's quantized matrices
+        in their blocks); a dtype (float32, bfloat16, float16) dequantizes and casts them."""
         self.check_new_name(name)
         if dtype != "auto" and dtype not in DTYPES:
             raise UsageError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}")
-        cfg, state, tok = read_checkpoint(path, name)
+        cfg, state, tok = read_checkpoint(path, name, quantized=dtype == "auto")
         if dtype != "auto":
-            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+            if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:  # a stored folder of GGUF blocks
+                from fourwalls.model.quant import dequantize_model
+
+                model = build_model(cfg, state)
+                dequantize_model(model)
+                cfg, state = model.config, model.state_dict()
+            state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
         lineage = {"imported_from": str(path.resolve())}
         if path.is_file():
             lineage["source_digest"] = sha256_file(path)
