@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from fourwalls.errors import UsageError
-from fourwalls.formats.gguf_write import QTYPES, write_gguf
+from fourwalls.formats.gguf_write import QTYPES, block_tensors, write_gguf
 from fourwalls.formats.hf import write_hf
 from fourwalls.store import Store
 
@@ -30,14 +30,17 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
 
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):
         merge_lora(lm.model)  # llama.cpp and plain transformers load full weights
+    blocks = None
     if lm.config.quantization:  # llama.cpp and transformers know their own block formats, not ours: re-encode
         from fourwalls.model.quant import dequantize_model
 
+        if fmt == "gguf":  # but a GGUF file's own blocks, kept as loaded, go back as they came
+            blocks = block_tensors(lm.model, dtype)
         dequantize_model(lm.model)
     state = lm.model.state_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf":
-        write_gguf(out, lm.model.config, state, lm.tokenizer, dtype)
+        write_gguf(out, lm.model.config, state, lm.tokenizer, dtype, blocks)
         return out
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's permissions
     tmp.mkdir()

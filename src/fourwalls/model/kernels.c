@@ -85,7 +85,7 @@ typedef struct {
 } Cache;
 
 /* An integer layer's input (LIN_INT4, LIN_Q8) rounded to int8 as llama.cpp does: per block of 32 inputs the int8
- * values and their scale dx (absmax / 127); per group of the layer, the exact sum of the inputs (the offsets'
+ * values and their scale dx (absmax / 127); per group of the layer, the sum of the rounded inputs (the offsets'
  * term). An int4 layer's blocks hold their 16 even elements, then the 16 odd ones: the order its nibbles unpack in. */
 typedef struct {
     float *xs, *dx;  /* [M, k / group]; [M, k / 32] */
@@ -227,7 +227,7 @@ static inline __m256 fold512(__m512 v) {
 #endif
 
 /* out[r] = w . x[r] for int4 weights, up to 4 rows, x in int8 (QInput): the 4-bit codes times the 8-bit inputs sum
- * in integers, 32 products at a time. Per block: scale * dx * (xq . q); per group: + offset * sum(x). Two blocks a
+ * in integers, 32 products at a time. Per block: scale * dx * (xq . q); per group: + offset * (sum of x rounded). Two blocks a
  * step, each with its own sums, which stay in registers (an index computed from the block would put them in memory). */
 static inline __attribute__((always_inline)) void dot4_i4(const uint8_t *w, const void *sc, const void *zp,
                                                           int half, const QInput *in, int64_t m0, int rows,
@@ -347,6 +347,12 @@ static inline __attribute__((always_inline)) void dot4_q8(const int8_t *w, const
                  + (zp ? offsets_dot(zp, in->xs + (m0 + r) * groups, groups, half) : 0.0f);
 }
 
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 static inline float hmax(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -393,15 +399,20 @@ static void q_input_rows(const Lin *L, const float *x, QInput in, int64_t lo, in
             in.dx[m * blocks + b] = d;
             if (b / 2 < blocks / 2)  /* pairs of blocks, for the AVX-512 kernels */
                 _mm256_storeu_ps(in.dxv + (m * (blocks / 2) + b / 2) * 16 + (b & 1) * 8, _mm256_set1_ps(d));
-            if (L->group == 16) {  /* q8 groups of 16: two sums a block */
-                xs[2 * b] += hsum(_mm256_add_ps(v[0], v[1]));
-                xs[2 * b + 1] += hsum(_mm256_add_ps(v[2], v[3]));
-            } else {
-                xs[b >> shift] += hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-            }
             const __m256 iv = _mm256_set1_ps(inv);
             __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], iv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], iv));
             __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], iv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], iv));
+            /* The offsets multiply the sum of the inputs as rounded, d * sum(q), as llama.cpp's Q8_1 does: the same
+             * x then meets every part of the weight. With the exact sum, the codes' part (q * scale, never negative
+             * in Q4_1) would meet the rounding errors alone, and their sum grow with the offset: that cost the
+             * default model 1.7% perplexity against its float weights, this 0.05%. */
+            const float lo = (float)hsum_i32(_mm256_add_epi32(i0, i1)), hi = (float)hsum_i32(_mm256_add_epi32(i2, i3));
+            if (L->group == 16) {  /* q8 groups of 16: two sums a block */
+                xs[2 * b] += d * lo;
+                xs[2 * b + 1] += d * hi;
+            } else {
+                xs[b >> shift] += d * (lo + hi);
+            }
             __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
             _mm256_storeu_si256((__m256i *)(in.xq + m * k + b * 32), _mm256_permutevar8x32_epi32(packed, order));
         }

@@ -331,11 +331,11 @@ class BlockLinear(nn.Module):
 
 
 class BlockEmbedding(BlockLinear):
-    """An embedding table in GGUF's blocks (BlockLinear's layout): a token's row is dequantized when looked up; a tied
-    output head is a BlockLinear over the same tensors."""
+    """An embedding table in GGUF's blocks (BlockLinear's layout): a token's row is dequantized (to fp32) when looked
+    up; a tied output head is a BlockLinear over the same tensors."""
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.dequantize(tokens).to(self.scales.dtype)
+        return self.dequantize(tokens)
 
 
 def check_group_size(model: nn.Module, group_size: int) -> None:

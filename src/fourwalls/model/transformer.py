@@ -212,7 +212,7 @@ class Transformer(nn.Module):
             mask, is_causal = cache.prepare(input_pos)
         else:  # no cache: positions are 0..t-1, as in training
             mask, is_causal = None, t > 1
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens).to(self.dtype)  # a quantized table gives fp32 rows
         if self._inv_freq is None or self._inv_freq.device != x.device:
             self._inv_freq = rope_inv_freq(self.config, x.device)
         cos, sin = rope_cos_sin(self._inv_freq, input_pos, x.dtype)
