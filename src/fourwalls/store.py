@@ -84,20 +84,22 @@ def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype =
     """A Transformer holding ``state`` (float tensors cast to ``dtype``), without allocating random weights first.
 
     A quantized model (``cfg.quantization``) gets its quantized layers; their integer tensors stay as stored, copied
-    only where a file's memory map placed them off a 64-byte boundary: torch's AVX-512 int8 kernel
-    (``_weight_int8pack_mm``) faulted on a weight 8 bytes off one, where safetensors may put a tensor.
+    only where a file's memory map placed them off a 64-byte boundary and torch's kernels read them: torch's AVX-512
+    int8 kernel (``_weight_int8pack_mm``) faulted on a weight 8 bytes off one, where safetensors may put a tensor.
     """
     from fourwalls.model.quant import skeleton, tie
 
     # A GGUF block layer's scales and offsets keep their dtype (fp16 or fp32): they are the file's exact numbers.
+    # Its tensors stay where the file's memory map put them: fourwalls' kernels read any alignment.
     blocks = (cfg.quantization or {}).get("layers", {}) if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME \
         else {}
     exact = {f"{layer}.{t}" for layer in blocks for t in ("scales", "offsets")}
+    mapped = {f"{layer}.weight" for layer in blocks} | exact
 
     def as_loaded(key: str, t: Tensor) -> Tensor:
         if t.is_floating_point() and key not in exact:
             return t.to(dtype)
-        return t if t.data_ptr() % 64 == 0 else t.clone()
+        return t if t.data_ptr() % 64 == 0 or key in mapped else t.clone()
 
     model = skeleton(cfg)
     state = {k: as_loaded(k, v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
