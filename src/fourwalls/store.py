@@ -350,7 +350,10 @@ def describe(ref: ModelRef) -> dict[str, Any]:
     if ref.path.is_dir():
         hf = json.loads((ref.path / "config.json").read_text())
         cfg = ModelConfig.from_hf(hf, ref.name)
-        dtype = (hf.get("quantization_config") or {}).get("scheme") or hf.get("torch_dtype", "?")
+        quant = hf.get("quantization_config") or {}
+        dtype = quant.get("scheme") or hf.get("torch_dtype", "?")
+        if dtype == GGUF_SCHEME:  # the GGUF types its blocks came as
+            dtype = "gguf " + "/".join(sorted(quant.get("gguf_types", {})))
         size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
     else:
         from fourwalls.formats.gguf import config_from_metadata, open_gguf, read_metadata

@@ -209,7 +209,8 @@ static inline __m512 pair_scales(const void *s, int64_t i, int half) {
     int32_t h;
     if (half)
         memcpy(&h, (const uint16_t *)s + i, 4);
-    __m128 v = half ? _mm_cvtph_ps(_mm_cvtsi32_si128(h)) : _mm_castpd_ps(_mm_load_sd((const double *)((const float *)s + i)));
+    __m128 v = half ? _mm_cvtph_ps(_mm_cvtsi32_si128(h))
+                    : _mm_castpd_ps(_mm_load_sd((const double *)((const float *)s + i)));
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
 }
 
@@ -227,8 +228,9 @@ static inline __m256 fold512(__m512 v) {
 #endif
 
 /* out[r] = w . x[r] for int4 weights, up to 4 rows, x in int8 (QInput): the 4-bit codes times the 8-bit inputs sum
- * in integers, 32 products at a time. Per block: scale * dx * (xq . q); per group: + offset * (sum of x rounded). Two blocks a
- * step, each with its own sums, which stay in registers (an index computed from the block would put them in memory). */
+ * in integers, 32 products at a time. Per block: scale * dx * (xq . q); per group: + offset * (sum of x rounded).
+ * Two blocks a step, each with its own sums, which stay in registers (an index computed from the block would put
+ * them in memory). */
 static inline __attribute__((always_inline)) void dot4_i4(const uint8_t *w, const void *sc, const void *zp,
                                                           int half, const QInput *in, int64_t m0, int rows,
                                                           int64_t k, int64_t group, float *out) {
@@ -466,6 +468,8 @@ typedef struct {
     const int64_t *cols;
 } LoraIn;
 
+static inline int is_integer(const Lin *L) { return L->kind == LIN_INT4 || L->kind == LIN_Q8; }
+
 /* Output rows [lo, hi) of y = x W^T (+ bias, + LoRA) for M rows of x (stride L->k); y has row stride ys.
  * in: an integer layer's input, made from x (q_input_rows). add: accumulate into y (the residual stream).
  * lora: NULL when no row uses an adapter. */
@@ -516,8 +520,6 @@ static void linear_rows_from(const Lin *L, const float *x, const QInput *in, int
         }
     }
 }
-
-static inline int is_integer(const Lin *L) { return L->kind == LIN_INT4 || L->kind == LIN_Q8; }
 
 /* linear_rows_from with the input made here, in this thread's work space (a decode step's few rows). */
 static void linear_rows(const Lin *L, const float *x, int64_t M, float *y, int64_t ys, int add, const LoraIn *lora,
@@ -689,8 +691,9 @@ static void table_row(const Lin *E, int64_t t, float *out) {
         const void *sc = scales_from(E->scale, t * groups, half), *zp = scales_from(E->zero, t * groups, half);
         for (int64_t g = 0; g < groups; g++)
             for (int64_t i = g * E->group; i < (g + 1) * E->group; i++) {
+                const uint8_t byte = ((const uint8_t *)E->w)[(t * k + i) / 2];
                 const float q = E->kind == LIN_Q8 ? (float)((const int8_t *)E->w)[t * k + i]
-                                                  : (float)(((const uint8_t *)E->w)[(t * k + i) / 2] >> (i & 1 ? 0 : 4) & 0x0F);
+                                                  : (float)(byte >> (i & 1 ? 0 : 4) & 0x0F);
                 out[i] = q * scale_at(sc, g, half) + (zp ? scale_at(zp, g, half) : 0.0f);
             }
     }
@@ -921,12 +924,14 @@ static const AbiEntry abi[] = {
     CONSTANT(LIN_F32_BLOCK), CONSTANT(LIN_INT8_BLOCK), CONSTANT(LIN_INT4_BLOCK), CONSTANT(LIN_Q8_BLOCK),
     CONSTANT(HEAD_DIM_BLOCK), CONSTANT(ISA_AVX512),
     SIZE(Lin), FIELD(Lin, kind), FIELD(Lin, w), FIELD(Lin, scale), FIELD(Lin, zero), FIELD(Lin, in_scale),
-    FIELD(Lin, group), FIELD(Lin, half), FIELD(Lin, bias), FIELD(Lin, lora_a), FIELD(Lin, lora_b), FIELD(Lin, n), FIELD(Lin, k),
+    FIELD(Lin, group), FIELD(Lin, half), FIELD(Lin, bias), FIELD(Lin, lora_a), FIELD(Lin, lora_b), FIELD(Lin, n),
+    FIELD(Lin, k),
     SIZE(Layer), FIELD(Layer, attn_norm), FIELD(Layer, mlp_norm), FIELD(Layer, q), FIELD(Layer, k), FIELD(Layer, v),
     FIELD(Layer, o), FIELD(Layer, gate), FIELD(Layer, up), FIELD(Layer, down),
     SIZE(Model), FIELD(Model, n_layers), FIELD(Model, dim), FIELD(Model, hidden), FIELD(Model, n_heads),
     FIELD(Model, n_kv_heads), FIELD(Model, head_dim), FIELD(Model, vocab), FIELD(Model, lora_rank),
-    FIELD(Model, eps), FIELD(Model, inv_freq), FIELD(Model, embed), FIELD(Model, norm), FIELD(Model, head), FIELD(Model, layers),
+    FIELD(Model, eps), FIELD(Model, inv_freq), FIELD(Model, embed), FIELD(Model, norm), FIELD(Model, head),
+    FIELD(Model, layers),
     SIZE(Scratch), FIELD(Scratch, x), FIELD(Scratch, xn), FIELD(Scratch, q), FIELD(Scratch, k), FIELD(Scratch, v),
     FIELD(Scratch, att), FIELD(Scratch, gate), FIELD(Scratch, up), FIELD(Scratch, xa), FIELD(Scratch, cos),
     FIELD(Scratch, sin), FIELD(Scratch, scores), FIELD(Scratch, work), FIELD(Scratch, scores_len),
