@@ -8,6 +8,11 @@ dtype.
 The embedding table and the output head are held in int8 in both schemes, as one table when they are tied; llama.cpp
 likewise keeps the output head above 4 bits, where quantization error costs the most.
 
+GGUF's own blocks (BlockLinear, BlockEmbedding): a GGUF file's Q4_0/Q4_1/Q4_K and Q8_0/Q5_K/Q6_K matrices as the file
+holds them, 4- or 8-bit codes with a scale (and an offset, where the type has one) per group of 32 (Q6_K: 16), every
+weight exactly the file's; prompts and decoding both multiply them in the C kernels with the input in int8, as
+llama.cpp does.
+
 NF4 (QLoRA's 4-bit NormalFloat, Dettmers et al. 2023): blocks of 64 weights share an absmax scale and each weight is
 the index of the nearest of 16 levels placed at quantiles of a normal distribution. The frozen base of a QLoRA run
 is held this way; the matrix is dequantized one layer at a time, in forward and again in backward, so no fp32 copy
