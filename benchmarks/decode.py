@@ -14,7 +14,10 @@ model's peak memory: one JSON line.
   tokens after a 512-token prompt; ``torch_rss_mb``, that of one that only imports fourwalls and torch.
 - The bound on batch-1 decoding: every weight byte is read once per token, so tok/s <= memory read speed / bytes.
 
-    python benchmarks/decode.py [--threads 1,2] [--repeats 3] [--no-1b]
+    python benchmarks/decode.py [--threads 1,2] [--repeats 3] [--no-1b] [--quick]
+
+``--quick`` (a smoke run: 1 thread, one repeat, a 64-token prompt, 16 tokens decoded) checks that every part runs;
+its figures mean little.
 
 llama.cpp is built once per machine by benchmarks/llamacpp.sh (about 10 minutes on 2 cores). Run this on a quiet
 machine: a second busy process on 2 cores cuts these figures by up to 3x.
@@ -39,21 +42,21 @@ from fourwalls.generate import SamplingParams, generate_tokens
 from fourwalls.model.native import native, selected_isa
 from fourwalls.store import DEFAULT_MODEL, Store, build_model, bundled_gguf
 
-PROMPT_TOKENS, DECODE_TOKENS = 512, 128
+PROMPT_TOKENS, DECODE_TOKENS = 512, 128  # llama-bench's pp512 and tg128
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fourwalls" / "bench"
 
 
-def prompt_ids(tokenizer) -> list[int]:
+def prompt_ids(tokenizer, n: int) -> list[int]:
     corpus = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
     text = corpus.read_text()[:20000] if corpus.is_file() else (ROOT / "tests/fixtures/english.txt").read_text() * 8
     ids = tokenizer.encode(text)
-    assert len(ids) >= PROMPT_TOKENS
-    return ids[:PROMPT_TOKENS]
+    assert len(ids) >= n
+    return ids[:n]
 
 
-def bench_fourwalls(model, ids: list[int], threads: list[int], repeats: int) -> dict[str, float]:
-    """pp: a prompt's forward pass into a fresh KV cache; tg: 128 tokens generated after a 1-token prompt (the
+def bench_fourwalls(model, ids: list[int], threads: list[int], repeats: int, decode: int) -> dict[str, float]:
+    """pp: a prompt's forward pass into a fresh KV cache; tg: ``decode`` tokens generated after a 1-token prompt (the
     context llama-bench's tg128 decodes in); each the best over the thread counts and repeats."""
     best = {"pp": 0.0, "pp_threads": 0, "tg": 0.0, "tg_threads": 0}
     for t in threads:
@@ -64,7 +67,7 @@ def bench_fourwalls(model, ids: list[int], threads: list[int], repeats: int) -> 
                 start = time.perf_counter()
                 model(torch.tensor([ids]), torch.arange(len(ids)), cache, last_only=True)
                 pp = len(ids) / (time.perf_counter() - start)
-            gen = generate_tokens(model, ids[:1], SamplingParams(max_new_tokens=DECODE_TOKENS + 1, temperature=0),
+            gen = generate_tokens(model, ids[:1], SamplingParams(max_new_tokens=decode + 1, temperature=0),
                                   eos_ids=())
             next(gen)
             start = time.perf_counter()
@@ -87,10 +90,11 @@ def llama_cpp_bin() -> Path | None:
     return Path(run.stdout.strip().splitlines()[-1])
 
 
-def bench_llama_cpp(tools: Path, gguf: Path, threads: list[int], repeats: int) -> dict[str, float]:
-    """llama-bench's pp512 and tg128 on the file, best over the thread counts."""
+def bench_llama_cpp(tools: Path, gguf: Path, threads: list[int], repeats: int, prompt: int,
+                    decode: int) -> dict[str, float]:
+    """llama-bench's pp<prompt> and tg<decode> on the file, best over the thread counts."""
     run = subprocess.run([str(tools / "llama-bench"), "-m", str(gguf), "-t", ",".join(map(str, threads)),
-                          "-p", str(PROMPT_TOKENS), "-n", str(DECODE_TOKENS), "-r", str(repeats), "-o", "json"],
+                          "-p", str(prompt), "-n", str(decode), "-r", str(repeats), "-o", "json"],
                          capture_output=True, text=True, check=True)
     best = {"pp": 0.0, "pp_threads": 0, "tg": 0.0, "tg_threads": 0}
     for r in json.loads(run.stdout):
@@ -98,6 +102,22 @@ def bench_llama_cpp(tools: Path, gguf: Path, threads: list[int], repeats: int) -
         if r["avg_ts"] > best[test]:
             best.update({test: r["avg_ts"], f"{test}_threads": r["n_threads"]})
     return best
+
+
+def both(model, gguf: Path, tools: Path | None, ids: list[int], threads: list[int], repeats: int,
+         decode: int) -> tuple[dict[str, float], dict[str, float] | None]:
+    """fourwalls' figures and llama-bench's on the same file, the repeats interleaved (a change in the machine's
+    load hits both sides alike), the best of each."""
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(bench_fourwalls(model, ids, threads, 1, decode))
+        if tools:
+            theirs.append(bench_llama_cpp(tools, gguf, threads, 1, len(ids), decode))
+    return best_of(ours), best_of(theirs) if theirs else None
+
+
+def best_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: v for test in ("pp", "tg") for k, v in max(runs, key=lambda r: r[test]).items() if k.startswith(test)}
 
 
 def compare(prefix: str, ours: dict[str, float], theirs: dict[str, float] | None) -> dict[str, float]:
@@ -113,7 +133,7 @@ def compare(prefix: str, ours: dict[str, float], theirs: dict[str, float] | None
     return out
 
 
-def bench_hf(hf, ids: list[int]) -> tuple[float, float]:
+def bench_hf(hf, ids: list[int], decode: int) -> tuple[float, float]:
     x = torch.tensor([ids])
     with torch.inference_mode():
         t = time.perf_counter()
@@ -121,14 +141,14 @@ def bench_hf(hf, ids: list[int]) -> tuple[float, float]:
         prefill = time.perf_counter() - t
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
-        for _ in range(DECODE_TOKENS):
+        for _ in range(decode):
             out = hf(tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         return prefill, time.perf_counter() - t
 
 
 _RSS = """
-import resource, sys
+import sys
 import fourwalls, torch
 if sys.argv[1] == "model":
     from fourwalls.generate import SamplingParams, generate_tokens
@@ -137,18 +157,19 @@ if sys.argv[1] == "model":
     ids = [int(i) for i in sys.argv[2].split(",")]
     for _ in generate_tokens(lm.model, ids, SamplingParams(max_new_tokens=int(sys.argv[3]), temperature=0), eos_ids=()):
         pass
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, this process's own peak: ru_maxrss would carry the parent's across fork and exec
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024)
 """
 
 
-def peak_rss_mb(ids: list[int]) -> tuple[float, float]:
+def peak_rss_mb(ids: list[int], decode: int) -> tuple[float, float]:
     """Peak RSS of a process running the default model (its repacked form already cached, as after a first run),
     and of one that only imports fourwalls and torch."""
     def run(*args: str) -> float:
         out = subprocess.run([sys.executable, "-c", _RSS, *args], capture_output=True, text=True, check=True)
         return float(out.stdout.strip().splitlines()[-1])
 
-    return run("model", ",".join(map(str, ids)), str(DECODE_TOKENS)), run("torch")
+    return run("model", ",".join(map(str, ids)), str(decode)), run("torch")
 
 
 def llama1b_gguf(tokenizer) -> Path:
@@ -194,25 +215,26 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="thread counts to try (comma-separated)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-1b", action="store_true", help="skip the Llama-3.2-1B-shaped model")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 thread, 1 repeat, 64-token prompt, 16 out")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
+    prompt, decode = PROMPT_TOKENS, DECODE_TOKENS
+    if args.quick:
+        threads, args.repeats, prompt, decode = [1], 1, 64, 16
     bandwidth = read_bandwidth(threads)  # measured again at the end; the machine's best counts
 
     gguf = bundled_gguf()
     lm = Store().load(DEFAULT_MODEL)
-    ids = prompt_ids(lm.tokenizer)
+    ids = prompt_ids(lm.tokenizer, prompt)
     tools = llama_cpp_bin()
     result = {"model": DEFAULT_MODEL, "weights": "gguf Q4_1 blocks", "isa": selected_isa(),
-              "prompt_tokens": PROMPT_TOKENS, "decode_tokens": DECODE_TOKENS}
-    # Interleaved, so that a change in the machine's load hits both sides alike.
-    ours = bench_fourwalls(lm.model, ids, threads, args.repeats)
-    theirs = bench_llama_cpp(tools, gguf, threads, args.repeats) if tools else None
-    result |= compare("default", ours, theirs)
+              "prompt_tokens": prompt, "decode_tokens": decode}
+    result |= compare("default", *both(lm.model, gguf, tools, ids, threads, args.repeats, decode))
     weight_bytes = sum(t.numel() * t.element_size()
                        for t in {t.data_ptr(): t for t in lm.model.state_dict().values()}.values())
     del lm
 
-    rss, torch_rss = peak_rss_mb(ids)
+    rss, torch_rss = peak_rss_mb(ids, decode)
     result |= {"default_peak_rss_mb": round(rss, 1), "torch_rss_mb": round(torch_rss, 1)}
 
     from transformers import AutoModelForCausalLM
@@ -222,23 +244,20 @@ def main() -> None:
     runs = []
     for t in threads:
         torch.set_num_threads(t)
-        runs += [bench_hf(hf, ids) for _ in range(args.repeats)]
+        runs += [bench_hf(hf, ids, decode) for _ in range(args.repeats)]
     del hf
     hf_prefill, hf_decode = min(r[0] for r in runs), min(r[1] for r in runs)
-    result |= {"hf_prefill_tok_s": round(PROMPT_TOKENS / hf_prefill, 1),
-               "hf_decode_tok_s": round(DECODE_TOKENS / hf_decode, 2),
-               "prefill_ratio_vs_hf": round(ours["pp"] * hf_prefill / PROMPT_TOKENS, 2),
-               "decode_ratio_vs_hf": round(ours["tg"] * hf_decode / DECODE_TOKENS, 2)}
+    result |= {"hf_prefill_tok_s": round(prompt / hf_prefill, 1), "hf_decode_tok_s": round(decode / hf_decode, 2),
+               "prefill_ratio_vs_hf": round(result["default_prefill_tok_s"] * hf_prefill / prompt, 2),
+               "decode_ratio_vs_hf": round(result["default_decode_tok_s"] * hf_decode / decode, 2)}
 
     if not args.no_1b:
         path = llama1b_gguf(Store().load(DEFAULT_MODEL).tokenizer)
         cfg, state, _ = read_checkpoint(path)
         big = build_model(cfg, state)
         del state
-        ours = bench_fourwalls(big, ids, threads, args.repeats)
+        result |= compare("llama1b", *both(big, path, tools, ids, threads, args.repeats, decode))
         del big
-        theirs = bench_llama_cpp(tools, path, threads, args.repeats) if tools else None
-        result |= compare("llama1b", ours, theirs)
 
     bw = max(bandwidth, read_bandwidth(threads))
     bound = bw / weight_bytes
