@@ -10,8 +10,8 @@ likewise keeps the output head above 4 bits, where quantization error costs the 
 
 GGUF's own blocks (BlockLinear, BlockEmbedding): a GGUF file's Q4_0/Q4_1/Q4_K and Q8_0/Q5_K/Q6_K matrices as the file
 holds them, 4- or 8-bit codes with a scale (and an offset, where the type has one) per group of 32 (Q6_K: 16), every
-weight exactly the file's; prompts and decoding both multiply them in the C kernels with the input in int8, as
-llama.cpp does.
+weight exactly the file's; prompts and decoding both multiply them in the C kernels with the input rounded to int8 in
+blocks of 32, as llama.cpp does (and torch the same way where the kernels cannot run).
 
 NF4 (QLoRA's 4-bit NormalFloat, Dettmers et al. 2023): blocks of 64 weights share an absmax scale and each weight is
 the index of the nearest of 16 levels placed at quantiles of a normal distribution. The frozen base of a QLoRA run
@@ -281,7 +281,8 @@ class BlockLinear(nn.Module):
     -8 d), Q4_1 (d and m) and Q4_K (each sub-block's d * sc and -dmin * m). 8 bits: int8 codes, groups of 32 or 16,
     offsets or none: Q8_0, Q5_K (codes 0..31 with offsets) and Q6_K (codes -32..31 in groups of 16). Prompts and
     decoding multiply in the C kernels (kernels.c's LIN_INT4 and LIN_Q8), the input rounded to int8 in blocks of
-    32 as llama.cpp does; without them, and for gradients, the layer is dequantized for each product.
+    32 as llama.cpp does; without them the same input, rounded in torch, meets the layer dequantized for the product;
+    for gradients the layer is dequantized and the input kept as it is.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int = 32, offsets: bool = True,
@@ -329,10 +330,21 @@ class BlockLinear(nn.Module):
                             self.in_features, bias=self.bias, scale=self.scales, zero=self.offsets, group=self.group)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = linear_product(self, x) if x.device.type == "cpu" and not torch.is_grad_enabled() else None
-        if y is None:  # no C kernels here, or gradients wanted (a frozen base under LoRA)
-            return linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled():  # gradients wanted (a frozen base under LoRA): the input as it is
+            return linear(x, self.dequantize().to(x.dtype), bias)
+        y = linear_product(self, x) if x.device.type == "cpu" else None
+        if y is None:  # no C kernels here: the same product in torch
+            y = linear(round_to_int8_blocks(x.float()), self.dequantize(), self.bias)
         return y.to(x.dtype)
+
+
+def round_to_int8_blocks(x: Tensor) -> Tensor:
+    """x as the integer kernels take it, back in fp32: each block of 32 values rounded to int8 steps of its absmax /
+    127 (llama.cpp's Q8_0 and Q8_1 inputs; kernels.c's q_input_rows)."""
+    blocks = x.unflatten(-1, (-1, 32))
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks * torch.where(d > 0, 1 / d, 0)) * d).flatten(-2)
 
 
 class BlockEmbedding(BlockLinear):
