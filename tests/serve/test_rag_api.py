@@ -16,12 +16,10 @@ import openai
 import pytest
 
 from fourwalls.engine import EngineConfig
-from fourwalls.errors import FormatError
 from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.rag.answer import NO_ANSWER
 from fourwalls.rag.loaders import load_text
-from fourwalls.serve.auth import KeyRing
 from fourwalls.serve.server import ServeConfig
 from tests.serve.conftest import LiveServer, free_port
 
@@ -101,26 +99,6 @@ def chat(live, question: str, key: str = ADMIN, rag: dict | None = None, **kw) -
     return call(live, "POST", "/v1/chat/completions", key, json={
         "model": "tiny-rag", "messages": [{"role": "user", "content": question}], "max_tokens": 8,
         "temperature": 0, "rag": {"collection": COLLECTION, **(rag or {})}, **kw})
-
-
-# --- key scopes ---------------------------------------------------------------------------------------------
-
-
-def test_key_groups_are_read_from_the_key_file(tmp_path):
-    path = tmp_path / "keys.json"
-    path.write_text(json.dumps({"keys": [
-        {"name": "admin", "sha256": sha("x"), "admin": True},
-        {"name": "user", "sha256": sha("y")},
-        {"name": "hr", "sha256": sha("z"), "groups": ["hr", "eng"]},
-        {"name": "all", "sha256": sha("w"), "groups": ["*"]},
-        {"name": "scoped-admin", "sha256": sha("v"), "admin": True, "groups": ["hr"]}]}))
-    ring = {k.name: k for k in KeyRing.load(path).keys}
-    assert ring["admin"].readable() is None and ring["all"].readable() is None
-    assert ring["user"].readable() == set()  # only documents without groups
-    assert ring["hr"].readable() == {"hr", "eng"} and ring["scoped-admin"].readable() == {"hr"}
-    path.write_text(json.dumps({"keys": [{"name": "bad", "sha256": sha("x"), "groups": "hr"}]}))
-    with pytest.raises(FormatError, match="groups"):
-        KeyRing.load(path)
 
 
 # --- collections --------------------------------------------------------------------------------------------
@@ -319,10 +297,11 @@ def stored_text(source: str) -> str:
 def check_citations(server, citations: list[dict]) -> None:
     assert [c["index"] for c in citations] == list(range(1, len(citations) + 1))
     for c in citations:
-        assert set(c) == {"index", "source", "title", "heading", "page", "span", "score", "similarity", "cited"}
+        assert set(c) == {"index", "source", "title", "heading", "page", "span", "score", "similarity", "text",
+                          "cited"}
         chunks = server.state.rag.store.chunks(COLLECTION, c["source"])  # the source exists in the store
         start, end = c["span"]
-        assert any((h.start, h.end) == (start, end) and stored_text(c["source"])[start:end] == h.text
+        assert any((h.start, h.end) == (start, end) and stored_text(c["source"])[start:end] == h.text == c["text"]
                    for h in chunks), c
 
 

@@ -5,15 +5,25 @@ tags that a document cannot close early, and any of the model's control-token st
 (``<|im_start|>``, ``</s>``, ...) are broken apart so that they reach the model as plain text, not as a new turn.
 Only chunks that are relevant go in: similar enough in meaning, or containing every word of the question. When
 none is, no model is asked: the answer is that the documents do not say.
+
+``ground`` is that whole step: retrieval, relevance, the grounded chat, and the sources it may cite, returned
+together; the CLI's ``ask`` and the server's RAG chat both call it once, then only generate and render.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fourwalls.rag.retrieve import Retriever
 from fourwalls.rag.stores import Hit, indexed_text, query_terms
+
+if TYPE_CHECKING:
+    from fourwalls.generate import SamplingParams
+    from fourwalls.store import LoadedModel
+    from fourwalls.tokenizer import Tokenizer
 
 SYSTEM = (
     "You answer questions using only the numbered sources provided in the user's message. Cite the sources "
@@ -32,7 +42,26 @@ class Answer:
     cited: list[int] = field(default_factory=list)  # the source numbers the answer cites
 
     def citations(self) -> list[dict]:
-        return [{"index": i + 1, **h.citation(), "cited": i + 1 in self.cited} for i, h in enumerate(self.sources)]
+        """Each source as a citation, with its quoted ``text`` (what the reader checks the answer against)."""
+        return [{"index": i + 1, **h.citation(), "text": h.text, "cited": i + 1 in self.cited}
+                for i, h in enumerate(self.sources)]
+
+
+@dataclass
+class Grounded:
+    """A question ready for the model: the chat to send it, with the sources inside, and those sources."""
+
+    messages: list[dict]
+    sources: list[Hit]  # numbered from 1 in the prompt
+
+    def answer(self, text: str) -> Answer:
+        """The model's reply as an Answer that knows which sources it cites."""
+        return Answer(text.strip(), self.sources, cited(text, len(self.sources)))
+
+    def citations(self, texts: Iterable[str] = ()) -> list[dict]:
+        """The sources as citations, ``cited`` when any of ``texts`` cites them (no texts: not known yet)."""
+        numbers = sorted({i for t in texts for i in cited(t, len(self.sources))})
+        return Answer("", self.sources, numbers).citations()
 
 
 def neutralise(text: str, control: list[str]) -> str:
@@ -53,9 +82,11 @@ def sources_block(hits: list[Hit], control: list[str]) -> str:
 
 
 def messages(question: str, hits: list[Hit], control: list[str], history: list[dict] | None = None) -> list[dict]:
-    """The chat for a grounded answer: our system message, earlier turns, then the sources and the question."""
+    """The chat for a grounded answer: our system message (in place of any in ``history``), the earlier turns,
+    then the sources and the question."""
     user = f"Sources:\n\n{sources_block(hits, control)}\n\nQuestion: {question}"
-    return [{"role": "system", "content": SYSTEM}, *(history or []), {"role": "user", "content": user}]
+    turns = [m for m in history or [] if m["role"] != "system"]
+    return [{"role": "system", "content": SYSTEM}, *turns, {"role": "user", "content": user}]
 
 
 def relevant(hits: list[Hit], query: str, min_similarity: float) -> list[Hit]:
@@ -76,22 +107,41 @@ def cited(text: str, n: int) -> list[int]:
     return list(dict.fromkeys(i for i in found if 1 <= i <= n))
 
 
-def control_tokens(tokenizer) -> list[str]:
+def control_tokens(tokenizer: Tokenizer) -> list[str]:
     """The strings a tokenizer turns into special (control) tokens."""
     return [t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special]
 
 
-def ask(lm, retriever: Retriever, collection: str, question: str, params, k: int = 5,
-        groups: set[str] | None = None, where: dict[str, str] | None = None,
-        min_similarity: float = MIN_SIMILARITY) -> Answer:
-    """Retrieve, then let the model answer from the sources (``lm``: a loaded model with its tokenizer)."""
-    from fourwalls.generate import complete
+def ground(retriever: Retriever, collection: str, question: str, tokenizer: Tokenizer, *,
+           history: list[dict] | None = None, k: int = 5, mode: str = "hybrid", groups: set[str] | None = None,
+           where: dict[str, str] | None = None, min_similarity: float | None = None) -> Grounded | Answer:
+    """Retrieve for ``question`` and build the chat that answers it from the relevant chunks; when none is
+    relevant, the final Answer (NO_ANSWER, no sources) instead: no model needs to run.
 
-    hits = relevant(retriever.search(collection, question, k, groups=groups, where=where), question,
-                    min_similarity)
+    ``history``: earlier turns of the conversation, kept before the question (their system message is replaced);
+    ``min_similarity``: None for MIN_SIMILARITY.
+    """
+    hits = retriever.search(collection, question, k, mode, groups, where)
+    if mode == "bm25" and hits:  # BM25 finds no similarity to judge relevance by: measure it
+        vectors = retriever.embedder.embed([question] + [indexed_text(h.title, h.heading, h.text) for h in hits])
+        for h, v in zip(hits, vectors[1:]):
+            h.similarity = float(v @ vectors[0])
+    hits = relevant(hits, question, MIN_SIMILARITY if min_similarity is None else min_similarity)
     if not hits:
         return Answer(NO_ANSWER, [])
-    chat = messages(question, hits, control_tokens(lm.tokenizer))
-    prompt = lm.tokenizer.encode_chat(chat)
-    text, _, _ = complete(lm.model, lm.tokenizer, prompt, params, lm.config.eos_token_ids)
-    return Answer(text.strip(), hits, cited(text, len(hits)))
+    return Grounded(messages(question, hits, control_tokens(tokenizer), history), hits)
+
+
+def ask(lm: LoadedModel, retriever: Retriever, collection: str, question: str, params: SamplingParams, k: int = 5,
+        groups: set[str] | None = None, where: dict[str, str] | None = None,
+        min_similarity: float | None = None) -> Answer:
+    """Retrieve, then let the model answer from the sources (``min_similarity``: None for MIN_SIMILARITY)."""
+    from fourwalls.generate import complete
+
+    grounded = ground(retriever, collection, question, lm.tokenizer, k=k, groups=groups, where=where,
+                      min_similarity=min_similarity)
+    if isinstance(grounded, Answer):
+        return grounded
+    text, _, _ = complete(lm.model, lm.tokenizer, lm.tokenizer.encode_chat(grounded.messages), params,
+                          lm.config.eos_token_ids)
+    return grounded.answer(text)

@@ -1,8 +1,13 @@
 """The OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models, and adapter loading.
 
-Chat completions take one extension, ``rag`` (see ``serve.rag``): the answer is grounded in a document
-collection and the response gets a top-level ``citations`` list; when streaming, the citations come in the first
-chunk's top-level ``citations`` field, with ``cited: false`` since the text is not known yet.
+Chat completions take one extension, ``rag``: ``{"collection", "top_k", "mode", "where", "min_similarity"}``. The
+last user message is the question; ``rag.answer.ground`` retrieves for it, among the documents the caller may read,
+and returns the conversation with the relevant chunks as numbered sources in place of its system message (earlier
+turns are kept), together with those sources. The response carries a top-level ``citations`` list: ``{"index",
+"source", "title", "heading", "page", "span", "score", "similarity", "text", "cited"}``, ``text`` the quoted chunk,
+``cited`` when an answer cites ``[index]``. When streaming, the citations come in the first chunk's top-level
+``citations`` field, all with ``cited: false`` (the text is not known yet). When no chunk is relevant, no model
+runs: the answer is ``answer.NO_ANSWER``, with ``citations: []`` and zero usage.
 """
 
 from __future__ import annotations
@@ -13,33 +18,29 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fourwalls.engine import Request as EngineRequest
-from fourwalls.errors import ForbiddenError, FourwallsError, NotFoundError, UsageError
+from fourwalls.errors import FourwallsError, NotFoundError, UsageError
 from fourwalls.generate import Delta, SamplingParams, TokenInfo
-from fourwalls.serve.auth import Key
-from fourwalls.serve.schemas import MAX_STOP, AdapterLoad, ChatCompletionRequest, CompletionRequest, Sampling
-from fourwalls.serve.state import Batch, ServerState, error_from
+from fourwalls.rag.answer import Answer, Grounded, ground
+from fourwalls.serve.caller import Caller
+from fourwalls.serve.common import DONE, CurrentCaller, State, error_from, sse
+from fourwalls.serve.schemas import (
+    MAX_STOP,
+    AdapterLoad,
+    ChatCompletionRequest,
+    CompletionRequest,
+    RagOptions,
+    Sampling,
+)
+from fourwalls.serve.state import Batch, ServerState
 
 log = logging.getLogger("fourwalls.requests")
 router = APIRouter()
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.fourwalls
-
-
-def get_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> Key | None:
-    state = get_state(request)
-    return None if state.keys is None else state.keys.authenticate(authorization)
-
-
-State = Annotated[ServerState, Depends(get_state)]
-AuthKey = Annotated[Key | None, Depends(get_key)]
 
 
 def _params(body: Sampling, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
@@ -50,14 +51,13 @@ def _params(body: Sampling, max_tokens: int, logprobs: int | None, index: int) -
                           seed=seed, stop=body.stop_list(), logprobs=logprobs)
 
 
-def _start(state: ServerState, key: Key | None, body: Sampling, prompts: list[list[int]],
-                 max_tokens: int | None, default_max: int | None, logprobs: int | None) -> Batch:
-    """Check a request against the key, the context window and the grammar, and queue its choices."""
-    adapter = _authorize(state, key, body)
-    if key is not None:
-        state.keys.admit(key, sum(map(len, prompts)) * body.n)
+def _start(state: ServerState, caller: Caller, body: Sampling, prompts: list[list[int]], max_tokens: int | None,
+           default_max: int | None, logprobs: int | None) -> Batch:
+    """Check a request against the caller, the context window and the grammar, and queue its choices."""
+    adapter = _authorize(state, caller, body)
+    caller.admit(sum(map(len, prompts)) * body.n)
     if len(body.stop_list()) > MAX_STOP or any(not s for s in body.stop_list()):
-        raise _bad(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+        raise UsageError(f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
     requests = []
     for prompt in prompts:
         n = max_tokens or (default_max or state.engine.config.max_len - len(prompt))
@@ -69,11 +69,10 @@ def _start(state: ServerState, key: Key | None, body: Sampling, prompts: list[li
     return Batch(state, requests, adapter)
 
 
-def _authorize(state: ServerState, key: Key | None, body: Sampling) -> str | None:
-    """The adapter the request's model names (None: the base model), if the key may use it."""
+def _authorize(state: ServerState, caller: Caller, body: Sampling) -> str | None:
+    """The adapter the request's model names (None: the base model), if the caller may use it."""
     adapter = state.resolve_model(body.model)
-    if key is not None and not key.may_use(body.model) and not (adapter and key.may_use(adapter)):
-        raise ForbiddenError(f"this API key may not use model '{body.model}'")
+    caller.require_model(body.model, adapter)
     return adapter
 
 
@@ -84,15 +83,11 @@ def _constraint(state: ServerState, body: Sampling) -> Any:
     if fmt.type == "json_object":
         return state.grammars.json(None)
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise _bad("response_format json_schema needs json_schema.schema", "response_format")
+        raise UsageError("response_format json_schema needs json_schema.schema", param="response_format")
     try:
         return state.grammars.json(fmt.json_schema.schema_)
     except FourwallsError as e:
-        raise _bad(str(e), "response_format") from None
-
-
-def _bad(message: str, param: str) -> FourwallsError:
-    return FourwallsError(message, param=param)
+        raise UsageError(str(e), param="response_format") from None
 
 
 def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
@@ -122,36 +117,35 @@ async def _collect(batch: Batch, request: Request) -> list[list[Delta]]:
         batch.cancel()
 
 
-async def _respond(batch: Batch, body: Sampling, request: Request, key: Key | None, frame: Any,
+async def _respond(batch: Batch, body: Sampling, request: Request, caller: Caller, frame: Any,
                    headers: dict[str, str]) -> Response | list[list[Delta]]:
     """A streaming response of ``frame(choice, chunk)`` events, or (not streaming) every choice's chunks."""
     if body.stream:
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(batch, frame, usage, key), media_type="text/event-stream",
+        return StreamingResponse(_stream(batch, frame, _wants_usage(body), caller), media_type="text/event-stream",
                                  headers=headers)
     try:
         return await _collect(batch, request)
     finally:
-        batch.spend(key)
+        caller.spend(batch.tokens)
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _wants_usage(body: Sampling) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def _stream(batch: Batch, frame: Any, usage: bool, key: Key | None) -> AsyncIterator[str]:
+async def _stream(batch: Batch, frame: Any, usage: bool, caller: Caller) -> AsyncIterator[str]:
     """Server-sent events: one frame per chunk, an optional usage frame, then [DONE]."""
     try:
         async for i, chunk in batch.events():
-            yield _sse(frame(i, chunk))
+            yield sse(frame(i, chunk))
         if usage:
-            yield _sse({**frame(0, None), "choices": [], "usage": _usage(batch)})
+            yield sse({**frame(0, None), "choices": [], "usage": _usage(batch)})
     except FourwallsError as e:
-        yield _sse(json.loads(error_from(e).body))
+        yield sse(json.loads(error_from(e).body))
     finally:
         batch.cancel()  # the client went away (or an error): free the engine's rows now
-        batch.spend(key)
-    yield "data: [DONE]\n\n"
+        caller.spend(batch.tokens)
+    yield DONE
 
 
 def _usage(batch: Batch) -> dict[str, int]:
@@ -168,37 +162,34 @@ def _log(state: ServerState, kind: str, prompt: Any, outputs: list[str]) -> None
 
 
 @router.get("/v1/models")
-async def list_models(state: State, key: AuthKey) -> Any:
+async def list_models(state: State, caller: CurrentCaller) -> Any:
     base = state.lm.name
     data = [{"id": base, "object": "model", "created": state.created, "owned_by": "fourwalls", "root": base,
              "parent": None, "digest": state.lm.digest, "max_model_len": state.engine.config.max_len}]
     for name, a in list(state.engine.adapters.items()):
         data.append({"id": name, "object": "model", "created": state.created, "owned_by": "fourwalls",
                      "root": base, "parent": base, "digest": a.digest})
-    if key is not None:
-        data = [m for m in data if key.may_use(m["id"])]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [m for m in data if caller.may_use(m["id"])]}
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, state: State,
-                      key: AuthKey) -> Response:
+async def completions(body: CompletionRequest, request: Request, state: State, caller: CurrentCaller) -> Response:
     tok = state.lm.tokenizer
     if isinstance(body.prompt, str):
         texts, prompts = [body.prompt], [tok.encode(body.prompt)]
     elif body.prompt and all(isinstance(x, int) for x in body.prompt):
         vocab = state.lm.config.vocab_size
         if any(not 0 <= t < vocab for t in body.prompt):
-            raise _bad(f"prompt token ids must be in [0, {vocab})", "prompt")
+            raise UsageError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         texts, prompts = [tok.decode(body.prompt)], [list(body.prompt)]
     else:
         texts = [str(p) for p in body.prompt]
         prompts = [tok.encode(t) for t in texts]
     if not prompts or any(not p for p in prompts):
-        raise _bad("the prompt is empty", "prompt")
+        raise UsageError("the prompt is empty", param="prompt")
     if body.echo and body.stream:
-        raise _bad("echo is not supported with stream", "echo")
-    batch = _start(state, key, body, prompts, body.max_tokens, 16, body.logprobs)
+        raise UsageError("echo is not supported with stream", param="echo")
+    batch = _start(state, caller, body, prompts, body.max_tokens, 16, body.logprobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
     echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
@@ -211,7 +202,7 @@ async def completions(body: CompletionRequest, request: Request, state: State,
         choices = [] if c is None else [choice(i, c.text, c.tokens, c.finish_reason)]
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
 
-    outs = await _respond(batch, body, request, key, frame, headers)
+    outs = await _respond(batch, body, request, caller, frame, headers)
     if isinstance(outs, Response):
         return outs
     choices = [choice(i, echo[i] + "".join(c.text for c in cs), [t for c in cs for t in c.tokens],
@@ -226,7 +217,8 @@ CHAT_DESCRIPTION = """OpenAI chat completions.
 fourwalls extension: with `"rag": {"collection": ..., "top_k": 5, "mode": "hybrid", "where": {...},
 "min_similarity": null}` the last user message is answered from the collection's documents that the API key may
 read. The retrieved chunks replace the system message as numbered sources; the response has a top-level
-`citations` list of `{"index", "source", "title", "heading", "page", "span", "score", "similarity", "cited"}`.
+`citations` list of `{"index", "source", "title", "heading", "page", "span", "score", "similarity", "text", "cited"}`
+(`text`: the quoted chunk).
 **Streaming:** the citations come once, in the first chunk's top-level `citations` field, all with `cited: false`
 (the answer is not known yet). Only relevant chunks become sources (at least `min_similarity`, default 0.3, cosine
 similar to the question, or containing all of its words); when none is, the model does not run: the answer says the
@@ -235,23 +227,20 @@ documents do not tell, with `citations: []` and zero usage."""
 
 @router.post("/v1/chat/completions", description=CHAT_DESCRIPTION)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
-                           key: AuthKey) -> Response:
+                           caller: CurrentCaller) -> Response:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    hits = None
+    grounded = None
     if body.rag is not None:
-        from fourwalls.serve import rag
-
-        adapter = _authorize(state, key, body)  # before any retrieval
-        grounded = await rag.ground(state, key, body.rag, messages)
-        if grounded is None:
-            if key is not None:
-                state.keys.admit(key, 0)
-            _log(state, "chat", messages, [rag.NO_ANSWER])
-            return rag.no_answer(body, _headers(state, adapter))
-        messages, hits = grounded
+        adapter = _authorize(state, caller, body)  # before any retrieval
+        grounded = await _ground(state, caller, body.rag, messages)
+        if isinstance(grounded, Answer):
+            caller.admit(0)
+            _log(state, "chat", messages, [grounded.text])
+            return _no_answer(body, grounded.text, _headers(state, adapter))
+        messages = grounded.messages
     prompt = state.lm.tokenizer.encode_chat(messages)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    batch = _start(state, key, body, [prompt], body.max_completion_tokens or body.max_tokens, None, logprobs)
+    batch = _start(state, caller, body, [prompt], body.max_completion_tokens or body.max_tokens, None, logprobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
 
@@ -271,12 +260,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             choices = [{"index": i, "delta": delta, "logprobs": lp(c.tokens), "finish_reason": c.finish_reason}]
         out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                "choices": choices}
-        if hits is not None and not started_citations:
+        if grounded is not None and not started_citations:
             started_citations.append(True)
-            out["citations"] = rag.citations(hits, None)
+            out["citations"] = grounded.citations()
         return out
 
-    outs = await _respond(batch, body, request, key, frame, headers)
+    outs = await _respond(batch, body, request, caller, frame, headers)
     if isinstance(outs, Response):
         return outs
     choices = []
@@ -286,9 +275,51 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                         "logprobs": lp(tokens), "finish_reason": cs[-1].finish_reason})
     texts = [c["message"]["content"] for c in choices]
     _log(state, "chat", messages, texts)
-    extra = {} if hits is None else {"citations": rag.citations(hits, texts)}
+    extra = {} if grounded is None else {"citations": grounded.citations(texts)}
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                          "choices": choices, "usage": _usage(batch), **extra}, headers=headers)
+
+
+async def _ground(state: ServerState, caller: Caller, options: RagOptions,
+                  messages: list[dict[str, str]]) -> Grounded | Answer:
+    """The conversation grounded in what the caller may read of the collection, or the answer without a model."""
+    if messages[-1]["role"] != "user":
+        raise UsageError("with rag, the last message must be the user's question", param="messages")
+    question = messages[-1]["content"]
+    if not question.strip():
+        raise UsageError("with rag, the last user message (the question) must not be empty", param="messages")
+    rag = state.rag
+
+    def work() -> Grounded | Answer:
+        rag.collection(options.collection)
+        return ground(rag.retriever(), options.collection, question, state.lm.tokenizer, history=messages[:-1],
+                      k=options.top_k, mode=options.mode, groups=caller.groups, where=options.where,
+                      min_similarity=options.min_similarity)
+
+    return await asyncio.to_thread(work)
+
+
+def _no_answer(body: ChatCompletionRequest, text: str, headers: dict[str, str]) -> Response:
+    """The answer given without running the model (nothing the caller may read is relevant): ``text`` in every
+    choice, no citations, zero usage."""
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": body.model}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if not body.stream:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": "stop"} for i in range(body.n)]
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage,
+                             "citations": []}, headers=headers)
+
+    async def events() -> AsyncIterator[str]:
+        choices = [{"index": i, "delta": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": "stop"} for i in range(body.n)]
+        yield sse({**head, "object": "chat.completion.chunk", "choices": choices, "citations": []})
+        if _wants_usage(body):
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        yield DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def _token_text(state: ServerState, token: int) -> str:
@@ -314,29 +345,22 @@ def _completion_logprobs(state: ServerState, tokens: list[TokenInfo]) -> dict[st
             "text_offset": offsets}
 
 
-def _admin(key: Key | None) -> None:
-    if key is not None and not key.admin:
-        raise ForbiddenError("loading and unloading adapters needs an admin API key")
-
-
 @router.post("/v1/adapters")
-async def load_adapter(body: AdapterLoad, state: State,
-                       key: AuthKey) -> Any:
-    _admin(key)
+async def load_adapter(body: AdapterLoad, state: State, caller: CurrentCaller) -> Any:
+    caller.require_admin("loading and unloading adapters")
     if body.name == state.lm.name:
-        raise _bad(f"'{body.name}' is the base model's name", "name")
+        raise UsageError(f"'{body.name}' is the base model's name", param="name")
     try:
         folder = state.store.adapter_folder(body.path)
     except UsageError as e:
-        raise _bad(str(e), "path") from None
+        raise UsageError(str(e), param="path") from None
     adapter = await asyncio.to_thread(state.engine.add_adapter, body.name, folder)
     return {"id": adapter.name, "object": "model", "parent": state.lm.name, "digest": adapter.digest}
 
 
 @router.delete("/v1/adapters/{name}")
-async def unload_adapter(name: str, state: State,
-                         key: AuthKey) -> Any:
-    _admin(key)
+async def unload_adapter(name: str, state: State, caller: CurrentCaller) -> Any:
+    caller.require_admin("loading and unloading adapters")
     if name not in state.engine.adapters:
         raise NotFoundError(f"adapter '{name}' is not loaded")
     state.engine.remove_adapter(name)

@@ -1,46 +1,35 @@
-"""What the routes share: the loaded model, its engine, and the server's settings."""
+"""What the routes share: the loaded model, its engine, the document store and embedder, and the server's
+settings; and ``Batch``, the engine requests of one API call."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from fastapi.responses import JSONResponse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from fourwalls.engine import Engine, Request
 from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import FourwallsError, NotFoundError
 from fourwalls.generate import Delta
-from fourwalls.serve.auth import KeyRing
+from fourwalls.serve.caller import KeyRing
+from fourwalls.serve.conversation_store import ConversationStore
 from fourwalls.serve.metrics import Metrics
-from fourwalls.store import LoadedModel, Store
+from fourwalls.store import LoadedModel, Store, home
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable", 504: "timeout"}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """The OpenAI error object."""
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def error_from(e: FourwallsError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if hasattr(e, "retry_after") else None
-    if e.http_status == 503:
-        headers = {"Retry-After": "1"}
-    return error_response(e.http_status, str(e), e.param, e.code, headers)
+if TYPE_CHECKING:
+    from fourwalls.rag.embed import Embedder
+    from fourwalls.rag.retrieve import Retriever
+    from fourwalls.rag.stores import Collection, DocumentStore
 
 
 class _LockedStore:
     """A document store whose every call holds the lock: one apsw connection is shared by the request threads."""
 
-    def __init__(self, store: Any, lock: threading.Lock) -> None:
+    def __init__(self, store: DocumentStore, lock: threading.Lock) -> None:
         self._store, self._lock = store, lock
 
     def __getattr__(self, name: str) -> Any:
@@ -65,20 +54,20 @@ class RagService:
         self.lock = threading.Lock()
         self.writes = threading.Lock()
         self._opening, self._loading = threading.Lock(), threading.Lock()
-        self._store: Any = None
-        self._embedder: Any = None
+        self._store: DocumentStore | None = None
+        self._embedder: Embedder | None = None
 
     @property
-    def store(self) -> Any:
+    def store(self) -> DocumentStore:
         with self._opening:
             if self._store is None:
                 from fourwalls.rag.stores import open_store
 
-                self._store = _LockedStore(open_store(self.store_url), self.lock)
+                self._store = cast("DocumentStore", _LockedStore(open_store(self.store_url), self.lock))
             return self._store
 
     @property
-    def embedder(self) -> Any:
+    def embedder(self) -> Embedder:
         with self._loading:
             if self._embedder is None:
                 from fourwalls.rag.embed import embedder
@@ -86,10 +75,18 @@ class RagService:
                 self._embedder = embedder(self.embedder_folder)
             return self._embedder
 
-    def retriever(self) -> Any:
+    def retriever(self) -> Retriever:
         from fourwalls.rag.retrieve import Retriever
 
         return Retriever(self.store, self.embedder)
+
+    def collection(self, name: str) -> Collection:
+        """The collection, or a 404 that says where the collections are listed."""
+        try:
+            return self.store.collection(name)
+        except NotFoundError:
+            raise NotFoundError(f"collection '{name}' does not exist; GET /v1/collections lists them",
+                                param="collection", code="collection_not_found") from None
 
     def close(self) -> None:
         with self._opening:
@@ -113,16 +110,35 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
     embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    conversations_path: Path = field(default_factory=lambda: home() / "conversations.db")
     _rag: RagService | None = field(default=None, repr=False)
-    _rag_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _conversations: ConversationStore | None = field(default=None, repr=False)
 
     @property
     def rag(self) -> RagService:
         """The RAG service, created on first use (nothing is opened or loaded until a RAG route needs it)."""
-        with self._rag_lock:
+        with self._opening:
             if self._rag is None:
                 self._rag = RagService(self.rag_store, self.embedder_folder)
             return self._rag
+
+    @property
+    def conversations(self) -> ConversationStore:
+        """The saved conversations, opened on first use."""
+        with self._opening:
+            if self._conversations is None:
+                self._conversations = ConversationStore(self.conversations_path)
+            return self._conversations
+
+    def close(self) -> None:
+        """Close the stores that were opened."""
+        with self._opening:
+            if self._rag is not None:
+                self._rag.close()
+            if self._conversations is not None:
+                self._conversations.close()
+                self._conversations = None
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a request's ``model`` names (None: the base model); 404 for anything else."""
@@ -164,7 +180,12 @@ class Batch:
     def prompt_tokens(self) -> int:
         return sum(len(r.prompt) for r in self.requests)
 
-    async def events(self) -> Any:
+    @property
+    def tokens(self) -> int:
+        """Prompt and completion tokens so far: what the caller is charged."""
+        return self.prompt_tokens + self.completion_tokens
+
+    async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         """Yield (index, chunk) until every request has finished; a failed request raises its error."""
         m = self.state.metrics
         while self.open:
@@ -194,7 +215,3 @@ class Batch:
     def cancel(self) -> None:
         for r in self.requests:
             r.cancel()
-
-    def spend(self, key: Any) -> None:
-        if key is not None and self.state.keys is not None:
-            self.state.keys.spend(key, self.prompt_tokens + self.completion_tokens)

@@ -18,7 +18,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from fourwalls.errors import NotFoundError, UsageError
-from fourwalls.rag.stores import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
+from fourwalls.rag.stores.base import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fw_collections(

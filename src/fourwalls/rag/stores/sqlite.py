@@ -23,7 +23,7 @@ import numpy as np
 import sqlite_vec
 
 from fourwalls.errors import FormatError, NotFoundError, OverloadedError, UsageError
-from fourwalls.rag.stores import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
+from fourwalls.rag.stores.base import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections(
