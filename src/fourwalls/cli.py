@@ -582,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--name", required=True)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype to store (auto: as the source, GGUF dequantized to float32)")
+                   help="weight dtype to store (auto: as the source, a GGUF file's quantized weights in their "
+                        "blocks; a float dtype dequantizes them, for HF transformers)")
     p.set_defaults(func=cmd_models_import)
     p = msub.add_parser("list", help="list stored models")
     p.add_argument("--json", action="store_true")

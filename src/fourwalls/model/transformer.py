@@ -172,7 +172,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # nn.Embedding's own N(0, 1) start, but none on the meta device (a skeleton about to receive stored weights):
+        # there torch's normal_ imports its Python reference kernels, sympy and all, 70 MB and seconds for nothing
+        table = torch.empty(cfg.vocab_size, cfg.dim)
+        if table.device.type != "meta":
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=table)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -214,7 +219,7 @@ class Transformer(nn.Module):
             mask, is_causal = cache.prepare(input_pos)
         else:  # no cache: positions are 0..t-1, as in training
             mask, is_causal = None, t > 1
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens).to(self.dtype)  # a quantized table gives fp32 rows
         if self._inv_freq is None or self._inv_freq.device != x.device:
             self._inv_freq = rope_inv_freq(self.config, x.device)
         cos, sin = rope_cos_sin(self._inv_freq, input_pos, x.dtype)

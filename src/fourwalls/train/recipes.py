@@ -102,7 +102,7 @@ def load_trainable(store: Store, model_name: str, name: str, method: str, max_le
     base_ref = store.resolve(model_name)
     if base_ref.kind == "adapter":
         raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) or {verb} its base")
-    lm = store.load(model_name)
+    lm = store.load(model_name, quantized=False)  # a GGUF file's blocks dequantized: weights to train
     if lm.config.quantization:
         raise UsageError(f"'{model_name}' is quantized for deployment; {verb} its float parent "
                          f"'{base_ref.manifest.get('lineage', {}).get('parent')}' (or use --method qlora on it)")
@@ -178,7 +178,7 @@ def merge(adapter: str, name: str, store: Store | None = None) -> ModelRef:
     if ref.kind != "adapter":
         raise UsageError(f"'{adapter}' is not an adapter; `fourwalls models list` shows which are")
     store.check_new_name(name)
-    lm = store.load(adapter)
+    lm = store.load(adapter, quantized=False)  # the merged model is a float one
     merge_lora(lm.model)
     lineage = {"method": "merge", "adapter": adapter, "adapter_digest": ref.digest, "base": ref.manifest["base"],
                "base_digest": ref.manifest["base_digest"], "command": _command()}
