@@ -9,8 +9,8 @@
 # The sdist comes from PyPI (pip download), the only network access; the build itself is offline.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-pip="${PIP:-$here/.venv/bin/pip}"
-[ -x "$pip" ] || pip="python3 -m pip"
+pip="${PIP:-$here/.venv/bin/pip}"  # PIP may be a command with arguments: "python -m pip"
+[ -n "${PIP:-}" ] || [ -x "$pip" ] || pip="python3 -m pip"
 version="${LLAMACPP_VERSION:-$($pip show llama-cpp-python 2>/dev/null | sed -n 's/^Version: //p' || true)}"
 version="${version:-0.3.36}"
 # The CPU's flags are part of the key: a cache copied to another machine is not reused there.

@@ -75,3 +75,9 @@ def small_disk(tmp_path):
     yield mount
     for path in mounted:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="session")
+def smol_float(smol, session_store):
+    """The bundled model with its GGUF blocks dequantized to fp32 (what HF transformers computes, and training)."""
+    return session_store.load(DEFAULT_MODEL, quantized=False)

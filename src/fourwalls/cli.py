@@ -260,6 +260,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
 
 
+def cmd_align(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+    from fourwalls.train.recipes import align
+
+    ref, result = align(args.model, Path(args.data), args.objective, args.name, _train_config(args), args.method,
+                        _lora(args), beta=args.beta, desirable_weight=args.desirable_weight,
+                        undesirable_weight=args.undesirable_weight, shape=args.format, max_len=args.max_len,
+                        val_fraction=args.val_fraction, val_data=Path(args.val_data) if args.val_data else None,
+                        skip_bad_lines=args.skip_bad_lines, ref_cache=args.ref_cache, run_dir=args.run_dir,
+                        resume=bool(args.resume))
+    if ref is None:  # a torchrun worker other than rank 0
+        return
+    run_dir = args.run_dir or Store().root / "runs" / args.name
+    held_out = ", ".join(f"{label} {result[key]:{form}}" for key, label, form in [
+        ("val_reward_accuracy", "reward accuracy", ".2f"), ("val_reward_margin", "margin", ".3f"),
+        ("val_loss", "loss", ".4f")] if key in result)  # KTO: no margin when the held-out answers share a label
+    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps; held out: {held_out}; "
+          f"curves in {run_dir}/loss.png")
+
+
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from fourwalls.store import Store
     from fourwalls.train.unlearn import unlearn
@@ -423,6 +443,31 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p, lr=2e-4, steps=100)
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("align", help="preference-tune a model (DPO, IPO, KTO, ORPO) on chosen/rejected answers")
+    p.add_argument("--objective", required=True, choices=["dpo", "ipo", "kto", "orpo"],
+                   help="dpo, ipo and orpo read pairs, kto labelled answers")
+    p.add_argument("--data", required=True, help="JSONL: {prompt, chosen, rejected} (optional system) | {messages, "
+                   "chosen: {...}, rejected: {...}} | for kto {prompt, completion, label: true|false}")
+    p.add_argument("--format", default="auto", choices=["auto", "pairs", "kto"])
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"],
+                   help="qlora: the frozen base in 4-bit NF4 (less memory), LoRA on top")
+    p.add_argument("--name", required=True, help="store the result under this name")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="DPO/KTO beta, IPO tau, ORPO lambda (default 0.1, as in the papers)")
+    p.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D (default 1)")
+    p.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U (default 1)")
+    p.add_argument("--ref-cache", nargs="?", const=True, default=False, type=Path, metavar="DIR",
+                   help="with LoRA: compute the reference log-probabilities once and reuse them instead of a "
+                   "reference pass each step (always so with --method full; default DIR: the store's cache)")
+    p.add_argument("--max-len", type=int, default=512, help="longest prompt + answer; longer ones are truncated")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share for validation")
+    p.add_argument("--val-data", help="a separate JSONL validation file (instead of --val-fraction)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
+    _lora_flags(p)
+    _train_flags(p, lr=5e-5, steps=100)
+    p.set_defaults(func=cmd_align)
+
     p = sub.add_parser("unlearn", help="make a model forget text it memorised, keeping what it should know")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
     p.add_argument("--forget", required=True, help="what to forget: text (one example per paragraph) or JSONL "
@@ -543,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--name", required=True)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype to store (auto: as the source, GGUF dequantized to float32)")
+                   help="weight dtype to store (auto: as the source, a GGUF file's quantized weights in their "
+                        "blocks; a float dtype dequantizes them, for HF transformers)")
     p.set_defaults(func=cmd_models_import)
     p = msub.add_parser("list", help="list stored models")
     p.add_argument("--json", action="store_true")

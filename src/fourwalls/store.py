@@ -35,6 +35,7 @@ from fourwalls.files import atomic_write, folder_digest, sha256_file, writing
 from fourwalls.formats import read_checkpoint
 from fourwalls.formats.hf import read_hf, write_hf
 from fourwalls.model.config import ModelConfig
+from fourwalls.model.quant import GGUF_SCHEME
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
 
@@ -86,18 +87,25 @@ def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype =
     """A Transformer holding ``state`` (float tensors cast to ``dtype``), without allocating random weights first.
 
     A quantized model (``cfg.quantization``) gets its quantized layers; their integer tensors stay as stored, copied
-    only where a file's memory map placed them off a 64-byte boundary: torch's AVX-512 int8 kernel
-    (``_weight_int8pack_mm``) faulted on a weight 8 bytes off one, where safetensors may put a tensor.
+    only where a file's memory map placed them off a 64-byte boundary and torch's kernels read them: torch's AVX-512
+    int8 kernel (``_weight_int8pack_mm``) faulted on a weight 8 bytes off one, where safetensors may put a tensor.
     """
     from fourwalls.model.quant import skeleton, tie
 
-    def as_loaded(t: Tensor) -> Tensor:
-        if t.is_floating_point():
+    # A GGUF block layer's scales and offsets keep their dtype (fp16 or fp32): they are the file's exact numbers.
+    # Its tensors stay where the file's memory map put them: fourwalls' kernels read any alignment.
+    blocks = (cfg.quantization or {}).get("layers", {}) if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME \
+        else {}
+    exact = {f"{layer}.{t}" for layer in blocks for t in ("scales", "offsets")}
+    mapped = {f"{layer}.weight" for layer in blocks} | exact
+
+    def as_loaded(key: str, t: Tensor) -> Tensor:
+        if t.is_floating_point() and key not in exact:
             return t.to(dtype)
-        return t if t.data_ptr() % 64 == 0 else t.clone()
+        return t if t.data_ptr() % 64 == 0 or key in mapped else t.clone()
 
     model = skeleton(cfg)
-    state = {k: as_loaded(v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
+    state = {k: as_loaded(k, v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k.startswith("lm_head."))]
     if missing or unexpected:
@@ -160,15 +168,21 @@ class Store:
             raise UsageError(f"'{where}' is a model, not an adapter")
         return ref.path
 
-    def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
-        """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype."""
+    def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32,
+             quantized: bool = True) -> LoadedModel:
+        """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype.
+
+        A GGUF file's quantized matrices stay quantized, in its own blocks (as stored, too, once imported);
+        ``quantized=False`` dequantizes those to ``dtype``, for training. Models made by `fourwalls quantize` stay
+        quantized either way.
+        """
         ref = self.resolve(name_or_path)
         if dtype is None:
             dtype = DTYPES.get(ref.manifest.get("dtype", ""), torch.float32)
         if ref.kind == "adapter":  # the base model with the adapter attached (unmerged)
             from fourwalls.model.lora import load_adapter
 
-            base = self.load(ref.manifest["base"], dtype)
+            base = self.load(ref.manifest["base"], dtype, quantized)
             if base.digest != ref.manifest["base_digest"]:
                 raise FormatError(f"adapter '{ref.name}' was trained on {ref.manifest['base_digest']}, but "
                                   f"'{ref.manifest['base']}' is now {base.digest}")
@@ -177,8 +191,9 @@ class Store:
         if ref.path.is_dir():
             cfg, state, tok = read_hf(ref.path, ref.name)
         else:
-            # Parsing and dequantizing a GGUF takes seconds; keep the converted folder, keyed by the file's digest.
-            cached = self.root / "cache" / ref.digest
+            # Parsing a GGUF file's metadata takes seconds: keep its repacked form (as large as the file), keyed by
+            # the file's digest. Before the blocks were kept, the cache held fp32 weights (5x the file): drop it.
+            cached = self.root / "cache" / f"gguf-{ref.digest}"
             if cached.is_dir():
                 cfg, state, tok = read_hf(cached, ref.name)
             else:
@@ -186,9 +201,16 @@ class Store:
                 try:
                     self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok),
                                        {"source": str(ref.path)}, target=cached, what="the converted GGUF")
+                    _rmtree(self.root / "cache" / ref.digest)
                 except (OSError, DiskFullError):
                     pass  # a read-only or full home only costs the next start the same seconds
-        return LoadedModel(ref.name, ref.digest, build_model(cfg, state, dtype), tok)
+        model = build_model(cfg, state, dtype)
+        if not quantized and (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:
+            from fourwalls.model.quant import dequantize_model
+
+            dequantize_model(model)
+            model.to(dtype)
+        return LoadedModel(ref.name, ref.digest, model, tok)
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -205,6 +227,10 @@ class Store:
             or str(next(v.dtype for v in state.values() if v.is_floating_point())).removeprefix("torch."),
             "lineage": lineage or {},
         }
+        if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:  # what the file held, and any loss on the way
+            manifest["gguf_types"] = cfg.quantization["gguf_types"]
+            if "requantized" in cfg.quantization:
+                manifest["requantized"] = cfg.quantization["requantized"]
         size = sum(v.numel() * v.element_size() for v in state.values())
         digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), manifest,
                                     what=f"model '{name}'", needed=size)
@@ -251,13 +277,20 @@ class Store:
         return digest
 
     def import_model(self, path: Path, name: str, dtype: str = "auto") -> ModelRef:
-        """Import a GGUF file or HF folder; GGUF weights are dequantized to fp32 unless ``dtype`` says otherwise."""
+        """Import a GGUF file or HF folder. ``auto`` keeps the weights as they are (a GGUF file's quantized matrices
+        in their blocks); a dtype (float32, bfloat16, float16) dequantizes and casts them."""
         self.check_new_name(name)
         if dtype != "auto" and dtype not in DTYPES:
             raise UsageError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}")
-        cfg, state, tok = read_checkpoint(path, name)
+        cfg, state, tok = read_checkpoint(path, name, quantized=dtype == "auto")
         if dtype != "auto":
-            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+            if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:  # a stored folder of GGUF blocks
+                from fourwalls.model.quant import dequantize_model
+
+                model = build_model(cfg, state)
+                dequantize_model(model)
+                cfg, state = model.config, model.state_dict()
+            state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
         lineage = {"imported_from": str(path.resolve())}
         if path.is_file():
             lineage["source_digest"] = sha256_file(path)
@@ -323,7 +356,10 @@ def describe(ref: ModelRef) -> dict[str, Any]:
     if ref.path.is_dir():
         hf = json.loads((ref.path / "config.json").read_text())
         cfg = ModelConfig.from_hf(hf, ref.name)
-        dtype = (hf.get("quantization_config") or {}).get("scheme") or hf.get("torch_dtype", "?")
+        quant = hf.get("quantization_config") or {}
+        dtype = quant.get("scheme") or hf.get("torch_dtype", "?")
+        if dtype == GGUF_SCHEME:  # the GGUF types its blocks came as
+            dtype = "gguf " + "/".join(sorted(quant.get("gguf_types", {})))
         size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
     else:
         from fourwalls.formats.gguf import config_from_metadata, open_gguf, read_metadata

@@ -199,7 +199,7 @@ def distill(teacher_name: str, name: str, data: Path, cfg: TrainConfig, student_
     teacher_ref = store.resolve(teacher_name)
     if teacher_ref.kind == "adapter":
         raise UsageError(f"'{teacher_name}' is an adapter; merge it first (`fourwalls merge`) or distill its base")
-    lm = store.load(teacher_name)
+    lm = store.load(teacher_name, quantized=False)  # a GGUF teacher in fp32, as training computes
     if lm.config.quantization and student_layers is not None:
         raise UsageError(f"'{teacher_name}' is quantized and its layers cannot be trained; take the student's layers "
                          "from its float parent (a quantized teacher works with --student-preset)")
