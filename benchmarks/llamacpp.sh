@@ -21,6 +21,11 @@ if [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-p
     echo "$bin"
     exit 0
 fi
+if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then  # Debian's, as the other scripts install theirs
+    [ "$(id -u)" -eq 0 ] || { echo "llamacpp.sh: cmake and a C++ compiler are needed (apt-get install cmake g++)" >&2; exit 2; }
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >&2
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/llamacpp-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 $pip download -q --no-binary :all: --no-deps -d "$work" "llama-cpp-python==$version" >&2
