@@ -180,6 +180,56 @@ def cmd_models_rm(args: argparse.Namespace) -> None:
     print(f"removed {args.name}")
 
 
+def _key_file(args: argparse.Namespace) -> Path:
+    from fourwalls.files import home
+
+    return Path(args.file) if args.file else home() / "api-keys.json"
+
+
+def cmd_keys_add(args: argparse.Namespace) -> None:
+    from fourwalls.serve.caller import add_key
+
+    path = _key_file(args)
+    secret = add_key(path, args.name, admin=args.admin, models=args.models, groups=args.group or None,
+                     rpm=args.rpm, tpm=args.tpm)
+    print(f"added key '{args.name}' to {path}; its secret, shown only this once (the file keeps its sha256):",
+          file=sys.stderr)
+    print(secret)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    from fourwalls.serve.caller import read_keys
+
+    path = _key_file(args)
+    keys = read_keys(path) if path.exists() else []
+    if args.json:
+        print(json.dumps([{"name": k.name, "admin": k.admin, "models": k.models, "groups": k.groups, "rpm": k.rpm,
+                           "tpm": k.tpm} for k in keys], indent=2))
+        return
+    rows = [(k.name, "yes" if k.admin else "no", ",".join(k.models),
+             "(all)" if k.groups is None and k.admin else ",".join(k.groups or []) or "(ungrouped only)",
+             str(k.rpm or "-"), str(k.tpm or "-")) for k in keys]
+    _table(("NAME", "ADMIN", "MODELS", "GROUPS", "RPM", "TPM"), rows)
+    if not keys:
+        print(f"no keys in {path}: `fourwalls keys add NAME` makes one", file=sys.stderr)
+
+
+def cmd_keys_rm(args: argparse.Namespace) -> None:
+    from fourwalls.serve.caller import remove_key
+
+    path = _key_file(args)
+    remove_key(path, args.name)
+    print(f"removed key '{args.name}' from {path}")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
+    """Columns as wide as their widest cell; ``right``: the columns aligned right (numbers)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        print("  ".join(cells).rstrip())
+
+
 def _train_flags(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
@@ -320,17 +370,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not sep or not name or not where:
             raise UsageError(f"--adapter takes NAME=PATH (a PEFT folder or a stored adapter), not {spec!r}")
         adapters[name] = where
-    checks = [(args.max_batch >= 1, "--max-batch"), (args.max_model_len is None or args.max_model_len >= 16,
-              "--max-model-len (at least 16)"), (args.max_queue >= 0, "--max-queue"),
-              (args.prefill_chunk >= 1, "--prefill-chunk"), (args.drain_timeout >= 0, "--drain-timeout"),
-              (args.request_timeout > 0, "--request-timeout"), (args.max_body_bytes >= 1024, "--max-body-bytes")]
+    checks = [(0 <= args.port <= 65535, "--port"), (args.max_batch >= 1, "--max-batch"),
+              (args.max_model_len is None or args.max_model_len >= 16, "--max-model-len (at least 16)"),
+              (args.max_queue >= 0, "--max-queue"), (args.prefill_chunk >= 1, "--prefill-chunk"),
+              (args.drain_timeout >= 0, "--drain-timeout"), (args.request_timeout > 0, "--request-timeout"),
+              (args.max_body_bytes >= 1024, "--max-body-bytes")]
     for ok, flag in checks:
         if not ok:
             raise UsageError(f"{flag} is out of range")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
-    serve(ServeConfig(args.model, args.host, args.port, adapters, Path(args.api_keys) if args.api_keys else None,
+    keys = _key_file(argparse.Namespace(file=args.api_keys))
+    serve(ServeConfig(args.model, args.host, args.port, adapters, keys if args.api_keys or keys.is_file() else None,
                       engine, args.drain_timeout, args.max_body_bytes, args.log_requests,
                       rag_store=args.rag_store, embedder=args.embedder))
 
@@ -462,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="serve a LoRA adapter (PEFT folder or stored adapter) under NAME (repeatable)")
-    p.add_argument("--api-keys", metavar="FILE", help="JSON file of sha256-hashed API keys with scopes and limits")
+    p.add_argument("--api-keys", metavar="FILE", help="JSON file of sha256-hashed API keys with scopes and limits, "
+                   "written by `fourwalls keys add` (default $FOURWALLS_HOME/api-keys.json if it exists, else no "
+                   "keys: anyone who reaches the port may call)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-model-len", type=int, help="tokens per request, prompt + output (default: the "
                    "model's context, at most 4096)")
@@ -479,6 +533,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", metavar="FOLDER", help="a sentence-transformers BERT folder for /v1/embeddings "
                    "and retrieval (default: the packaged all-MiniLM-L6-v2)")
     p.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="API keys for `fourwalls serve`: add, list, rm (the file keeps only hashes)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    file_help = "the key file (default $FOURWALLS_HOME/api-keys.json, which `fourwalls serve` reads when it exists)"
+    p = ksub.add_parser("add", help="make a key: its secret is printed once, only its sha256 is stored")
+    p.add_argument("name", help="who or what uses the key, e.g. support-bot")
+    p.add_argument("--admin", action="store_true", help="may load adapters and write document collections")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="models and adapters it may use (default: all)")
+    p.add_argument("--group", action="append", default=[], help="document groups it may read (repeatable; "
+                   "default: an admin reads all, another key only documents without groups)")
+    p.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
+    p.add_argument("--tpm", type=int, help="tokens per minute, prompt + completion (default: no limit)")
+    p.add_argument("--file", help=file_help)
+    p.set_defaults(func=cmd_keys_add)
+    p = ksub.add_parser("list", help="the keys of the key file (names, scopes and limits; never secrets)")
+    p.add_argument("--file", help=file_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_list)
+    p = ksub.add_parser("rm", help="remove a key")
+    p.add_argument("name")
+    p.add_argument("--file", help=file_help)
+    p.set_defaults(func=cmd_keys_rm)
 
     from fourwalls.rag.cli import register
 

