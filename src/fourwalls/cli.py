@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fourwalls.errors import FourwallsError, UsageError
+from fourwalls.files import megabytes
 
 # llama.cpp's defaults: sampling that reads well without tuning. --temperature 0 is greedy.
 CLI_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
@@ -137,10 +138,33 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
 
 def cmd_models_import(args: argparse.Namespace) -> None:
-    from fourwalls.store import Store
+    from fourwalls.store import Store, describe
 
     ref = Store().import_model(Path(args.path), args.name, args.dtype)
-    print(f"imported {ref.name} ({ref.digest})")
+    info = describe(ref)
+    print(f"imported {ref.name} ({ref.digest}): {megabytes(info['size_bytes'])} of {info['dtype']} in {ref.path}")
+
+
+def cmd_models_du(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+
+    usage = Store().usage()
+    if args.json:
+        print(json.dumps({k: {"entries": n, "bytes": b, "path": str(p)} for k, (n, b, p) in usage.items()}, indent=2))
+        return
+    rows = [(kind, str(n), megabytes(b), str(p)) for kind, (n, b, p) in usage.items()]
+    rows.append(("total", "", megabytes(sum(b for _, b, _ in usage.values())), ""))
+    _table(("KIND", "ENTRIES", "SIZE", "WHERE"), rows, right=(1, 2))
+    if usage["cache"][1]:
+        print("the cache holds float32 copies of GGUF files and teacher logits, rebuilt when needed: "
+              "`fourwalls models prune-cache` frees it")
+
+
+def cmd_models_prune_cache(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+
+    entries, freed = Store().prune_cache()
+    print(f"freed {megabytes(freed)} ({entries} cache entries)")
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
@@ -150,11 +174,10 @@ def cmd_models_list(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'NAME':32} {'DIGEST':19} {'ARCH':6} {'PARAMS':>8} {'DTYPE':24} {'SIZE':>9}")
-    for r in rows:
-        name = r["name"] + (" (bundled)" if r["bundled"] else "") + (f" (on {r['base']})" if "base" in r else "")
-        print(f"{name:32} {r['digest'][:19]:19} {r['architecture']:6} {r['parameters'] / 1e6:7.1f}M "
-              f"{r['dtype']:24} {r['size_bytes'] / 2**20:7.1f}MB")
+    cells = [(r["name"] + (" (bundled)" if r["bundled"] else "") + (f" (on {r['base']})" if "base" in r else ""),
+              r["digest"][:19], r["architecture"], f"{r['parameters'] / 1e6:.1f}M", r["dtype"],
+              megabytes(r["size_bytes"])) for r in rows]
+    _table(("NAME", "DIGEST", "ARCH", "PARAMS", "DTYPE", "SIZE"), cells, right=(3, 5))
 
 
 def cmd_models_show(args: argparse.Namespace) -> None:
@@ -335,7 +358,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       calibration=Path(args.calibration) if args.calibration else None, samples=args.samples)
     size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
     awq = f", AWQ mean alpha {r['awq_mean_alpha']:.2f}" if "awq_mean_alpha" in r else ""
-    print(f"stored {ref.name} ({ref.digest}): {args.scheme}, {size / 2**20:.0f} MB on disk{awq}; "
+    print(f"stored {ref.name} ({ref.digest}): {args.scheme}, {megabytes(size)} on disk{awq}; "
           f"`fourwalls compare {args.model} {ref.name} --text FILE` shows what it cost")
 
 
@@ -354,7 +377,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                    calibration=Path(args.calibration) if args.calibration else None, samples=args.samples)
     print(f"stored {ref.name} ({ref.digest}): {r['sparsity_pruned_layers']:.2%} of the weights of {r['layers']} "
           f"linear layers zeroed, {r['sparsity_all']:.2%} of all parameters")
-    print(f"stored dense in fp32 ({r['size_bytes'] / 2**20:.0f} MB): as large as the unpruned model in fp32 and no "
+    print(f"stored dense in fp32 ({megabytes(r['size_bytes'])}): as large as the unpruned model in fp32 and no "
           "faster to decode on this CPU (no sparse kernels)")
 
 
@@ -525,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600, help="seconds per request (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30, help="seconds SIGTERM waits for requests in "
                    "flight (default 30)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body in bytes (default 1048576)")
     p.add_argument("--log-requests", action="store_true", help="log prompts and completions (off by default)")
     p.add_argument("--rag-store", metavar="URL", default=os.environ.get("FOURWALLS_RAG_STORE"),
                    help="document collections for /v1/collections and RAG chat: postgresql://... or a SQLite file "
@@ -560,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub, _Parser, _sampling_flags, _params, _load, DEFAULT_MODEL)
 
-    models = sub.add_parser("models", help="the model store: import, list, show, rm")
+    models = sub.add_parser("models", help="the model store: import, list, show, rm, du, prune-cache")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
     p = msub.add_parser("import", help="import a GGUF file or Hugging Face folder")
     p.add_argument("path")
@@ -571,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("list", help="list stored models")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_list)
+    p = msub.add_parser("du", help="disk use of the store by kind: models, adapters, cache, runs, documents")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models_du)
+    p = msub.add_parser("prune-cache", help="delete the cache (float32 copies of GGUF files, teacher logits), "
+                        "which is rebuilt when needed")
+    p.set_defaults(func=cmd_models_prune_cache)
     p = msub.add_parser("show", help="architecture, size, digest and lineage of a model")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")

@@ -3,7 +3,10 @@
 Layout under ``$FOURWALLS_HOME`` (default ``~/.fourwalls``)::
 
     models/sha256-<hex>/   an HF-compatible folder (read-only) + manifest.json
+    adapters/sha256-<hex>/ a PEFT-format LoRA adapter (read-only) + manifest.json
     names/<name>.json      {"digest": "sha256-<hex>"}: a name points to a digest
+    cache/                 derived files, rebuilt when missing: float32 conversions of GGUF files, teacher logits
+    runs/<name>/           training runs: checkpoints, metrics.jsonl, loss.png
     tmp/                   work in progress; never read as a model
 
 A model is written to ``tmp/`` and renamed into ``models/`` in one step, so a crash leaves no half model.
@@ -17,6 +20,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import FormatError, NotFoundError, UsageError
-from fourwalls.files import atomic_write, home, sha256_file
+from fourwalls.files import atomic_write, home, megabytes, sha256_file
 from fourwalls.formats import read_checkpoint
 from fourwalls.formats.hf import WEIGHTS, read_hf, write_hf
 from fourwalls.model.config import ModelConfig
@@ -179,6 +183,9 @@ class Store:
                 try:
                     self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok), WEIGHTS,
                                        {"source": str(ref.path)}, target=cached)
+                    print(f"fourwalls: wrote a float32 copy of {ref.name} for faster loading: "
+                          f"{megabytes(_size(cached))} in {cached} (`fourwalls models prune-cache` frees it)",
+                          file=sys.stderr)
                 except OSError:
                     pass  # a read-only or full home only costs the next start the same seconds
         return LoadedModel(ref.name, ref.digest, build_model(cfg, state, dtype), tok)
@@ -275,6 +282,23 @@ class Store:
         if ref.digest not in self.names().values():
             _rmtree(ref.path)
 
+    def usage(self) -> dict[str, tuple[int, int, Path]]:
+        """What the home holds, by kind: {kind: (entries, bytes, where)}."""
+        out = {}
+        for kind in ("models", "adapters", "cache", "runs", "tmp"):
+            folder = self.root / kind
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+            out[kind] = (len(entries), sum(_size(e) for e in entries), folder)
+        rag = [self.root / f"rag.db{suffix}" for suffix in ("", "-wal", "-shm")]
+        out["documents"] = (int(rag[0].is_file()), sum(_size(f) for f in rag), rag[0])
+        return out
+
+    def prune_cache(self) -> tuple[int, int]:
+        """Delete the cache (float32 conversions of GGUF files, teacher logits): (entries, bytes freed)."""
+        entries, freed, _ = self.usage()["cache"]
+        _rmtree(self.root / "cache")
+        return entries, freed
+
     def list(self) -> list[ModelRef]:
         refs = [self.resolve(n) for n in self.names()]
         if bundled_gguf() is not None:
@@ -284,6 +308,13 @@ class Store:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _rmtree(path: Path) -> None:
@@ -316,12 +347,10 @@ def describe(ref: ModelRef) -> dict[str, Any]:
         dtype = (hf.get("quantization_config") or {}).get("scheme") or hf.get("torch_dtype", "?")
         size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
     else:
-        from fourwalls.formats.gguf import config_from_metadata, open_gguf, read_metadata
+        from fourwalls.formats.gguf import describe_gguf
 
-        reader = open_gguf(ref.path)
-        tensors = {t.name: t for t in reader.tensors}
-        cfg = config_from_metadata(read_metadata(reader), tensors, ref.name)
-        dtype = "gguf " + "/".join(sorted({t.tensor_type.name for t in reader.tensors}))
+        cfg, types = describe_gguf(ref.path, ref.name)
+        dtype = "gguf " + "/".join(types)
         size = ref.path.stat().st_size
     return {
         "name": ref.name,
