@@ -13,8 +13,10 @@ from typing import Any, NoReturn
 from fourwalls.errors import FourwallsError, UsageError
 from fourwalls.files import megabytes
 
-# llama.cpp's defaults: sampling that reads well without tuning. --temperature 0 is greedy.
-CLI_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
+# llama.cpp's defaults: sampling that reads well without tuning. --temperature 0 is greedy. A command with other
+# defaults (rag ask) passes them to _sampling_flags, whose help texts read them from here.
+CLI_SAMPLING = {"max_tokens": 256, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                "repeat_penalty": 1.0}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,15 +24,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _sampling_flags(p: argparse.ArgumentParser) -> None:
+def _sampling_flags(p: argparse.ArgumentParser, **defaults: float) -> None:
+    """The sampling flags, with CLI_SAMPLING's defaults unless ``defaults`` overrides some."""
+    d = {**CLI_SAMPLING, **defaults}
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256, help="most new tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=CLI_SAMPLING["temperature"],
-                   help="0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=CLI_SAMPLING["top_k"], help="0 disables (default 40)")
-    g.add_argument("--top-p", type=float, default=CLI_SAMPLING["top_p"], help="1 disables (default 0.95)")
-    g.add_argument("--min-p", type=float, default=CLI_SAMPLING["min_p"], help="0 disables (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (default 1.0)")
+    g.add_argument("--max-tokens", type=int, default=d["max_tokens"],
+                   help=f"most new tokens to generate (default {d['max_tokens']})")
+    g.add_argument("--temperature", type=float, default=d["temperature"],
+                   help=f"0 is greedy (default {d['temperature']})")
+    g.add_argument("--top-k", type=int, default=d["top_k"], help=f"0 disables (default {d['top_k']})")
+    g.add_argument("--top-p", type=float, default=d["top_p"], help=f"1 disables (default {d['top_p']})")
+    g.add_argument("--min-p", type=float, default=d["min_p"], help=f"0 disables (default {d['min_p']})")
+    g.add_argument("--repeat-penalty", type=float, default=d["repeat_penalty"],
+                   help=f"1 disables (default {d['repeat_penalty']})")
     g.add_argument("--seed", type=int, help="same seed, same text (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
@@ -288,11 +294,17 @@ def _train_config(args: argparse.Namespace) -> Any:
                        fsdp=args.fsdp)
 
 
-def _report(ref: Any, result: dict[str, Any], run_dir: Path) -> None:
+def _report(ref: Any, result: dict[str, Any], run_dir: Path, validation: bool = True) -> None:
     if ref is None:  # a torchrun worker other than rank 0
         return
-    val = f", validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f})" if "val_loss" in result else ""
-    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps{val}; curves in {run_dir}/loss.png")
+    speed = (f" at {result['tokens_per_s']:.0f} tokens/s ({result['trained_share']:.0%} trained on)"
+             if "tokens_per_s" in result else "")
+    val = ""
+    if validation and "val_loss" in result:
+        ppl = f" (ppl {result['val_ppl']:.2f})" if "val_ppl" in result else ""
+        val = f", validation loss {result['val_loss']:.4f}{ppl}"
+    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps{speed}{val}; curves in "
+          f"{run_dir}/loss.png")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -331,10 +343,11 @@ def cmd_distill(args: argparse.Namespace) -> None:
                           beta=args.beta, seq_len=args.seq_len, cache_teacher=args.cache_teacher,
                           cache_top_k=args.cache_top_k, val_fraction=args.val_fraction, run_dir=args.run_dir,
                           resume=bool(args.resume))
-    _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
-    if ref is not None:
-        print(f"student vs teacher on held-out data: cross-entropy {result['val_ce']:.4f}, "
-              f"KL {result['val_kl']:.4f} nats/token")
+    _report(ref, result, args.run_dir or Store().root / "runs" / args.name, validation=False)
+    if ref is not None:  # the training loss mixes cross-entropy and KL: its exp is no perplexity
+        print(f"held-out perplexity: student {result['val_ppl']:.2f}, teacher {result['teacher_val_ppl']:.2f} "
+              f"(cross-entropy {result['val_ce']:.4f} against {result['teacher_val_ce']:.4f} nats/token; KL to "
+              f"the teacher {result['val_kl']:.4f})")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -612,8 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # Ctrl-C while the parser imports torch is still an interrupt (130), not a traceback
+        args = build_parser().parse_args(argv)
         args.func(args)
     except FourwallsError as e:
         print(f"fourwalls: error: {e}", file=sys.stderr)

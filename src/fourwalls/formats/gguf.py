@@ -148,7 +148,8 @@ def _walk_layout(path: Path, buf: mmap.mmap, size: int) -> tuple[dict[str, Any],
         n = u64(f"the length of tensor name #{i}")
         name = bytes(buf[take(n, f"tensor name #{i}"):pos]).decode("utf-8", "replace")
         n_dims = u32(f"the dimension count of tensor #{i}")
-        dims = list(struct.unpack_from(order + "Q" * n_dims, buf, take(n_dims * 8, f"the dimensions of tensor #{i}")))
+        at = take(n_dims * 8, f"the dimensions of tensor #{i}")  # checked before a format of n_dims items is built
+        dims = list(struct.unpack_from(f"{order}{n_dims}Q", buf, at))
         ttype = struct.unpack_from(order + "I", buf, take(12, f"the type and offset of tensor #{i}"))[0]
         tensors[name] = (dims, ttype)
     return meta, tensors

@@ -153,6 +153,8 @@ class DocumentUpload(BaseModel):
                               "heading, PDF/DOCX metadata), else the source's file name")
     groups: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
         default_factory=list, description="only API keys of these groups may read it (default: every key)")
+    regroup: bool = Field(False, description="replace a stored document whose groups differ from these (without it "
+                          "such an upload is refused: changing who may read a document must be explicit)")
     meta: dict[Annotated[str, StringConstraints(pattern=META_KEY)], str] = Field(
         default_factory=dict, description="metadata to filter searches on (where)")
     chunk_tokens: int = Field(192, ge=16, le=1024, description="largest chunk in embedder tokens")

@@ -182,14 +182,14 @@ def pack(ds: Dataset, seq_len: int) -> Dataset:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad a batch; padded positions carry no loss."""
+    """Right-pad a batch; padded positions carry no loss. ``lengths``: each row's tokens before the padding."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "lengths": torch.tensor([len(e.input_ids) for e in examples])}
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -93,13 +93,22 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 
 def evaluate(model: nn.Module, ds: Dataset, objective: Objective, batch_size: int, pad_id: int) -> float:
     """Mean loss over a whole dataset, weighted by the tokens each batch scores."""
-    total, count = 0.0, 0.0
+    return evaluate_metrics(model, ds, objective, batch_size, pad_id)["loss"]
+
+
+def evaluate_metrics(model: nn.Module, ds: Dataset, objective: Objective, batch_size: int,
+                     pad_id: int) -> dict[str, float]:
+    """The loss and every metric the objective reports, each a mean over the dataset weighted by scored tokens."""
+    sums: dict[str, float] = {}
+    count = 0.0
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
             loss, m = objective(model, collate(ds.examples[i : i + batch_size], pad_id))
-            total += loss.item() * m["tokens"]
+            for key, value in {"loss": loss.item(), **m}.items():
+                if key != "tokens":
+                    sums[key] = sums.get(key, 0.0) + value * m["tokens"]
             count += m["tokens"]
-    return total / max(count, 1.0)
+    return {key: total / max(count, 1.0) for key, total in sums.items()}
 
 
 def rank() -> int:
@@ -158,14 +167,16 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
     stream = batches(train_ds, cfg.batch_size, cfg.seed, pad_id, start=step * cfg.grad_accum)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
-    tokens_seen, tick = 0.0, time.perf_counter()
+    # Throughput counts every token the model processed (prompts included, padding not); the share of them that
+    # carries loss (an assistant's turns, say) is reported beside it.
+    processed_seen, trained_seen, tick = 0.0, 0.0, time.perf_counter()
     model.train()
     try:
         while step < cfg.steps:
             lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, tokens = 0.0, 0.0
+            loss_sum, tokens, processed = 0.0, 0.0, 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v[rank::world] for k, v in next(stream).items()}
                 with autocast:
@@ -173,6 +184,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += m["tokens"]
+                processed += float(batch["lengths"].sum()) if "lengths" in batch else batch["input_ids"].numel()
             if world > 1:  # the loss of the whole global batch, not this rank's share; a signal on any rank stops all
                 t = torch.tensor([loss_sum, 1.0 if stop["signal"] else 0.0])
                 dist.all_reduce(t)
@@ -183,14 +195,17 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tokens * world
+            processed_seen += processed * world
+            trained_seen += tokens * world
             elapsed = time.perf_counter() - tick
             rec = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens_per_s": round(tokens_seen / elapsed, 1)}
+                   "tokens_per_s": round(processed_seen / elapsed, 1),
+                   "trained_share": round(trained_seen / max(processed_seen, 1.0), 4)}
             if cfg.eval_every and step % cfg.eval_every == 0 and val_ds is not None and step < cfg.steps:
                 rec.update(_validation(model, val_ds, objective, cfg, pad_id))
             records.append(rec)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix_str(f"loss={loss_sum:.4f}, {rec['tokens_per_s']:.0f} tok/s "
+                                f"({rec['trained_share']:.0%} trained on)")
             bar.update(1)
             if rank == 0:
                 _append_metric(metrics_path, rec)
@@ -210,6 +225,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
     model.eval()
     final = {"step": step, "train_loss": records[-1]["loss"] if records else None,
              "seconds": round(time.time() - start_time, 1)}
+    if records:
+        final.update(tokens_per_s=records[-1]["tokens_per_s"], trained_share=records[-1]["trained_share"])
     if val_ds is not None:
         final.update(_validation(model, val_ds, objective, cfg, pad_id))
     if rank == 0:
@@ -233,11 +250,16 @@ def _full(t: Tensor) -> Tensor:
 
 
 def _validation(model: nn.Module, ds: Dataset, objective: Objective, cfg: TrainConfig, pad_id: int) -> dict:
+    """Validation loss, and perplexity where the objective reports the data's cross-entropy ("ce"): the exp of a
+    mixed loss (distillation's CE + KL, a preference loss) is no perplexity."""
     was_training = model.training
     model.eval()
-    loss = evaluate(model, ds, objective, cfg.batch_size, pad_id)
+    m = evaluate_metrics(model, ds, objective, cfg.batch_size, pad_id)
     model.train(was_training)
-    return {"val_loss": round(loss, 6), "val_ppl": round(math.exp(min(loss, 50)), 4)}
+    out = {"val_loss": round(m["loss"], 6)}
+    if "ce" in m:
+        out["val_ppl"] = round(math.exp(min(m["ce"], 50)), 4)
+    return out
 
 
 def _load_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[
     """Next-token cross-entropy over the positions whose label is not masked."""
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts token t + 1
     loss = model(batch["input_ids"], targets=targets)  # the head and the loss in one pass, logits never whole
-    return loss, {"tokens": float((targets != IGNORE).sum())}
+    return loss, {"ce": loss.item(), "tokens": float((targets != IGNORE).sum())}
 
 
 def distillation(teacher: nn.Module | None, temperature: float = 2.0, alpha: float = 0.5, beta: float = 0.5
