@@ -126,6 +126,8 @@ def ingest(store: DocumentStore, embedder: Embedder, items: list[Item], collecti
             report.chunks += len(chunks)
             if item.source in existing:
                 report.replaced += 1
+                if existing[item.source].groups != groups:
+                    report.regrouped.append((item.source, existing[item.source].groups, groups))
             else:
                 report.added += 1
         bar.update(len(pending))
@@ -138,12 +140,10 @@ def ingest(store: DocumentStore, embedder: Embedder, items: list[Item], collecti
             report.unchanged += 1
             bar.update(1)
             continue
-        if old and old.groups != groups:
-            if not regroup:
-                report.failed.append((item.source, regroup_refusal(old.groups, groups)))
-                bar.update(1)
-                continue
-            report.regrouped.append((item.source, old.groups, groups))
+        if old and old.groups != groups and not regroup:
+            report.failed.append((item.source, regroup_refusal(old.groups, groups)))
+            bar.update(1)
+            continue
         try:
             doc = item.load()
             chunks = chunk(doc, embedder.tokenizer, max_tokens, overlap)
