@@ -131,8 +131,10 @@ class Tour:
         self.home = work / "home"
         bin_dir = work / "bin"
         bin_dir.mkdir()
-        for name, target in (("fourwalls", f'"{sys.executable}" -m fourwalls.cli'), ("python", f'"{sys.executable}"')):
-            (bin_dir / name).write_text(f'#!/bin/sh\nexec {target} "$@"\n')
+        scripts = {"fourwalls": f"#!{sys.executable}\nimport sys\nfrom fourwalls.cli import main\nsys.exit(main())\n",
+                   "python": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n'}  # as pip's console script, and the venv's
+        for name, text in scripts.items():
+            (bin_dir / name).write_text(text)
             (bin_dir / name).chmod(0o755)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FOURWALLS_")}
         self.env = {**env, "FOURWALLS_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
