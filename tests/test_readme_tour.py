@@ -130,9 +130,10 @@ class Tour:
         self.clone = fresh_copy(work / "fourwalls")
         self.home = work / "home"
         bin_dir = work / "bin"
-        bin_dir.mkdir()
-        scripts = {"fourwalls": f"#!{sys.executable}\nimport sys\nfrom fourwalls.cli import main\nsys.exit(main())\n",
-                   "python": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n'}  # as pip's console script, and the venv's
+        bin_dir.mkdir(exist_ok=True)
+        console_script = (f"#!{sys.executable}\nimport sys\nfrom fourwalls.cli import main\n"
+                          "if __name__ == '__main__':\n    sys.exit(main())\n")  # as pip writes it
+        scripts = {"fourwalls": console_script, "python": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n'}
         for name, text in scripts.items():
             (bin_dir / name).write_text(text)
             (bin_dir / name).chmod(0o755)
@@ -220,23 +221,28 @@ def test_output_matching_rules():
     assert blocks("```console\n$ a \\\n    b\nout\n$ c\n```\n") == [[Step("a b", 2, ["out"]), Step("c", 5)]]
 
 
-if __name__ == "__main__":  # print what the tour prints now, and whether it matches
-    with tempfile.TemporaryDirectory() as tmp:
-        tour = Tour(Path(tmp))
-        only = set(sys.argv[1:])  # README line numbers to stop after, if given
-        try:
-            for block in blocks((ROOT / "README.md").read_text()):
-                for step in block:
-                    if SKIP in step.command:
-                        print(f"$ {step.command}\n(not run)\n")
-                        continue
-                    started = time.monotonic()
-                    code, actual = tour.run(step)
-                    print(f"$ {step.command}   [exit {code}, {time.monotonic() - started:.0f} s, "
-                          f"{check(step, code, actual) or 'ok'}]")
-                    print("\n".join(line for line in actual if line.strip()), flush=True)
-                    if str(step.line) in only:
-                        raise SystemExit
-                tour.end_block()
-        finally:
+def record(work: Path, start: int = 0) -> None:
+    """Print what each command prints and whether it matches the README, from README line ``start`` on (the
+    commands before it must have run in ``work`` already)."""
+    tour = Tour(work)
+    try:
+        for block in blocks((ROOT / "README.md").read_text()):
+            for step in block:
+                if SKIP in step.command or step.line < start:
+                    continue
+                started = time.monotonic()
+                code, actual = tour.run(step)
+                print(f"$ {step.command}   [line {step.line}, exit {code}, {time.monotonic() - started:.0f} s, "
+                      f"{check(step, code, actual) or 'ok'}]")
+                print("\n".join(line for line in actual if line.strip()), flush=True)
             tour.end_block()
+    finally:
+        tour.end_block()
+
+
+if __name__ == "__main__":  # python tests/test_readme_tour.py [WORK_DIR [README_LINE]]: print what the tour prints
+    if len(sys.argv) > 1:
+        record(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            record(Path(tmp))
