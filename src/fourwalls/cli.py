@@ -318,19 +318,51 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
+def _lora_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+
+def _lora(args: argparse.Namespace) -> Any:
     from fourwalls.model.lora import LoRAConfig
+
+    return LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      target_modules=tuple(args.lora_targets.split(",")))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
     from fourwalls.store import Store
     from fourwalls.train.recipes import finetune
 
     cfg = _train_config(args)
-    lora = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                      target_modules=tuple(args.lora_targets.split(",")))
-    ref, result = finetune(args.model, Path(args.data), args.method, args.name, cfg, lora, shape=args.format,
+    ref, result = finetune(args.model, Path(args.data), args.method, args.name, cfg, _lora(args), shape=args.format,
                            max_len=args.max_len, pack=args.pack, val_fraction=args.val_fraction,
                            val_data=Path(args.val_data) if args.val_data else None,
                            skip_bad_lines=args.skip_bad_lines, run_dir=args.run_dir, resume=bool(args.resume))
     _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
+
+
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+    from fourwalls.train.unlearn import unlearn
+
+    run_dir = args.run_dir or Store().root / "runs" / args.name
+    ref, result = unlearn(args.model, Path(args.forget), Path(args.retain), args.name, _train_config(args),
+                          args.objective, args.method, _lora(args), beta=args.beta, retain_weight=args.retain_weight,
+                          max_len=args.max_len, skip_bad_lines=args.skip_bad_lines, force=args.force,
+                          run_dir=args.run_dir, resume=bool(args.resume))
+    if ref is None:
+        return
+    r = result["report"]
+    share = lambda key: "n/a" if r[key] is None else f"{r[key]:.0%}"  # noqa: E731
+    print(f"forget set: perplexity {r['forget_perplexity_before']:.2f} -> {r['forget_perplexity_after']:.2f}, "
+          f"completed verbatim {share('forget_verbatim_before')} -> {share('forget_verbatim_after')} of "
+          f"{r['forget_sentences']} sentences")
+    print(f"retain set: perplexity {r['retain_perplexity_before']:.2f} -> {r['retain_perplexity_after']:.2f}")
+    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps; report in {run_dir}/unlearn.json")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -473,13 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share for validation")
     p.add_argument("--val-data", help="a separate JSONL validation file (instead of --val-fraction)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    _lora_flags(p)
     _train_flags(p, lr=2e-4, steps=100)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("unlearn", help="make a model forget text it memorised, keeping what it should know")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--forget", required=True, help="what to forget: text (one example per paragraph) or JSONL "
+                   "as finetune reads it")
+    p.add_argument("--retain", required=True, help="what to keep, in the same forms")
+    p.add_argument("--objective", default="npo", choices=["npo", "grad-ascent", "grad-diff"],
+                   help="npo: negative preference optimization plus the retain loss (default)")
+    p.add_argument("--name", required=True, help="store the result under this name")
+    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
+    p.add_argument("--beta", type=float, default=0.1, help="NPO's inverse temperature (default 0.1)")
+    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss (default 1)")
+    p.add_argument("--max-len", type=int, default=256, help="longest example; longer ones are truncated")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSONL lines")
+    p.add_argument("--force", action="store_true", help="train even if the model does not seem to know the "
+                   "forget set")
+    _lora_flags(p)
+    _train_flags(p, lr=1e-3, steps=30)
+    p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("distill", help="train a smaller student to match a teacher model (knowledge distillation)")
     p.add_argument("--teacher", required=True, help="stored name or path of the teacher")

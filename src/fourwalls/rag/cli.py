@@ -1,4 +1,4 @@
-"""`fourwalls rag ...`: ingest, list, show, rm, search, ask, reembed, eval."""
+"""`fourwalls rag ...` (ingest, list, show, rm, search, ask, reembed, eval) and `fourwalls synth`."""
 
 from __future__ import annotations
 
@@ -203,6 +203,32 @@ def cmd_eval(args: argparse.Namespace) -> None:
         plot_modes(results, Path(args.plot))
 
 
+def _caller_groups(args: argparse.Namespace) -> set[str] | None:
+    """--group, narrowed to what the API key in $FOURWALLS_API_KEY may read when --api-keys names the key file."""
+    groups = _groups(args)
+    if not args.api_keys:
+        return groups
+    key = os.environ.get("FOURWALLS_API_KEY")
+    if not key:
+        raise UsageError("--api-keys needs the caller's key in $FOURWALLS_API_KEY")
+    from fourwalls.serve.caller import KeyRing
+
+    scope = KeyRing.load(Path(args.api_keys)).authenticate(f"Bearer {key}").groups
+    return scope if groups is None else groups if scope is None else groups & scope
+
+
+def cmd_synth(args: argparse.Namespace, load_model: Callable[[str], Any]) -> None:
+    from fourwalls.rag.synth import load_seed_tasks, synthesize, usable_chunks
+
+    groups = _caller_groups(args)
+    seeds = load_seed_tasks(Path(args.seed_tasks)) if args.seed_tasks else None
+    store = _store(args)
+    usable_chunks(store, args.collection, groups, args.count, args.per_chunk)  # bad input fails before the model loads
+    report = synthesize(load_model(args.model), store, args.collection, args.count, Path(args.out), groups, seeds,
+                        args.per_chunk, args.max_tokens, args.seed, progress=not args.quiet)
+    print(report.summary())
+
+
 def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=os.environ.get("FOURWALLS_RAG_STORE"),
                    help="postgresql://... or a SQLite file (default $FOURWALLS_RAG_STORE, else "
@@ -290,6 +316,25 @@ def register(sub: Any, parser_class: type, sampling_flags: Callable[..., None],
     _retrieval_flags(p)
     sampling_flags(p, **ASK_SAMPLING)
     p.set_defaults(func=partial(cmd_ask, sampling=sampling, load_model=load_model))
+
+    p = sub.add_parser("synth", help="instruction data for finetune, written by a model from a collection's "
+                       "documents (self-instruct)")
+    p.add_argument("--collection", "-c", required=True)
+    p.add_argument("--count", type=int, required=True, help="examples to write")
+    p.add_argument("--out", required=True, help="JSONL file to write (finetune reads it as it is)")
+    p.add_argument("--group", action="append", default=[], help="use only documents this group may read "
+                   "(repeatable; default: every document)")
+    p.add_argument("--api-keys", metavar="FILE", help="the server's API key file: use only documents the key in "
+                   "$FOURWALLS_API_KEY may read")
+    p.add_argument("--model", default=default_model, help=f"stored name or path (default {default_model})")
+    p.add_argument("--seed-tasks", metavar="FILE", help="example instructions: JSONL with \"instruction\" or one "
+                   "per line (default: a few built-in ones)")
+    p.add_argument("--per-chunk", type=int, default=2, help="instructions tried per chunk at most (default 2)")
+    p.add_argument("--max-tokens", type=int, default=160, help="longest answer in tokens (default 160)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same data (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _store_flags(p)
+    p.set_defaults(func=partial(cmd_synth, load_model=load_model))
 
     p = rsub.add_parser("reembed", help="re-embed a collection with another embedder")
     p.add_argument("--collection", "-c", required=True)

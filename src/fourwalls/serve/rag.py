@@ -35,15 +35,11 @@ from fastapi import APIRouter
 from fourwalls.errors import FormatError, FourwallsError, NotFoundError, UsageError
 from fourwalls.rag.ingest import Item, ingest, readers
 from fourwalls.rag.loaders import SUFFIXES, Document, load, load_text
-from fourwalls.rag.stores import Collection, DocumentInfo, DocumentStore
+from fourwalls.rag.stores import Collection, DocumentStore
 from fourwalls.serve.common import CurrentCaller, State
 from fourwalls.serve.schemas import CollectionCreate, DocumentUpload, SearchRequest
 
 router = APIRouter()
-
-
-def _visible(doc: DocumentInfo, groups: set[str] | None) -> bool:
-    return groups is None or not doc.groups or bool(groups.intersection(doc.groups))
 
 
 def _unix(stamp: str) -> int | str:
@@ -59,7 +55,7 @@ def _collection_object(store: DocumentStore, c: Collection, groups: set[str] | N
            "chunks": c.chunks, "created": _unix(c.created)}
     if groups is None and not with_documents:
         return out
-    docs = [d for d in store.documents(c.name) if _visible(d, groups)]
+    docs = [d for d in store.documents(c.name) if d.readable(groups)]
     out["documents"], out["chunks"] = len(docs), sum(d.chunks for d in docs)  # what this caller may read
     if with_documents:  # the documents themselves instead of their number
         out["documents"] = [{"source": d.source, "title": d.title, "groups": d.groups, "meta": d.meta,

@@ -6,6 +6,7 @@ import errno
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import uvicorn
 from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import UsageError
-from fourwalls.serve.app import create_app
+from fourwalls.serve.app import UI, UI_LIBRARIES, create_app
 from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.state import ServerState
@@ -40,6 +41,7 @@ class ServeConfig:
     stall_timeout: float = 30.0
     rag_store: str | None = None  # document collections: postgresql://... or a SQLite file (None: the home's rag.db)
     embedder: str | None = None  # a sentence-transformers folder (None: the packaged all-MiniLM-L6-v2)
+    conversations: Path | None = None  # the saved conversations' SQLite file (None: $FOURWALLS_HOME/conversations.db)
 
 
 def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
@@ -56,6 +58,8 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
     grammars = Grammars(lm.tokenizer, lm.config.vocab_size, lm.config.eos_token_ids)
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
                         cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder)
+    if cfg.conversations is not None:
+        state.conversations_path = cfg.conversations
     engine.start()
     return state
 
@@ -112,6 +116,10 @@ def serve(cfg: ServeConfig) -> None:
     sock = listen(cfg.host, cfg.port)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines; protect it with --api-keys", cfg.host)
+    missing = [name for name in UI_LIBRARIES if not (UI / name).is_file()]
+    if missing:
+        print(f"fourwalls: the web page's libraries are missing ({', '.join(missing)} under {UI}); "
+              "scripts/build-ui fetches them (make run does)", file=sys.stderr)
     try:
         state = build_state(cfg)
     except BaseException:
@@ -121,8 +129,12 @@ def serve(cfg: ServeConfig) -> None:
         log.info("requests need one of the %d API keys in %s", len(state.keys.keys), cfg.api_keys)
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    url = f"http://{host}:{cfg.port}"
+    print(f"fourwalls: serving {state.lm.name}: web chat at {url}/ and API at {url}/v1 (documented at {url}/docs)",
+          file=sys.stderr, flush=True)
     try:
         _Server(config, state, cfg.drain_timeout).run(sockets=[sock])
     finally:
         state.engine.stop()
-        state.rag.close()
+        state.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ _ROLES = {"system", "user", "assistant"}
 class Example:
     input_ids: list[int]
     labels: list[int]
+    paired: Example | None = None  # a second sequence trained beside this one (unlearning: a retain example)
+    values: dict[str, float] = field(default_factory=dict)  # numbers an objective reads per example
 
 
 @dataclass
@@ -147,6 +150,17 @@ def load_jsonl(path: Path, tok: Tokenizer, eos_id: int | None, shape: str = "aut
                    {"examples": len(examples), "bad_lines": bad, "truncated": truncated})
 
 
+def load_paragraphs(path: Path, tok: Tokenizer, eos_id: int | None, max_len: int = 1024) -> Dataset:
+    """A plain-text file, one example per paragraph (blank-line separated), each truncated to ``max_len`` tokens."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", read_text(path, "data file")) if p.strip()]
+    if not paragraphs:
+        raise UsageError(f"{path} holds no text")
+    examples = [_encode_text(tok, p, eos_id) for p in paragraphs]
+    truncated = sum(len(e.input_ids) > max_len for e in examples)
+    examples = [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
+    return Dataset(examples, "text", sha256_file(path), {"examples": len(examples), "truncated": truncated})
+
+
 def load_text_corpus(path: Path, tok: Tokenizer, seq_len: int) -> Dataset:
     """A plain-text file cut into consecutive blocks of ``seq_len`` tokens (for pretraining)."""
     text = read_text(path, "data file")
@@ -189,7 +203,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids, "labels": labels, "lengths": torch.tensor([len(e.input_ids) for e in examples])}
+    batch = {"input_ids": ids, "labels": labels, "lengths": torch.tensor([len(e.input_ids) for e in examples])}
+    if examples[0].paired is not None:
+        batch.update({f"paired_{k}": v for k, v in collate([e.paired for e in examples], pad_id).items()})
+    for key in examples[0].values:
+        batch[key] = torch.tensor([e.values[key] for e in examples])
+    return batch
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -184,7 +184,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += m["tokens"]
-                processed += float(batch["lengths"].sum()) if "lengths" in batch else batch["input_ids"].numel()
+                processed += m.get("processed", float(batch["lengths"].sum()))
             if world > 1:  # the loss of the whole global batch, not this rank's share; a signal on any rank stops all
                 t = torch.tensor([loss_sum, 1.0 if stop["signal"] else 0.0])
                 dist.all_reduce(t)

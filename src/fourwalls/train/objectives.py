@@ -68,3 +68,68 @@ def _kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> T
     log_q = F.log_softmax(student_logits / temperature, dim=-1)
     terms = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0)
     return terms.sum(-1).mean()
+
+
+UNLEARNING = ("npo", "grad-ascent", "grad-diff")
+
+
+def row_nll(model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's next-token negative log-likelihood summed over its scored tokens, and how many it scored: [B], [B]."""
+    logits = model(input_ids)[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return nll.view(targets.shape).sum(1), (targets != IGNORE).sum(1)
+
+
+def unlearning(method: str = "npo", beta: float = 0.1, retain_weight: float = 1.0
+               ) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
+    """Make the model forget the batch's rows while keeping its ``paired`` rows (the retain set).
+
+    - ``npo`` (Zhang et al. 2024, negative preference optimization): ``2/beta * log(1 + (pi/pi_ref)^beta)`` per
+      forget sequence, ``pi`` its likelihood under the model and ``pi_ref`` under the model before unlearning
+      (``batch["ref_nll"]``, its summed NLL), plus ``retain_weight`` times the retain rows' mean NLL. Where the
+      model already finds a sequence unlikely the ratio is small and its gradient fades, so unlearning slows down
+      by itself instead of running away as gradient ascent does.
+    - ``grad-ascent``: minus the forget rows' mean NLL, nothing else (the retain rows are ignored).
+    - ``grad-diff``: gradient ascent on the forget rows plus ``retain_weight`` times the retain rows' mean NLL.
+
+    Metrics: ``forget_nll`` and ``retain_nll`` (mean per token), ``log_ratio`` (NPO's mean log pi/pi_ref),
+    ``tokens``, ``processed`` (the forget and retain rows' tokens, for throughput). Forget and retain rows go through the model in one forward pass.
+    """
+    if method not in UNLEARNING:
+        raise UsageError(f"unknown unlearning objective '{method}'; choose {', '.join(UNLEARNING)}")
+    if not beta > 0:
+        raise UsageError(f"--beta must be > 0, not {beta}")
+    if retain_weight < 0:
+        raise UsageError(f"--retain-weight must be >= 0, not {retain_weight}")
+
+    def objective(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        ids, labels = batch["input_ids"], batch["labels"]
+        n = ids.shape[0]
+        if method != "grad-ascent":
+            ids = _stack(ids, batch["paired_input_ids"], 0)
+            labels = _stack(labels, batch["paired_labels"], IGNORE)
+        nll, count = row_nll(model, ids, labels)
+        forget_nll = nll[:n].sum() / count[:n].sum().clamp(min=1)
+        metrics = {"forget_nll": forget_nll.item(), "tokens": float(count.sum()),
+                   "processed": float(batch["lengths"].sum()) + (
+                       float(batch["paired_lengths"].sum()) if method != "grad-ascent" else 0.0)}
+        if method == "npo":
+            log_ratio = batch["ref_nll"] - nll[:n]  # log pi - log pi_ref
+            loss = 2 / beta * F.softplus(beta * log_ratio).mean()
+            metrics["log_ratio"] = log_ratio.mean().item()
+        else:
+            loss = -forget_nll
+        if method != "grad-ascent":
+            retain_nll = nll[n:].sum() / count[n:].sum().clamp(min=1)
+            loss = loss + retain_weight * retain_nll
+            metrics["retain_nll"] = retain_nll.item()
+        return loss, metrics
+
+    return objective
+
+
+def _stack(a: Tensor, b: Tensor, pad: int) -> Tensor:
+    """Two [B, T] batches as one, the narrower padded on the right with ``pad``."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=pad) for t in (a, b)])

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from torch import nn
 
 from fourwalls.errors import UsageError
 from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
-from fourwalls.store import ModelRef, Store
+from fourwalls.store import LoadedModel, ModelRef, Store
 from fourwalls.tokenizer import Tokenizer
 from fourwalls.train import data as D
 from fourwalls.train.checkpoint import full_state_dict
@@ -84,24 +85,60 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
     return store.add(name, mcfg, state, tok, lineage=lineage), result
 
 
+METHODS = ("full", "lora", "qlora")
+
+
+def load_trainable(store: Store, model_name: str, verb: str = "fine-tune") -> tuple[ModelRef, LoadedModel]:
+    """A stored float model to train on (an adapter or a model quantized for deployment is refused)."""
+    base_ref = store.resolve(model_name)
+    if base_ref.kind == "adapter":
+        raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) or {verb} its base")
+    lm = store.load(model_name)
+    if lm.config.quantization:
+        raise UsageError(f"'{model_name}' is quantized for deployment; {verb} its float parent "
+                         f"'{base_ref.manifest.get('lineage', {}).get('parent')}' (or use --method qlora on it)")
+    return base_ref, lm
+
+
+def make_trainable(model: nn.Module, method: str, lora: Any, seed: int) -> None:
+    """``full`` trains every weight; ``lora`` attaches an adapter; ``qlora`` first holds the base in 4-bit NF4."""
+    from fourwalls.model.lora import attach_lora
+
+    if method == "qlora":
+        from fourwalls.model.quant import quantize_nf4
+
+        quantize_nf4(model)
+    if method != "full":
+        torch.manual_seed(seed)  # LoRA's A matrices are random: the same seed gives the same run
+        attach_lora(model, lora)
+
+
+def store_trained(store: Store, name: str, method: str, base_ref: ModelRef, lm: LoadedModel, lora: Any,
+                  lineage: dict[str, Any]) -> ModelRef | None:
+    """Store a trained ``lm.model``: the adapter alone (on ``base_ref``) or the whole model; None off rank 0."""
+    from fourwalls.model.lora import save_adapter
+
+    state = full_state_dict(lm.model)  # every rank: gathering a sharded model's weights is a collective
+    if rank() != 0:  # only rank 0 writes to the store
+        return None
+    if method == "full":
+        return store.add(name, lm.config, state, lm.tokenizer, lineage=lineage)
+    lineage["lora"] = asdict(lora)
+    return store.add_adapter(name, base_ref, lambda d: save_adapter(d, lm.model, lora, base_ref.name, state), lineage)
+
+
 def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConfig, lora: Any = None,
              shape: str = "auto", max_len: int = 512, pack: bool = False, val_fraction: float = 0.1,
              val_data: Path | None = None, skip_bad_lines: bool = False, run_dir: Path | None = None,
              resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
     """Fine-tune a stored model (full or LoRA) on JSONL data; store the new model or adapter as ``name``."""
-    from fourwalls.model.lora import LoRAConfig, attach_lora, save_adapter
+    from fourwalls.model.lora import LoRAConfig
 
-    if method not in ("full", "lora", "qlora"):
+    if method not in METHODS:
         raise UsageError(f"unknown method '{method}'; choose full, lora or qlora")
     store = store or Store()
     store.check_new_name(name)
-    base_ref = store.resolve(model_name)
-    if base_ref.kind == "adapter":
-        raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) or fine-tune its base")
-    lm = store.load(model_name)
-    if lm.config.quantization:
-        raise UsageError(f"'{model_name}' is quantized for deployment; fine-tune its float parent "
-                         f"'{base_ref.manifest.get('lineage', {}).get('parent')}' (or use --method qlora on it)")
+    base_ref, lm = load_trainable(store, model_name)
     if max_len > lm.config.context_length:
         raise UsageError(f"--max-len {max_len} exceeds the model's context window ({lm.config.context_length})")
     tok, eos = lm.tokenizer, (lm.config.eos_token_ids or (None,))[0]
@@ -112,33 +149,18 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
         train_ds, val_ds = D.split(ds, val_fraction, cfg.seed)
     if pack:
         train_ds = D.pack(train_ds, max_len)
-    model = lm.model
     lora = lora or LoRAConfig()
-    if method == "qlora":  # the frozen base held in 4-bit NF4, LoRA trained on top
-        from fourwalls.model.quant import quantize_nf4
-
-        quantize_nf4(model)
-    if method != "full":
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same seed gives the same run
-        attach_lora(model, lora)
+    make_trainable(lm.model, method, lora, cfg.seed)
     identity = {"method": method, "base_digest": lm.digest, "max_len": max_len, "pack": pack,
                 **({"lora": asdict(lora)} if method != "full" else {})}
     run_dir = _run_dir(store, name, run_dir)
     pad = eos if eos is not None else 0
-    result = train(model, train_ds, val_ds, cfg, run_dir, resume=resume, identity=json.loads(json.dumps(identity)),
-                   pad_id=pad)
+    result = train(lm.model, train_ds, val_ds, cfg, run_dir, resume=resume,
+                   identity=json.loads(json.dumps(identity)), pad_id=pad)
     lineage = {"method": method, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
                "data_digest": ds.digest, "data_stats": ds.stats, "hyperparameters": asdict(cfg),
                "val_loss": result.get("val_loss"), "command": _command()}
-    state = full_state_dict(model)  # every rank: gathering a sharded model's weights is a collective
-    if rank() != 0:  # only rank 0 writes to the store
-        return None, result
-    if method != "full":
-        lineage["lora"] = asdict(lora)
-        ref = store.add_adapter(name, base_ref, lambda d: save_adapter(d, model, lora, base_ref.name, state), lineage)
-    else:
-        ref = store.add(name, lm.config, state, tok, lineage=lineage)
-    return ref, result
+    return store_trained(store, name, method, base_ref, lm, lora, lineage), result
 
 
 def merge(adapter: str, name: str, store: Store | None = None) -> ModelRef:

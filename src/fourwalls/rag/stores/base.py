@@ -41,6 +41,10 @@ class DocumentInfo:
     chunks: int = 0
     ingested: str = ""
 
+    def readable(self, groups: set[str] | None) -> bool:
+        """Whether a caller of ``groups`` may read it (None: no restriction; no groups: readable by everyone)."""
+        return groups is None or not self.groups or bool(groups.intersection(self.groups))
+
 
 @dataclass
 class ChunkRow:
