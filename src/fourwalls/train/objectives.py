@@ -94,7 +94,8 @@ def unlearning(method: str = "npo", beta: float = 0.1, retain_weight: float = 1.
     - ``grad-diff``: gradient ascent on the forget rows plus ``retain_weight`` times the retain rows' mean NLL.
 
     Metrics: ``forget_nll`` and ``retain_nll`` (mean per token), ``log_ratio`` (NPO's mean log pi/pi_ref),
-    ``tokens``, ``processed`` (the forget and retain rows' tokens, for throughput). Forget and retain rows go through the model in one forward pass.
+    ``tokens``, ``processed`` (the forget and retain rows' tokens, for throughput). Forget and retain rows go
+    through the model in one forward pass.
     """
     if method not in UNLEARNING:
         raise UsageError(f"unknown unlearning objective '{method}'; choose {', '.join(UNLEARNING)}")
