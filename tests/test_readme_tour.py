@@ -15,7 +15,9 @@ How the README's console blocks are read:
 - The home and the copy appear in the output as ``~/.fourwalls`` and ``~/fourwalls``.
 - A command whose comment starts ``# slow:`` is not run (none of the later commands may need what it makes).
 
-Run ``python tests/test_readme_tour.py`` to print what each command prints now, to update the README from.
+Run ``python tests/test_readme_tour.py`` to print what each command prints now, to update the README from;
+``python tests/test_readme_tour.py WORK_DIR LINE`` keeps the tour's files in WORK_DIR and, on a second run, goes on
+from README line LINE (so a long tour can be recorded in parts).
 """
 
 from __future__ import annotations
