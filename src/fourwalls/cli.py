@@ -426,7 +426,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
           "faster to decode on this CPU (no sparse kernels)")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from fourwalls.engine import EngineConfig
@@ -450,9 +450,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
     keys = _key_file(argparse.Namespace(file=args.api_keys))
-    serve(ServeConfig(args.model, args.host, args.port, adapters, keys if args.api_keys or keys.is_file() else None,
-                      engine, args.drain_timeout, args.max_body_bytes, args.log_requests,
-                      rag_store=args.rag_store, embedder=args.embedder))
+    return serve(ServeConfig(args.model, args.host, args.port, adapters,
+                             keys if args.api_keys or keys.is_file() else None, engine, args.drain_timeout,
+                             args.max_body_bytes, args.log_requests, rag_store=args.rag_store, embedder=args.embedder))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:  # Ctrl-C while the parser imports torch is still an interrupt (130), not a traceback
         args = build_parser().parse_args(argv)
-        args.func(args)
+        status = args.func(args)  # most verbs return nothing: success
     except FourwallsError as e:
         print(f"fourwalls: error: {e}", file=sys.stderr)
         return 2
@@ -683,7 +683,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    except Exception as e:
+        from fourwalls.files import disk_full
+
+        if not disk_full(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"fourwalls: error: the disk is full{where}; free some space and try again", file=sys.stderr)
+        return 2
+    return status or 0
 
 
 if __name__ == "__main__":

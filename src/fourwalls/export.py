@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from fourwalls.errors import UsageError
+from fourwalls.files import writing
 from fourwalls.formats.gguf_write import QTYPES, write_gguf
 from fourwalls.formats.hf import write_hf
 from fourwalls.store import Store
@@ -35,18 +36,20 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
 
         dequantize_model(lm.model)
     state = lm.model.state_dict()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "gguf":
-        write_gguf(out, lm.model.config, state, lm.tokenizer, dtype)
-        return out
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's permissions
-    tmp.mkdir()
-    try:
-        write_hf(tmp, lm.model.config, state, lm.tokenizer)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    size = sum(v.numel() * v.element_size() for v in state.values())  # GGUF types other than f32 need less
+    with writing(out.parent, f"the export {out.name}", size):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "gguf":
+            write_gguf(out, lm.model.config, state, lm.tokenizer, dtype)
+            return out
+        tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's permissions
+        tmp.mkdir()
+        try:
+            write_hf(tmp, lm.model.config, state, lm.tokenizer)
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

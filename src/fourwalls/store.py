@@ -2,7 +2,10 @@
 
 Layout under ``$FOURWALLS_HOME`` (default ``~/.fourwalls``)::
 
-    models/sha256-<hex>/   an HF-compatible folder (read-only) + manifest.json
+    models/sha256-<hex>/   an HF-compatible folder (read-only) + manifest.json, named by the digest of its files
+                           (weights, config, generation config, tokenizer, chat template): two models that differ
+                           in any of them are two entries. Folders stored before named by their weights alone
+                           stay readable: a name points at its folder, whatever the digest scheme.
     adapters/sha256-<hex>/ a PEFT-format LoRA adapter (read-only) + manifest.json
     names/<name>.json      {"digest": "sha256-<hex>"}: a name points to a digest
     cache/                 derived files, rebuilt when missing: float32 conversions of GGUF files, teacher logits
@@ -31,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fourwalls.errors import FormatError, NotFoundError, UsageError
-from fourwalls.files import atomic_write, home, megabytes, sha256_file
+from fourwalls.errors import DiskFullError, FormatError, NotFoundError, UsageError
+from fourwalls.files import atomic_write, folder_digest, home, megabytes, sha256_file, writing
 from fourwalls.formats import read_checkpoint
-from fourwalls.formats.hf import WEIGHTS, read_hf, write_hf
+from fourwalls.formats.hf import read_hf, write_hf
 from fourwalls.model.config import ModelConfig
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
@@ -181,12 +184,12 @@ class Store:
             else:
                 cfg, state, tok = read_checkpoint(ref.path, ref.name)
                 try:
-                    self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok), WEIGHTS,
-                                       {"source": str(ref.path)}, target=cached)
+                    self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok),
+                                       {"source": str(ref.path)}, target=cached, what="the converted GGUF")
                     print(f"fourwalls: wrote a float32 copy of {ref.name} for faster loading: "
                           f"{megabytes(_size(cached))} in {cached} (`fourwalls models prune-cache` frees it)",
                           file=sys.stderr)
-                except OSError:
+                except (OSError, DiskFullError):
                     pass  # a read-only or full home only costs the next start the same seconds
         return LoadedModel(ref.name, ref.digest, build_model(cfg, state, dtype), tok)
 
@@ -205,8 +208,9 @@ class Store:
             or str(next(v.dtype for v in state.values() if v.is_floating_point())).removeprefix("torch."),
             "lineage": lineage or {},
         }
-        digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), WEIGHTS,
-                                    manifest)
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), manifest,
+                                    what=f"model '{name}'", needed=size)
         text = json.dumps({"digest": digest})
         atomic_write(self._name_file(name), lambda p: p.write_text(text))
         return self.resolve(name)
@@ -217,34 +221,36 @@ class Store:
         self.check_new_name(name)
         manifest = {"kind": "adapter", "created": _now(), "base": base.name, "base_digest": base.digest,
                     "lineage": lineage or {}}
-        digest = self._write_folder(self.root / "adapters", write, "adapter_model.safetensors", manifest)
+        digest = self._write_folder(self.root / "adapters", write, manifest, what=f"adapter '{name}'")
         text = json.dumps({"digest": digest, "kind": "adapter"})
         atomic_write(self._name_file(name), lambda p: p.write_text(text))
         return self.resolve(name)
 
-    def _write_folder(self, parent: Path, write: Callable[[Path], None], weights: str, manifest: dict[str, Any],
-                      target: Path | None = None) -> str:
-        """Write a read-only folder at ``target`` (default: parent/<digest of weights>) in one rename."""
-        tmp_root = self.root / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=tmp_root))
-        try:
-            write(tmp)
-            digest = sha256_file(tmp / weights)
-            (tmp / "manifest.json").write_text(json.dumps({"digest": digest, **manifest}, indent=2))
-            for f in tmp.iterdir():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-                f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # stored models are immutable
-            target = target or parent / digest
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():  # same weights already stored: keep the first copy
+    def _write_folder(self, parent: Path, write: Callable[[Path], None], manifest: dict[str, Any],
+                      target: Path | None = None, what: str = "a model", needed: int | None = None) -> str:
+        """Write a read-only folder at ``target`` (default: parent/<digest of its files>) in one rename; a full
+        disk is a DiskFullError naming ``what`` and the bytes it ``needed``, with nothing left behind."""
+        with writing(self.root, what, needed):
+            tmp_root = self.root / "tmp"
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=tmp_root))
+            try:
+                write(tmp)
+                digest = folder_digest(tmp)
+                (tmp / "manifest.json").write_text(json.dumps({"digest": digest, **manifest}, indent=2))
+                for f in tmp.iterdir():
+                    with f.open("rb") as fh:
+                        os.fsync(fh.fileno())
+                    f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # stored models are immutable
+                target = target or parent / digest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():  # the same model already stored: keep the first copy
+                    _rmtree(tmp)
+                else:
+                    os.rename(tmp, target)
+            except BaseException:
                 _rmtree(tmp)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            _rmtree(tmp)
-            raise
+                raise
         return digest
 
     def import_model(self, path: Path, name: str, dtype: str = "auto") -> ModelRef:

@@ -149,7 +149,7 @@ def test_full_queue_is_refused_and_cancelling_frees_the_row(make_engine):
     queued = Run(engine, [4, 5], max_new_tokens=3, temperature=0)
     with pytest.raises(OverloadedError):
         Run(engine, [6], max_new_tokens=3)
-    long.request.cancel()
+    engine.cancel(long.request)
     assert queued.tokens(timeout=10) == expected  # it got the freed row
     assert not long.done.is_set() or long.events[-1].finish_reason is None
 

@@ -164,3 +164,17 @@ def test_reingesting_for_another_group_needs_regroup_and_names_the_document(home
     assert f"fourwalls: skipped {leave}: it may be read by managers; ingesting it for staff would widen" in err
     code, out, _ = run(capsys, "rag", "ingest", str(docs), "-c", "hb", "--group", "staff", "--regroup", "--quiet")
     assert code == 0 and out.splitlines()[1] == f"widened access of 1 document: {leave} (managers → staff)"
+
+
+def test_ingest_onto_a_full_disk_is_one_line_and_keeps_the_store_whole(docs, capsys, small_disk, monkeypatch):
+    home = small_disk(1024)  # the store's schema fits, a document's vectors do not (sqlite-vec allocates 1.5 MB)
+    monkeypatch.setenv("FOURWALLS_HOME", str(home))
+    monkeypatch.delenv("FOURWALLS_RAG_STORE", raising=False)
+    code, out, err = run(capsys, "rag", "ingest", str(docs / "hr"), "-c", "hb", "--quiet")
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "disk is full" in err and "rag.db" in err
+    small_disk.grow(home, 64 * 1024)
+    code, out, err = run(capsys, "rag", "ingest", str(docs / "hr"), "-c", "hb", "--quiet")
+    assert code == 0 and out.startswith("1 added, 0 replaced"), out + err
+    code, out, _ = run(capsys, "rag", "search", "parental leave", "-c", "hb", "--json")
+    assert "16 weeks" in json.loads(out)[0]["text"]

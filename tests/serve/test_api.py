@@ -141,11 +141,20 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(live):
 
 
 def test_a_full_queue_answers_503_with_retry_after(live):
-    live.state.engine.config.max_queue = 0
+    from fourwalls.engine import Request
+    from fourwalls.generate import SamplingParams
+
+    engine = live.state.engine
+    engine._admit = lambda: None  # nothing gets a row: the queue stays as filled
+    waiting = [Request([1, 2], SamplingParams(max_new_tokens=1), lambda ev: None)
+               for _ in range(engine.config.max_queue)]
     try:
+        engine.submit(*waiting)
         r = httpx.post(f"{live.url}/v1/completions", json={"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2})
     finally:
-        live.state.engine.config.max_queue = 64
+        del engine._admit
+        for w in waiting:
+            engine.cancel(w)
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["type"] == "service_unavailable"
 

@@ -38,6 +38,7 @@ from fourwalls.tokenizer import Tokenizer
 
 log = logging.getLogger("fourwalls.engine")
 
+QUEUE_LIMIT = "queue_limit"  # the code of the error for a request larger than the queue
 Event = Delta | FourwallsError  # a piece of output (the last has finish_reason), or why the request failed
 
 
@@ -61,6 +62,7 @@ class Request:
     # Engine state, set on submission.
     arrival: float = 0.0
     cancelled: bool = False
+    error: FourwallsError | None = None  # emitted when the engine drops a cancelled request (see Engine.abort)
     pos: int = 0  # tokens in the KV cache
     generated: int = 0
     next_input: int = 0
@@ -68,9 +70,6 @@ class Request:
     detok: Detokenizer | None = None
     generator: torch.Generator | None = None
 
-    def cancel(self) -> None:
-        """Stop generating (the client went away); the engine frees the row at its next step."""
-        self.cancelled = True
 
 
 class Engine:
@@ -89,6 +88,7 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.last_tick = time.monotonic()
+        self.steps = 0  # batched forward passes so far (how tests and probes count time)
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="fourwalls-engine", daemon=True)
 
@@ -111,21 +111,52 @@ class Engine:
             raise ContextLengthError(f"the prompt has {prompt_len} tokens and max_tokens is {max_new_tokens}; "
                                      f"together they exceed the context window of {limit} tokens")
 
-    def submit(self, req: Request) -> None:
-        """Queue a request; raises if it cannot fit, names an unknown adapter, or the queue is full."""
-        req.params.validate()
-        self.check(len(req.prompt), req.params.max_new_tokens)
+    def submit(self, *requests: Request) -> None:
+        """Queue requests (the choices of one API call), all or none. Raises if one cannot fit or names an unknown
+        adapter, if there are more than the queue ever holds (UsageError: retrying cannot help), or if the queue
+        has no room for them now (OverloadedError)."""
+        for req in requests:
+            req.params.validate()
+            self.check(len(req.prompt), req.params.max_new_tokens)
+        limit = self.config.max_queue
+        if len(requests) > limit:
+            raise UsageError(f"this request makes {len(requests)} generations (prompts times n), more than the "
+                             f"server queues at once ({limit}, its --max-queue); send them in smaller requests",
+                             code=QUEUE_LIMIT)
         with self.lock:
-            if req.adapter is not None and req.adapter not in self.adapters:
-                raise NotFoundError(f"adapter '{req.adapter}' is not loaded")
-            if len(self.waiting) >= self.config.max_queue:
-                raise OverloadedError(f"the queue is full ({self.config.max_queue} waiting); retry later")
-            req.arrival = time.monotonic()
-            req.history = torch.tensor(req.prompt, dtype=torch.long)
-            req.detok = Detokenizer(self.tokenizer, req.params.stop, [] if req.ignore_eos else self.eos_ids)
-            req.generator = req.params.generator()
-            self.waiting.append(req)
+            for req in requests:
+                if req.adapter is not None and req.adapter not in self.adapters:
+                    raise NotFoundError(f"adapter '{req.adapter}' is not loaded")
+            if len(self.waiting) + len(requests) > limit:
+                raise OverloadedError(f"the queue is full ({len(self.waiting)} of {limit} waiting); retry later")
+            for req in requests:
+                req.arrival = time.monotonic()
+                req.history = torch.tensor(req.prompt, dtype=torch.long)
+                req.detok = Detokenizer(self.tokenizer, req.params.stop, [] if req.ignore_eos else self.eos_ids)
+                req.generator = req.params.generator()
+                self.waiting.append(req)
         self.wake.set()
+
+    def cancel(self, req: Request, error: FourwallsError | None = None) -> None:
+        """Stop a request (its client went away, or the server is stopping): it leaves the queue now and its row
+        at the engine's next step; ``error``, if given, is emitted to it then."""
+        with self.lock:
+            if req.cancelled:
+                return
+            req.cancelled, req.error = True, error
+            if req in self.waiting:
+                self.waiting.remove(req)
+                if error is not None:
+                    req.emit(error)
+        self.wake.set()
+
+    def abort(self, error: FourwallsError) -> list[Request]:
+        """Cancel every request, waiting or running, with ``error``; returns them."""
+        with self.lock:
+            found = [*self.waiting, *self.rows]
+        for req in found:
+            self.cancel(req, error)
+        return found
 
     def add_adapter(self, name: str, folder: Path) -> Adapter:
         """Load a PEFT-format adapter; requests may name it at once (it is installed before they run)."""
@@ -175,6 +206,7 @@ class Engine:
                         self._prefill()
                     if self.decoding:
                         self._decode()
+                self.steps += 1
             except Exception as e:  # a bug must cost the requests in flight, not the server
                 log.exception("engine step failed")
                 for r in self.rows:
@@ -188,6 +220,8 @@ class Engine:
 
         def gone(r: Request) -> bool:
             if r.cancelled:
+                if r.error is not None:
+                    r.emit(r.error)
                 return True
             if now - r.arrival > limit:
                 r.emit(RequestTimeoutError(f"the request ran longer than {limit:g} s"))

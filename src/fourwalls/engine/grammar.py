@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import llguidance
@@ -13,6 +14,8 @@ from torch import Tensor
 from fourwalls.errors import UsageError
 from fourwalls.tokenizer import Tokenizer
 
+MAX_SCHEMA_BYTES = 64 * 1024  # compiling takes about 3 ms per KB here; llguidance's own limits bound the rest
+
 
 class Grammars:
     """Compiles JSON schemas against one model's tokenizer (built once: it takes a fraction of a second)."""
@@ -22,17 +25,22 @@ class Grammars:
         self.vocab_size = vocab_size
 
     def json(self, schema: dict[str, Any] | None = None) -> Constraint:
-        """A constraint for JSON that fits ``schema`` (None: any JSON object). Raises UsageError if it is invalid."""
+        """A constraint for JSON that fits ``schema`` (None: any JSON object). Raises UsageError if it is invalid
+        or larger than MAX_SCHEMA_BYTES. Blocking (llguidance releases the GIL while it compiles)."""
+        text = json.dumps(schema or {"type": "object"}, ensure_ascii=False)
+        size = len(text.encode())
+        if size > MAX_SCHEMA_BYTES:
+            raise UsageError(f"the JSON schema has {size} bytes; this server compiles schemas of at most "
+                             f"{MAX_SCHEMA_BYTES} bytes")
         try:
             # Compact JSON: a model left to choose its whitespace can spend its whole budget on newlines.
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or {"type": "object"},
-                                                                     defaults={"whitespace_flexible": False})
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as e:
             raise UsageError(f"invalid JSON schema: {e}") from None
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise UsageError(f"invalid JSON schema: {error}")
-        return Constraint(llguidance.LLMatcher(self.tokenizer, grammar), self.vocab_size)
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():  # an invalid schema, or one past llguidance's limits on grammar and lexer size
+            raise UsageError(f"invalid JSON schema: {matcher.get_error()}")
+        return Constraint(matcher, self.vocab_size)
 
 
 class Constraint:
@@ -47,6 +55,10 @@ class Constraint:
         llnp.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         bits = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[: self.vocab_size]
         return logits.masked_fill(torch.from_numpy(bits == 0), float("-inf"))
+
+    def copy(self) -> Constraint:
+        """The same grammar at the same point, for another choice of the request (compiled once for all)."""
+        return Constraint(self.matcher.deep_copy(), self.vocab_size)
 
     def advance(self, token: int) -> bool:
         """Consume the sampled token; True once the grammar is complete (the output must end)."""

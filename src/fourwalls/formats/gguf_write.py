@@ -7,6 +7,7 @@ BPE tokenizer ("gpt2") with the pre-tokenizer named as llama.cpp knows it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -66,7 +67,8 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        w.close()
+        with contextlib.suppress(Exception):  # closing flushes, which fails again on a full disk
+            w.close()
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)

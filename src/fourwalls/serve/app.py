@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from fourwalls.errors import FourwallsError
+from fourwalls.files import disk_full
 from fourwalls.serve import conversations, embeddings, openai, rag
 from fourwalls.serve.common import CurrentCaller, error_from, error_response
 from fourwalls.serve.state import ServerState
@@ -125,6 +127,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def crash(_: Request, e: Exception) -> Response:
+        if disk_full(e):  # a write that does not say so itself
+            return error_response(507, "the disk is full on the server; free some space there and try again",
+                                  code="disk_full")
         return error_response(500, f"internal error ({type(e).__name__})")
 
     return Gate(app, state)  # type: ignore[return-value]
@@ -149,9 +154,13 @@ class Gate:
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                MutableHeaders(scope=message).append("x-fourwalls-model-digest", self.state.lm.digest)
+                headers = MutableHeaders(scope=message)
+                headers.append("x-fourwalls-model-digest", self.state.lm.digest)
+                if status[0] >= 500 and "connection" not in headers:  # the server may drop the connection after
+                    headers.append("connection", "close")  # an error: a client must not send the next request on it
             await send(message)
 
+        self.state.in_flight += 1
         try:
             if self.state.draining and path.startswith("/v1/"):
                 await error_response(503, "the server is draining; retry on another replica",
@@ -164,9 +173,16 @@ class Gate:
                     await error_response(413, f"the request body exceeds {limit} bytes",
                                          code="request_too_large")(scope, receive, stamped)
                     return
+                field = _lone_surrogate(body)
+                if field is not None:
+                    await error_response(400, f"{field}: holds a lone surrogate (a \\ud800-\\udfff escape without "
+                                              "its pair), which is not text; send valid Unicode", param=field,
+                                         code="invalid_unicode")(scope, receive, stamped)
+                    return
                 receive = _replay(body, receive)
             await self.app(scope, receive, stamped)
         finally:
+            self.state.in_flight -= 1
             self.state.metrics.requests.labels(route_label(path), str(status[0])).inc()
 
     async def _read_body(self, receive: Receive) -> bytes | None:
@@ -183,6 +199,37 @@ class Gate:
             if not message.get("more_body"):
                 break
         return b"".join(parts)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(body: bytes) -> str | None:
+    """The path (``messages.0.content``) of the first string in a JSON body that holds a lone surrogate, a JSON
+    escape that decodes to no character: no tokenizer, database or file can take it."""
+    if not _SURROGATE_ESCAPE.search(body):  # a pair decodes to one valid character, so this looks first
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # the route answers that the body is not JSON
+
+    def find(v: Any, path: list[str]) -> list[str] | None:
+        if isinstance(v, str):
+            return path if _SURROGATE.search(v) else None
+        for k, x in v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ():
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return [*path, k]
+            found = find(x, [*path, str(k)])
+            if found is not None:
+                return found
+        return None
+
+    found = find(value, [])
+    if found is None:
+        return None
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", ".".join(found) or "body")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

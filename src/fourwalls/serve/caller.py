@@ -9,9 +9,9 @@ The file::
                "admin": false, "rpm": 60, "tpm": 20000, "groups": ["hr", "eng"]}]}
 
 ``models`` lists the models and adapters the key may use ("*": all), the embedder's name included for
-/v1/embeddings; ``rpm``/``tpm`` are requests and tokens (prompt + completion) per minute, absent or null for no
-limit; ``admin`` allows loading and unloading adapters and writing document collections (creating and deleting
-collections, uploading and deleting documents).
+/v1/embeddings, search and RAG chat, which all run it; ``rpm``/``tpm`` are requests and tokens (prompt +
+completion) per minute, absent or null for no limit; ``admin`` allows loading and unloading adapters and writing
+document collections (creating and deleting collections, uploading and deleting documents).
 
 ``groups`` scopes what the key may read from document collections (search, RAG chat, document lists): documents
 of those groups, plus the documents that have no groups (readable by every key). ``["*"]`` reads every group.
@@ -97,8 +97,9 @@ class Caller:
         if not self.admin:
             raise ForbiddenError(f"{what} needs an admin API key")
 
-    def admit(self, prompt_tokens: int) -> None:
-        """Count a request against the key's budgets, or raise RateLimitError saying when to retry."""
+    def admit(self, prompt_tokens: int, *, count: bool = True) -> None:
+        """Count a request against the key's budgets, or raise RateLimitError saying when to retry; ``count=False``
+        only checks (before work whose size is not known yet, such as the retrieval of a RAG chat)."""
         k = self.key
         if k is None:
             return
@@ -115,7 +116,8 @@ class Caller:
                 oldest = k.tokens[0][0] if k.tokens else now
                 raise RateLimitError(f"token limit of {k.tpm} per minute reached ({used} used, this prompt has "
                                      f"{prompt_tokens})", _retry(now, oldest))
-            k.requests.append(now)
+            if count:
+                k.requests.append(now)
 
     def spend(self, tokens: int) -> None:
         """Charge the tokens a request used (prompt and completion) to the key's per-minute budget."""

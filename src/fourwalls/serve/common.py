@@ -17,9 +17,8 @@ from fourwalls.errors import FourwallsError
 from fourwalls.serve.caller import Caller
 from fourwalls.serve.state import ServerState
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable", 504: "timeout"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 503: "service_unavailable",
+          504: "timeout"}  # any other 4xx is an invalid_request_error, any other 5xx a server_error
 
 
 def get_state(request: Request) -> ServerState:
@@ -47,7 +46,8 @@ def sse(obj: Any) -> str:
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """The OpenAI error object."""
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    kind = _TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -24,11 +24,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fourwalls.engine import Request as EngineRequest
+from fourwalls.engine.engine import QUEUE_LIMIT
+from fourwalls.engine.grammar import Constraint
 from fourwalls.errors import FourwallsError, NotFoundError, UsageError
 from fourwalls.generate import Delta, SamplingParams, TokenInfo
 from fourwalls.rag.answer import Answer, Grounded, ground
 from fourwalls.serve.caller import Caller
-from fourwalls.serve.common import DONE, CurrentCaller, State, error_from, sse
+from fourwalls.serve.common import DONE, CurrentCaller, State, error_from, error_response, sse
 from fourwalls.serve.schemas import (
     MAX_STOP,
     AdapterLoad,
@@ -38,6 +40,7 @@ from fourwalls.serve.schemas import (
     Sampling,
 )
 from fourwalls.serve.state import Batch, ServerState
+from fourwalls.tokenizer import neutralize
 
 log = logging.getLogger("fourwalls.requests")
 router = APIRouter()
@@ -51,22 +54,31 @@ def _params(body: Sampling, max_tokens: int, logprobs: int | None, index: int) -
                           seed=seed, stop=body.stop_list(), logprobs=logprobs)
 
 
-def _start(state: ServerState, caller: Caller, body: Sampling, prompts: list[list[int]], max_tokens: int | None,
-           default_max: int | None, logprobs: int | None) -> Batch:
+async def _start(state: ServerState, caller: Caller, body: Sampling, prompts: list[list[int]],
+                 max_tokens: int | None, default_max: int | None, logprobs: int | None) -> Batch:
     """Check a request against the caller, the context window and the grammar, and queue its choices."""
     adapter = _authorize(state, caller, body)
     caller.admit(sum(map(len, prompts)) * body.n)
     if len(body.stop_list()) > MAX_STOP or any(not s for s in body.stop_list()):
         raise UsageError(f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
-    requests = []
+    lengths = []
     for prompt in prompts:
         n = max_tokens or (default_max or state.engine.config.max_len - len(prompt))
         state.engine.check(len(prompt), max(n, 1))
+        lengths.append(n)
+    constraint = await asyncio.to_thread(_constraint, state, body)  # compiling takes a while: off the event loop
+    requests = []
+    for prompt, n in zip(prompts, lengths):
         for i in range(body.n):
-            constraint = _constraint(state, body)
-            requests.append(EngineRequest(prompt, _params(body, n, logprobs, i), lambda ev: None, adapter,
-                                          constraint, body.ignore_eos))
-    return Batch(state, requests, adapter)
+            own = constraint.copy() if constraint is not None and requests else constraint
+            requests.append(EngineRequest(prompt, _params(body, n, logprobs, i), lambda ev: None, adapter, own,
+                                          body.ignore_eos))
+    try:
+        return Batch(state, requests, adapter)
+    except UsageError as e:
+        if e.code != QUEUE_LIMIT:
+            raise
+        raise UsageError(str(e), param="prompt" if len(prompts) > 1 else "n", code=e.code) from None
 
 
 def _authorize(state: ServerState, caller: Caller, body: Sampling) -> str | None:
@@ -76,7 +88,7 @@ def _authorize(state: ServerState, caller: Caller, body: Sampling) -> str | None
     return adapter
 
 
-def _constraint(state: ServerState, body: Sampling) -> Any:
+def _constraint(state: ServerState, body: Sampling) -> Constraint | None:
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
@@ -96,37 +108,31 @@ def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
     return {"x-fourwalls-adapter-digest": state.engine.adapters[adapter].digest}
 
 
-async def _collect(batch: Batch, request: Request) -> list[list[Delta]]:
-    """Every choice's chunks; gives up (cancelling the generation) if the client disconnects meanwhile."""
+async def _collect(batch: Batch) -> list[list[Delta]] | None:
+    """Every choice's chunks, or None if the client disconnected first (the batch is cancelled then)."""
     out: list[list[Delta]] = [[] for _ in batch.requests]
-    events = batch.events().__aiter__()
     try:
-        while True:
-            task = asyncio.ensure_future(events.__anext__())
-            while not task.done():
-                await asyncio.wait([task], timeout=1.0)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    raise asyncio.CancelledError
-            try:
-                i, chunk = task.result()
-            except StopAsyncIteration:
-                return out
+        async for i, chunk in batch.events():
             out[i].append(chunk)
     finally:
         batch.cancel()
+    return None if batch.disconnected else out
 
 
 async def _respond(batch: Batch, body: Sampling, request: Request, caller: Caller, frame: Any,
                    headers: dict[str, str]) -> Response | list[list[Delta]]:
     """A streaming response of ``frame(choice, chunk)`` events, or (not streaming) every choice's chunks."""
+    batch.watch(request)
     if body.stream:
         return StreamingResponse(_stream(batch, frame, _wants_usage(body), caller), media_type="text/event-stream",
                                  headers=headers)
     try:
-        return await _collect(batch, request)
+        outs = await _collect(batch)
     finally:
         caller.spend(batch.tokens)
+    if outs is None:  # nobody reads this; it is counted (499, as nginx logs a client that closed the request)
+        return error_response(499, "the client closed the connection before the response was ready")
+    return outs
 
 
 def _wants_usage(body: Sampling) -> bool:
@@ -175,21 +181,24 @@ async def list_models(state: State, caller: CurrentCaller) -> Any:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State, caller: CurrentCaller) -> Response:
     tok = state.lm.tokenizer
-    if isinstance(body.prompt, str):
-        texts, prompts = [body.prompt], [tok.encode(body.prompt)]
-    elif body.prompt and all(isinstance(x, int) for x in body.prompt):
-        vocab = state.lm.config.vocab_size
-        if any(not 0 <= t < vocab for t in body.prompt):
-            raise UsageError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        texts, prompts = [tok.decode(body.prompt)], [list(body.prompt)]
-    else:
-        texts = [str(p) for p in body.prompt]
-        prompts = [tok.encode(t) for t in texts]
-    if not prompts or any(not p for p in prompts):
-        raise UsageError("the prompt is empty", param="prompt")
     if body.echo and body.stream:
         raise UsageError("echo is not supported with stream", param="echo")
-    batch = _start(state, caller, body, prompts, body.max_tokens, 16, body.logprobs)
+
+    def encode() -> tuple[list[str], list[list[int]]]:  # a long prompt takes a while: off the event loop
+        if isinstance(body.prompt, str):
+            return [body.prompt], [tok.encode(body.prompt)]
+        if body.prompt and all(isinstance(x, int) for x in body.prompt):
+            vocab = state.lm.config.vocab_size
+            if any(not 0 <= t < vocab for t in body.prompt):
+                raise UsageError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return [tok.decode(body.prompt)], [list(body.prompt)]
+        texts = [str(p) for p in body.prompt]
+        return texts, [tok.encode(t) for t in texts]
+
+    texts, prompts = await asyncio.to_thread(encode)
+    if not prompts or any(not p for p in prompts):
+        raise UsageError("the prompt is empty", param="prompt")
+    batch = await _start(state, caller, body, prompts, body.max_tokens, 16, body.logprobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
     echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
@@ -228,19 +237,25 @@ documents do not tell, with `citations: []` and zero usage."""
 @router.post("/v1/chat/completions", description=CHAT_DESCRIPTION)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
                            caller: CurrentCaller) -> Response:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    tok = state.lm.tokenizer
+    control = [] if body.raw_control_tokens else tok.control_tokens
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": neutralize(m.text(), control)}
+                for m in body.messages]
     grounded = None
     if body.rag is not None:
-        adapter = _authorize(state, caller, body)  # before any retrieval
+        adapter = _authorize(state, caller, body)  # the model and the budgets before any retrieval
+        caller.admit(0, count=False)
         grounded = await _ground(state, caller, body.rag, messages)
         if isinstance(grounded, Answer):
             caller.admit(0)
             _log(state, "chat", messages, [grounded.text])
             return _no_answer(body, grounded.text, _headers(state, adapter))
         messages = grounded.messages
-    prompt = state.lm.tokenizer.encode_chat(messages)
+    # The model's template runs in the sandbox's child processes, within its time and memory budgets.
+    prompt = await asyncio.to_thread(tok.encode_chat, messages, True, state.templates)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    batch = _start(state, caller, body, [prompt], body.max_completion_tokens or body.max_tokens, None, logprobs)
+    batch = await _start(state, caller, body, [prompt], body.max_completion_tokens or body.max_tokens, None,
+                         logprobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
 
@@ -291,8 +306,8 @@ async def _ground(state: ServerState, caller: Caller, options: RagOptions,
     rag = state.rag
 
     def work() -> Grounded | Answer:
-        rag.collection(options.collection)
-        return ground(rag.retriever(), options.collection, question, state.lm.tokenizer, history=messages[:-1],
+        rag.collection(options.collection, caller.groups)
+        return ground(rag.retriever(caller), options.collection, question, state.lm.tokenizer, history=messages[:-1],
                       k=options.top_k, mode=options.mode, groups=caller.groups, where=options.where,
                       min_similarity=options.min_similarity)
 

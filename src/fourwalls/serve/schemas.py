@@ -4,9 +4,10 @@ who reads a document or what a search returns)."""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from fourwalls.errors import UsageError
 
@@ -130,6 +131,10 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     rag: RagOptions | None = Field(None, description="fourwalls extension: answer the last user message from a "
                                    "document collection, citing its sources (see the top-level citations field)")
+    raw_control_tokens: bool = Field(False, description="fourwalls extension: true passes control-token strings "
+                                     "typed in message content (<|im_start|>, </s>, ...) to the model as control "
+                                     "tokens; by default each is broken apart and read as plain text, so that no "
+                                     "message can open a turn of its own")
 
 
 class AdapterLoad(BaseModel):
@@ -144,9 +149,10 @@ class CollectionCreate(BaseModel):
 class DocumentUpload(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(..., min_length=1, max_length=1024, pattern=r"^[^\x00]*$",
+    source: str = Field(..., min_length=1, max_length=1024,
                         description="the document's key in the collection, e.g. handbook.md; its suffix picks the "
-                        "parser of content_base64 (.txt .md .markdown .html .htm .pdf .docx)")
+                        "parser of content_base64 (.txt .md .markdown .html .htm .pdf .docx); no control or "
+                        "format characters (newlines, bidirectional overrides, ...)")
     text: str | None = Field(None, description="the document as text (read as Markdown); or content_base64")
     content_base64: str | None = Field(None, description="the file's bytes, base64-encoded; or text")
     title: str | None = Field(None, max_length=1024, description="default: the document's own title (first "
@@ -159,6 +165,16 @@ class DocumentUpload(BaseModel):
         default_factory=dict, description="metadata to filter searches on (where)")
     chunk_tokens: int = Field(192, ge=16, le=1024, description="largest chunk in embedder tokens")
     overlap: int = Field(32, ge=0, le=512, description="tokens shared by consecutive pieces of a long paragraph")
+
+
+    @field_validator("source", "title")
+    @classmethod
+    def _visible(cls, value: str | None) -> str | None:
+        # A newline, an RTL override, a zero-width space...: names that list as another, or that no URL deletes.
+        bad = next((c for c in value or "" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+        if bad is not None:
+            raise ValueError(f"control and format characters such as U+{ord(bad):04X} are not allowed")
+        return value
 
 
 class SearchRequest(Retrieval):
