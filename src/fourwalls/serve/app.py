@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
@@ -24,7 +25,7 @@ from fourwalls.serve.common import CurrentCaller, error_from, error_response
 from fourwalls.serve.state import ServerState
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/healthz", "/readyz",
-          "/metrics", "/openapi.json", "/docs", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
+          "/metrics", "/openapi.json", "/docs", "/redoc", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
           "/v1/collections/{name}", "/v1/collections/{name}/documents", "/v1/collections/{name}/documents/{source}",
           "/v1/collections/{name}/search", "/v1/me", "/v1/conversations", "/v1/conversations/{id}",
           "/v1/conversations/{id}/export", "/", "/ui/{path}")
@@ -48,7 +49,10 @@ def route_label(path: str) -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the fastapi-offline package: FastAPI's own
+    # pages load them (and Google fonts) from CDNs, which is blank without internet and a request outside the walls.
+    app = FastAPIOffline(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}",
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.fourwalls = state
     for routes in (openai, rag, embeddings, conversations):
         app.include_router(routes.router)

@@ -4,8 +4,9 @@ Routes (JSON; errors are OpenAI error objects):
 
 - ``GET /v1/collections``, ``POST /v1/collections`` ``{"name"}``, ``GET|DELETE /v1/collections/{name}``;
 - ``POST /v1/collections/{name}/documents`` ``{"source", "text" | "content_base64", "title", "groups", "meta",
-  "chunk_tokens", "overlap"}``: add or replace one document (identical content, groups and metadata: nothing is
-  written and the status is ``unchanged``), ``DELETE /v1/collections/{name}/documents/{source}``;
+  "chunk_tokens", "overlap", "regroup"}``: add or replace one document (identical content, groups and metadata:
+  nothing is written and the status is ``unchanged``; other groups than the stored document's: 400 unless
+  ``regroup``), ``DELETE /v1/collections/{name}/documents/{source}``;
 - ``POST /v1/collections/{name}/search`` ``{"query", "top_k", "mode", "where"}``: ranked chunks with citations.
 
 Chat completions answer from a collection with their ``rag`` field (see ``openai``); /v1/embeddings serves the
@@ -35,7 +36,7 @@ from fastapi import APIRouter
 
 from fourwalls.errors import FormatError, FourwallsError, NotFoundError, UsageError
 from fourwalls.files import writing
-from fourwalls.rag.ingest import Item, ingest
+from fourwalls.rag.ingest import Item, ingest, readers
 from fourwalls.rag.loaders import SUFFIXES, Document, load, load_text
 from fourwalls.rag.stores import Collection, DocumentStore
 from fourwalls.serve.common import CurrentCaller, State
@@ -191,15 +192,23 @@ async def upload_document(name: str, body: DocumentUpload, state: State, caller:
         embedder, store = rag.embedder, rag.store
         with rag.writes:
             rag.collection(name)
-            report = ingest(store, embedder, [item], name, groups=body.groups, meta=body.meta,
+            old = store.document(name, source)
+            if old is not None and old.groups != sorted(set(body.groups)) and not body.regroup:
+                raise UsageError(f"'{source}' may be read by {readers(old.groups)}; this upload is for "
+                                 f"{readers(sorted(set(body.groups)))}: send \"regroup\": true to change who may "
+                                 "read it", param="groups", code="groups_changed")
+            report = ingest(store, embedder, [item], name, groups=body.groups, meta=body.meta, regroup=True,
                             max_tokens=body.chunk_tokens, overlap=body.overlap, progress=False)
             if report.failed:
                 raise FormatError(report.failed[0][1], param="content_base64" if body.text is None else "text",
                                   code="unreadable_document")
             doc = store.document(name, source)
         status = "added" if report.added else "replaced" if report.replaced else "unchanged"
-        return {"object": "collection.document", "source": source, "status": status, "chunks": doc.chunks,
-                "title": doc.title, "digest": doc.digest}
+        out = {"object": "collection.document", "source": source, "status": status, "chunks": doc.chunks,
+               "title": doc.title, "digest": doc.digest, "groups": doc.groups}
+        if report.regrouped:
+            out["previous_groups"] = report.regrouped[0][1]
+        return out
 
     return await asyncio.to_thread(work)
 

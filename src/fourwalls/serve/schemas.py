@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from fourwalls.errors import UsageError
+
 MAX_N = 8  # choices per request
 MAX_STOP = 4
 
@@ -63,8 +65,16 @@ class CompletionRequest(Sampling):
 
 
 class ContentPart(BaseModel):
-    type: Literal["text"] = "text"
-    text: str
+    """A part of a message's content. Any type parses, so that a part the model cannot read (an image) gets an
+    error that says so rather than a schema mismatch."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field("text", description="only text parts are supported")
+    text: str | None = None
+
+
+IMAGE_PARTS = ("image_url", "input_image", "image")
 
 
 class Message(BaseModel):
@@ -75,9 +85,19 @@ class Message(BaseModel):
     name: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        """The content as one text; UsageError for a part that is not text."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for p in self.content:
+            if p.type in IMAGE_PARTS:
+                raise UsageError("images are not supported by this model: send text content parts only",
+                                 param="messages", code="unsupported_content")
+            if p.type != "text":
+                raise UsageError(f"content parts of type {p.type!r} are not supported: send text parts "
+                                 '({"type": "text", "text": ...})', param="messages", code="unsupported_content")
+            if p.text is None:
+                raise UsageError("a text content part needs its text", param="messages")
+        return "".join(p.text or "" for p in self.content)
 
 
 MAX_TOP_K = 50  # chunks one retrieval may return
@@ -139,6 +159,8 @@ class DocumentUpload(BaseModel):
                               "heading, PDF/DOCX metadata), else the source's file name")
     groups: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
         default_factory=list, description="only API keys of these groups may read it (default: every key)")
+    regroup: bool = Field(False, description="replace a stored document whose groups differ from these (without it "
+                          "such an upload is refused: changing who may read a document must be explicit)")
     meta: dict[Annotated[str, StringConstraints(pattern=META_KEY)], str] = Field(
         default_factory=dict, description="metadata to filter searches on (where)")
     chunk_tokens: int = Field(192, ge=16, le=1024, description="largest chunk in embedder tokens")

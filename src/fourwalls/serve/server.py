@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -97,6 +99,13 @@ class _Server(uvicorn.Server):
         self.fw_state, self.drain_timeout = state, drain_timeout
         self.cut = 0
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:  # uvicorn says where it listens only for sockets it bound itself
+            host, port = sockets[0].getsockname()[:2]
+            logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                    f"[{host}]" if ":" in host else host, port)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM or self.fw_state.draining:
             super().handle_exit(sig, frame)
@@ -123,16 +132,38 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a port in use fails at once, in one line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use (by another server?); choose another with --port") \
+                from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def serve(cfg: ServeConfig) -> int:
     """Serve ``cfg.model`` until SIGTERM (drain, then exit) or Ctrl-C; the exit status: 1 if a drain had to cut
     requests, else 0."""
+    sock = listen(cfg.host, cfg.port)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines; protect it with --api-keys", cfg.host)
     missing = [name for name in UI_LIBRARIES if not (UI / name).is_file()]
     if missing:
         print(f"fourwalls: the web page's libraries are missing ({', '.join(missing)} under {UI}); "
               "scripts/build-ui fetches them (make run does)", file=sys.stderr)
-    state = build_state(cfg)
+    try:
+        state = build_state(cfg)
+    except BaseException:
+        sock.close()
+        raise
+    if cfg.api_keys:
+        log.info("requests need one of the %d API keys in %s", len(state.keys.keys), cfg.api_keys)
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
     server = _Server(config, state, cfg.drain_timeout)
@@ -141,7 +172,7 @@ def serve(cfg: ServeConfig) -> int:
     print(f"fourwalls: serving {state.lm.name}: web chat at {url}/ and API at {url}/v1 (documented at {url}/docs)",
           file=sys.stderr, flush=True)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         state.engine.stop()
         state.close()

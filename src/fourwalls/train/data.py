@@ -222,14 +222,14 @@ def pack(ds: Dataset, seq_len: int) -> Dataset:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad a batch; padded positions carry no loss."""
+    """Right-pad a batch; padded positions carry no loss. ``lengths``: each row's tokens before the padding."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
-    batch = {"input_ids": ids, "labels": labels}
+    batch = {"input_ids": ids, "labels": labels, "lengths": torch.tensor([len(e.input_ids) for e in examples])}
     if examples[0].paired is not None:
         batch.update({f"paired_{k}": v for k, v in collate([e.paired for e in examples], pad_id).items()})
     for key in examples[0].values:

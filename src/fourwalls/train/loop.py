@@ -30,7 +30,7 @@ from fourwalls.train import checkpoint
 from fourwalls.train.data import Dataset, batches, collate
 from fourwalls.train.objectives import Objective, causal_lm
 
-_COUNTS = ("tokens", "examples")  # what an objective's metrics count, not measure: not logged as curves
+_COUNTS = ("tokens", "examples", "processed")  # what an objective's metrics count, not measure: not logged as curves
 
 
 class TrainingInterrupted(FourwallsError):
@@ -172,14 +172,16 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
     stream = batches(train_ds, cfg.batch_size, cfg.seed, pad_id, start=step * cfg.grad_accum)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
-    tokens_seen, tick = 0.0, time.perf_counter()
+    # Throughput counts every token the model processed (prompts included, padding not); the share of them that
+    # carries loss (an assistant's turns, say) is reported beside it.
+    processed_seen, trained_seen, tick = 0.0, 0.0, time.perf_counter()
     model.train()
     try:
         while step < cfg.steps:
             lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, tokens, measured = 0.0, 0.0, []
+            loss_sum, tokens, processed, measured = 0.0, 0.0, 0.0, []
             for _ in range(cfg.grad_accum):
                 batch = {k: v[rank::world] for k, v in next(stream).items()}
                 with autocast:
@@ -188,6 +190,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += m["tokens"]
                 measured.append({k: v for k, v in m.items() if k not in _COUNTS})
+                processed += m.get("processed", float(batch["lengths"].sum()))
             if world > 1:  # the loss of the whole global batch, not this rank's share; a signal on any rank stops all
                 t = torch.tensor([loss_sum, 1.0 if stop["signal"] else 0.0])
                 dist.all_reduce(t)
@@ -199,14 +202,17 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tokens * world
+            processed_seen += processed * world
+            trained_seen += tokens * world
             elapsed = time.perf_counter() - tick
             rec = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens_per_s": round(tokens_seen / elapsed, 1), **step_metrics}
+                   "tokens_per_s": round(processed_seen / elapsed, 1),
+                   "trained_share": round(trained_seen / max(processed_seen, 1.0), 4), **step_metrics}
             if cfg.eval_every and step % cfg.eval_every == 0 and val_ds is not None and step < cfg.steps:
                 rec.update(_validation(model, val_ds, objective, cfg, pad_id))
             records.append(rec)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix_str(f"loss={loss_sum:.4f}, {rec['tokens_per_s']:.0f} tok/s "
+                                f"({rec['trained_share']:.0%} trained on)")
             bar.update(1)
             if rank == 0:
                 _append_metric(metrics_path, rec)
@@ -226,6 +232,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
     model.eval()
     final = {"step": step, "train_loss": records[-1]["loss"] if records else None,
              "seconds": round(time.time() - start_time, 1)}
+    if records:
+        final.update(tokens_per_s=records[-1]["tokens_per_s"], trained_share=records[-1]["trained_share"])
     if val_ds is not None:
         final.update(_validation(model, val_ds, objective, cfg, pad_id))
     if rank == 0:
@@ -262,14 +270,16 @@ def _mean_metrics(measured: list[dict[str, float]], world: int) -> dict[str, flo
 
 
 def _validation(model: nn.Module, ds: Dataset, objective: Objective, cfg: TrainConfig, pad_id: int) -> dict:
-    """``val_loss``, the objective's metrics as ``val_<name>``, and ``val_ppl`` where the loss is per token."""
+    """``val_loss``, the objective's metrics as ``val_<name>``, and ``val_ppl`` where the objective reports the
+    data's cross-entropy (``ce``): the exp of a mixed loss (distillation's CE + KL, a preference loss) is no
+    perplexity."""
     was_training = model.training
     model.eval()
     metrics = evaluate_metrics(model, ds, objective, cfg.batch_size, pad_id)
     model.train(was_training)
     out = {f"val_{key}": round(value, 6) for key, value in metrics.items() if key not in _COUNTS}
-    if "examples" not in metrics:  # a mean per token: its exponential is a perplexity
-        out["val_ppl"] = round(math.exp(min(metrics["loss"], 50)), 4)
+    if "ce" in metrics:
+        out["val_ppl"] = round(math.exp(min(metrics["ce"], 50)), 4)
     return out
 
 

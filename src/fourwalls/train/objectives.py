@@ -27,7 +27,7 @@ def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[
     """Next-token cross-entropy over the positions whose label is not masked."""
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts token t + 1
     loss = model(batch["input_ids"], targets=targets)  # the head and the loss in one pass, logits never whole
-    return loss, {"tokens": float((targets != IGNORE).sum())}
+    return loss, {"ce": loss.item(), "tokens": float((targets != IGNORE).sum())}
 
 
 def distillation(teacher: nn.Module | None, temperature: float = 2.0, alpha: float = 0.5, beta: float = 0.5
@@ -257,8 +257,8 @@ def unlearning(method: str = "npo", beta: float = 0.1, retain_weight: float = 1.
     - ``grad-diff``: gradient ascent on the forget rows plus ``retain_weight`` times the retain rows' mean NLL.
 
     Metrics: ``forget_nll`` and ``retain_nll`` (mean per token), ``log_ratio`` (NPO's mean log pi/pi_ref),
-    ``tokens``. Forget and retain rows go through the model in one forward pass, the head run on the scored positions
-    only (``answer_logps``).
+    ``tokens``, ``processed`` (the forget and retain rows' tokens, for throughput). Forget and retain rows go
+    through the model in one forward pass, the head run on the scored positions only (``answer_logps``).
     """
     if method not in UNLEARNING:
         raise UsageError(f"unknown unlearning objective '{method}'; choose {', '.join(UNLEARNING)}")
@@ -276,7 +276,9 @@ def unlearning(method: str = "npo", beta: float = 0.1, retain_weight: float = 1.
         logps, count = answer_logps(model, ids, labels)
         nll = -logps  # each row's summed NLL
         forget_nll = nll[:n].sum() / count[:n].sum().clamp(min=1)
-        metrics = {"forget_nll": forget_nll.item(), "tokens": float(count.sum())}
+        metrics = {"forget_nll": forget_nll.item(), "tokens": float(count.sum()),
+                   "processed": float(batch["lengths"].sum()) + (
+                       float(batch["paired_lengths"].sum()) if method != "grad-ascent" else 0.0)}
         if method == "npo":
             log_ratio = batch["ref_nll"] - nll[:n]  # log pi - log pi_ref
             loss = 2 / beta * F.softplus(beta * log_ratio).mean()

@@ -67,7 +67,7 @@ def now() -> str:
 class SqliteStore:
     def __init__(self, path: Path | str | None = None) -> None:
         if path is None:
-            from fourwalls.store import home
+            from fourwalls.files import home
 
             path = home() / "rag.db"
         self.path = Path(path)
