@@ -1,10 +1,10 @@
 """Training objectives: ``objective(model, batch) -> (loss, metrics)``; the one training loop calls any of them.
 
 ``metrics`` holds ``tokens`` (the tokens the loss scores), ``processed`` where the batch ran more than its rows'
-tokens (padding excluded; the loop's tokens/s counts it, else the rows' lengths), ``examples`` where the loss is a mean over
-examples rather than tokens (validation weighs batches by it), and whatever else the objective measures: the loop
-logs it per step and on validation, and plots it beside the loss. Every call returns the same keys (NaN where a
-batch cannot measure one), since under torchrun the ranks average them together.
+tokens (padding excluded; the loop's tokens/s counts it, else the rows' lengths), ``examples`` where the loss is a
+mean over examples rather than tokens (validation weighs batches by it), and whatever else the objective measures:
+the loop logs it per step and on validation, and plots it beside the loss. Every call returns the same keys (NaN
+where a batch cannot measure one), since under torchrun the ranks average them together.
 """
 
 from __future__ import annotations
