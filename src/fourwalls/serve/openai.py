@@ -154,10 +154,9 @@ async def _stream(batch: Batch, frame: Any, usage: bool, caller: Caller) -> Asyn
     yield DONE
 
 
-def _usage(batch: Batch) -> dict[str, Any]:
+def _usage(batch: Batch) -> dict[str, int]:
     p, c = batch.prompt_tokens, batch.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": batch.cached_tokens}}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def _log(state: ServerState, kind: str, prompt: Any, outputs: list[str]) -> None:
@@ -320,8 +319,7 @@ def _no_answer(body: ChatCompletionRequest, text: str, headers: dict[str, str]) 
     choice, no citations, zero usage."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": body.model}
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-             "prompt_tokens_details": {"cached_tokens": 0}}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     if not body.stream:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": "stop"} for i in range(body.n)]
