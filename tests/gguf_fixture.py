@@ -41,6 +41,31 @@ def tiny_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+def llama_writer(path: Path, name: str, *, dim: int, layers: int, ffn: int, heads: int, kv_heads: int,
+                 arch: str = "llama", context_length: int = 64) -> gguf.GGUFWriter:
+    """A GGUFWriter with a llama model's metadata and this module's byte-level tokenizer (token 0 the control token
+    that is BOS and EOS); the caller adds the tensors and writes the file."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_vocab_size(len(_TOKENS))
+    w.add_context_length(context_length)
+    w.add_embedding_length(dim)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(_TOKENS)
+    w.add_token_types([_CONTROL] + [_NORMAL] * (len(_TOKENS) - 1))
+    w.add_token_merges(_MERGES)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    return w
+
+
 def write_tiny_gguf(path: Path, *, arch: str = "llama", context_length: int = 64,
                     quantized: gguf.GGMLQuantizationType | None = None) -> Path:
     """Write the tiny model to ``path``.
@@ -48,24 +73,8 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", context_length: int = 64
     ``arch`` sets general.architecture (and the key prefix); ``quantized`` stores blk.0.ffn_down.weight (rows of
     16 values) with that GGML type instead of F32, filled with zero bytes.
     """
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("fourwalls-tiny-test")
-    w.add_vocab_size(VOCAB)
-    w.add_context_length(context_length)
-    w.add_embedding_length(DIM)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(_TOKENS)
-    w.add_token_types([_CONTROL] + [_NORMAL] * (VOCAB - 1))
-    w.add_token_merges(_MERGES)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
+    w = llama_writer(path, "fourwalls-tiny-test", arch=arch, context_length=context_length, dim=DIM, layers=LAYERS,
+                     ffn=FFN, heads=HEADS, kv_heads=KV_HEADS)
     w.add_add_bos_token(False)
     for name, t in tiny_tensors().items():
         if quantized is not None and name == "blk.0.ffn_down.weight":

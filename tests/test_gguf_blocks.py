@@ -18,7 +18,7 @@ from fourwalls.model.native import abi, cpu_isas, native
 from fourwalls.model.quant import BlockEmbedding, BlockLinear
 from fourwalls.model.transformer import block_linears
 from fourwalls.store import DEFAULT_MODEL, Store, build_model, bundled_gguf
-from tests.gguf_fixture import _MERGES, _TOKENS
+from tests.gguf_fixture import _TOKENS, llama_writer
 
 Q = gguf.GGMLQuantizationType
 EXACT = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -42,24 +42,7 @@ def write_gguf_model(path: Path, qtype: Q, embed: Q | None = None, seed: int = 0
     """A one-layer llama GGUF, 256 wide, its seven matrices (and the embedding table, with ``embed``) in qtype's
     blocks filled at random; returns those raw tensors by GGUF name."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("blocks-test")
-    w.add_vocab_size(VOCAB)
-    w.add_context_length(64)
-    w.add_embedding_length(DIM)
-    w.add_block_count(1)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(_TOKENS)
-    w.add_token_types([3] + [1] * (VOCAB - 1))
-    w.add_token_merges(_MERGES)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
+    w = llama_writer(path, "blocks-test", dim=DIM, layers=1, ffn=FFN, heads=HEADS, kv_heads=KV_HEADS)
     kv = KV_HEADS * DIM // HEADS
     shapes = {"attn_q": (DIM, DIM), "attn_k": (kv, DIM), "attn_v": (kv, DIM), "attn_output": (DIM, DIM),
               "ffn_gate": (FFN, DIM), "ffn_up": (FFN, DIM), "ffn_down": (DIM, FFN)}
