@@ -214,7 +214,7 @@ def test_torchrun_two_processes_match_one_process(tiny_base, tmp_path, objective
     one = subprocess.run(cmd("one", [e for e in extra if e != "--fsdp"]), env=_env(home), capture_output=True,
                          text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(_torchrun(cmd("two", extra), 29541), env=_env(home), capture_output=True, text=True,
+    two = subprocess.run(_torchrun(cmd("two", extra)), env=_env(home), capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr
     a, b = ([r for r in metrics(home / "runs" / name) if "loss" in r] for name in ("one", "two"))

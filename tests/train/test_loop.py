@@ -146,8 +146,9 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, corpus, 
     assert [p.name for p in ckpts.iterdir()] == ["step-00000002"]  # no temporary left behind
 
 
-def _torchrun(cmd, port):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+def _torchrun(cmd):
+    """Two ranks of a fourwalls command; --standalone picks a free port, so runs in parallel never collide."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "fourwalls.cli", *cmd[3:]]
 
 
@@ -159,7 +160,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, corpus, sharding):
                          text=True)
     assert one.returncode == 0, one.stderr
     cmd = _pretrain_cmd(home, corpus, "two", "6", [*common[2:], *sharding])
-    two = subprocess.run(_torchrun(cmd, 29533), env=_env(home), capture_output=True, text=True, timeout=300)
+    two = subprocess.run(_torchrun(cmd), env=_env(home), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
 
     def losses(name):
@@ -179,10 +180,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path, corpus, sharding):
 
 def test_fsdp_run_stopped_by_sigterm_then_resumed_matches_an_uninterrupted_one(tmp_path, corpus):
     home = tmp_path / "home"
-    straight = subprocess.run(_torchrun(_pretrain_cmd(home, corpus, "straight", "300", ["--fsdp"]), 29534),
+    straight = subprocess.run(_torchrun(_pretrain_cmd(home, corpus, "straight", "300", ["--fsdp"])),
                               env=_env(home), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr
-    cmd = _torchrun(_pretrain_cmd(home, corpus, "stopped", "300", ["--fsdp", "--save-every", "10"]), 29535)
+    cmd = _torchrun(_pretrain_cmd(home, corpus, "stopped", "300", ["--fsdp", "--save-every", "10"]))
     rc, err = _kill_after_checkpoint(cmd, _env(home), home / "runs" / "stopped" / "checkpoints", signal.SIGTERM)
     assert rc != 0 and "--resume" in err  # torchrun passed the signal on; the ranks saved at one step and stopped
     stopped_at = checkpoint.latest(home / "runs" / "stopped" / "checkpoints")[1]

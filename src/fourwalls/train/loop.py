@@ -9,6 +9,7 @@ a block's weights only while it computes), for models whose training state does 
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -124,7 +125,15 @@ def rank() -> int:
 def _dist() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave_process_group)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group we made while the interpreter is still whole: a rank that exits with it open can
+    abort in its teardown (gloo's worker threads; "terminate called without an active exception", SIGABRT)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, run_dir: Path,
