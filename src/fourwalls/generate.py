@@ -112,6 +112,7 @@ class Delta:
     text: str
     tokens: list[TokenInfo]
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    stop: str | None = None  # the stop string that ended the output
 
 
 class Session:
@@ -198,10 +199,11 @@ class Detokenizer:
         self.text += self.decoder.step(self.tokenizer.backend, info.id) or ""
         text, safe = self.text, len(self.text)
         if self.stop:
-            hits = [i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0]
+            hits = [(i, s) for s in self.stop if (i := text.find(s, max(0, self.sent - self.hold))) >= 0]
             if hits:
-                self.text = text[:min(hits)]
-                return self.finish("stop")
+                at, stop = min(hits)
+                self.text = text[:at]
+                return self.finish("stop", stop)
             safe -= max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         if safe > self.sent:
             chunk = Delta(text[self.sent:safe], self.pending)
@@ -209,9 +211,9 @@ class Detokenizer:
             return chunk
         return None
 
-    def finish(self, reason: str) -> Delta:
-        """The last chunk: whatever was held back, and why the output ended."""
-        chunk = Delta(self.text[self.sent:], self.pending, reason)
+    def finish(self, reason: str, stop: str | None = None) -> Delta:
+        """The last chunk: whatever was held back, and why the output ended (``stop``: the stop string)."""
+        chunk = Delta(self.text[self.sent:], self.pending, reason, stop)
         self.sent, self.pending = len(self.text), []
         return chunk
 

@@ -1,4 +1,5 @@
-"""Structured output: JSON (any object, or one that fits a JSON schema) enforced token by token with llguidance."""
+"""Structured output enforced token by token with llguidance: JSON (any object, or one that fits a JSON schema), or
+any Lark grammar (tool calls: see tools/format.py)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,28 @@ class Grammars:
                                                                      defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as e:
             raise UsageError(f"invalid JSON schema: {e}") from None
+        return self._constraint(grammar, "invalid JSON schema")
+
+    def check_schema(self, schema: dict[str, Any]) -> str | None:
+        """Why ``schema`` cannot constrain output (None: it can)."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer) or None
+
+    def lark(self, text: str) -> Constraint:
+        """A constraint for output that fits a Lark grammar; UsageError if it does not compile."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"invalid grammar: {e}") from None
+        return self._constraint(grammar, "invalid grammar")
+
+    def _constraint(self, grammar: str, what: str) -> Constraint:
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
-            raise UsageError(f"invalid JSON schema: {error}")
+            raise UsageError(f"{what}: {error}")
         return Constraint(llguidance.LLMatcher(self.tokenizer, grammar), self.vocab_size)
 
 

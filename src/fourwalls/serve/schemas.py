@@ -4,9 +4,13 @@ who reads a document or what a search returns)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from fourwalls.tools import BUILTINS, DEFAULT_ROUNDS, MAX_ROUNDS, ToolSpec
+from fourwalls.tools.format import Function, ToolCall
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4
@@ -66,17 +70,103 @@ class ContentPart(BaseModel):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+FunctionName = Annotated[str, StringConstraints(pattern=FUNCTION_NAME)]
+ToolChoiceMode = Literal["none", "auto", "required"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="a JSON object, as text")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        try:
+            ok = isinstance(json.loads(v), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("the arguments must be a JSON object, as text")
+        return v
+
+
+class ToolCallIn(BaseModel):
+    id: str = Field(..., min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def internal(self) -> ToolCall:
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def internal(self) -> dict[str, Any]:
+        """The message as a Turn reads it."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.role == "assistant" and self.tool_calls:
+            out["tool_calls"] = [c.internal() for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDef(BaseModel):
+    name: FunctionName
+    description: str = ""
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema (an object's); none: no arguments")
+    strict: bool | None = None
+
+    def internal(self) -> Function:
+        return Function(self.name, self.description, self.parameters)
+
+
+class FunctionTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class BuiltinTool(BaseModel):
+    """fourwalls extension: a tool the server runs itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["fourwalls"]
+    name: Literal[BUILTINS]  # type: ignore[valid-type]
+    collection: str | None = Field(None, min_length=1, max_length=64, description="documents: search only this "
+                                   "collection (default: every collection the API key may read)")
+
+    def internal(self) -> ToolSpec:
+        if self.collection and self.name != "documents":
+            raise ValueError("only the documents tool takes a collection")
+        return ToolSpec(self.name, self.collection)
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ChatTool = Annotated[FunctionTool | BuiltinTool, Field(discriminator="type")]
+MaxRounds = Field(DEFAULT_ROUNDS, ge=1, le=MAX_ROUNDS, description="fourwalls extension: most rounds of built-in "
+                  "tool calls (model -> tools -> model) before the model must answer")
 
 
 MAX_TOP_K = 50  # chunks one retrieval may return
@@ -110,6 +200,11 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     rag: RagOptions | None = Field(None, description="fourwalls extension: answer the last user message from a "
                                    "document collection, citing its sources (see the top-level citations field)")
+    tools: list[ChatTool] | None = Field(None, description='functions, and fourwalls\' built-in tools: '
+                                         '{"type": "fourwalls", "name": "calculator"} (or "documents")')
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    max_tool_rounds: int = MaxRounds
 
 
 class AdapterLoad(BaseModel):

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from fourwalls.engine import Engine, Request
@@ -17,6 +18,7 @@ from fourwalls.generate import Delta
 from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
 from fourwalls.store import LoadedModel, Store
+from fourwalls.tools import ToolSpec
 
 if TYPE_CHECKING:
     from fourwalls.rag.embed import Embedder
@@ -108,6 +110,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
     embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
+    responses_db: Path | None = None  # stored responses (SQLite); None: the home's responses.db
     _rag: RagService | None = field(default=None, repr=False)
     _rag_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
