@@ -238,7 +238,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         return {"content": [_chat_logprob(state, t) for t in tokens]} if logprobs is not None else None
 
     if body.stream:
-        return StreamingResponse(_chat_stream(runner, head, lp, grounded, _wants_usage(body)),
+        return StreamingResponse(_chat_stream(runner, head, lp, logprobs is not None, grounded,
+                                              _wants_usage(body)),
                                  media_type="text/event-stream", headers=headers)
     choices = [_ChatChoice() for _ in range(body.n)]
     for i, ev in await collect(runner.events(), request):
@@ -296,7 +297,7 @@ def _round(r: Round) -> dict[str, Any]:
             "results": [{"tool_call_id": c.id, "name": c.name, "content": out} for c, out in zip(r.calls, r.results)]}
 
 
-async def _chat_stream(runner: Runner, head: dict[str, Any], lp: Any, grounded: Grounded | None,
+async def _chat_stream(runner: Runner, head: dict[str, Any], lp: Any, logprobs: bool, grounded: Grounded | None,
                        usage: bool) -> AsyncIterator[str]:
     """Chat chunks: content and tool-call deltas per choice, a ``tool_round`` chunk (no choices) after each round
     of built-in calls, a last chunk with the finish reason, then the usage and [DONE]."""
@@ -318,7 +319,7 @@ async def _chat_stream(runner: Runner, head: dict[str, Any], lp: Any, grounded: 
             c = choices.setdefault(i, _ChatChoice())
             if isinstance(ev, Text):
                 text = c.text(ev.text)
-                if text or ev.tokens:
+                if text or (ev.tokens and logprobs):
                     yield frame(i, {"content": text}, ev.tokens)
             elif isinstance(ev, Call):
                 yield frame(i, {"tool_calls": [{"index": len(c.calls), **ev.call.openai()}]})

@@ -25,7 +25,8 @@ MAX_BITS = 100_000  # the largest integer a result may hold (a googol has 333 bi
 NAME = "calculator"
 DESCRIPTION = ("Evaluate an arithmetic expression exactly, e.g. '(17 + 5) * 3', '2^10', 'sqrt(144)', '15% of 80', "
                "'7/3 + 1/6', or convert units, e.g. '3 km in miles'. Use it for any arithmetic.")
-PARAMETERS = {"type": "object", "properties": {"expression": {"type": "string", "description": "the expression"}},
+PARAMETERS = {"type": "object",
+              "properties": {"expression": {"type": "string", "minLength": 1, "description": "the expression"}},
               "required": ["expression"], "additionalProperties": False}
 
 Number = Fraction | float

@@ -13,7 +13,8 @@ from fourwalls.rag.stores import Hit
 NAME = "documents"
 DESCRIPTION = ("Search the private document collections for facts. Returns numbered sources; cite the ones you use "
                "by their numbers in square brackets, like [1].")
-PARAMETERS = {"type": "object", "properties": {"query": {"type": "string", "description": "what to look for"}},
+PARAMETERS = {"type": "object",
+              "properties": {"query": {"type": "string", "minLength": 1, "description": "what to look for"}},
               "required": ["query"], "additionalProperties": False}
 NOTHING = "No document I may search is relevant to this query."
 
