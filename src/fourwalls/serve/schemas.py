@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
 
 from fourwalls.tools import BUILTINS, DEFAULT_ROUNDS, MAX_ROUNDS, ToolSpec
 from fourwalls.tools.format import Function, ToolCall
@@ -75,20 +75,22 @@ FunctionName = Annotated[str, StringConstraints(pattern=FUNCTION_NAME)]
 ToolChoiceMode = Literal["none", "auto", "required"]
 
 
+def _json_object(v: str) -> str:
+    try:
+        ok = isinstance(json.loads(v), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("the arguments must be a JSON object, as text")
+    return v
+
+
+JsonObjectText = Annotated[str, AfterValidator(_json_object)]
+
+
 class FunctionCall(BaseModel):
     name: str
-    arguments: str = Field(..., description="a JSON object, as text")
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, v: str) -> str:
-        try:
-            ok = isinstance(json.loads(v), dict)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError("the arguments must be a JSON object, as text")
-        return v
+    arguments: JsonObjectText = Field(..., description="a JSON object, as text")
 
 
 class ToolCallIn(BaseModel):
@@ -247,3 +249,114 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes")
     dimensions: int | None = Field(None, ge=1, description="must be the embedder's dimension if given")
     user: str | None = None
+
+
+# --- the Responses API ------------------------------------------------------------------------------------------
+
+
+class InputText(BaseModel):
+    type: Literal["input_text", "output_text", "text"] = "input_text"
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+
+
+class FunctionCallItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call"]
+    call_id: str = Field(..., min_length=1, max_length=128)
+    name: str
+    arguments: JsonObjectText = Field(..., description="a JSON object, as text")
+
+
+class FunctionCallOutputItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(..., min_length=1, max_length=128)
+    output: str
+
+
+class McpCallItem(BaseModel):
+    """A built-in tool's call and result, as a previous response's output gives it back."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["mcp_call"]
+    id: str = Field(..., min_length=1, max_length=128)
+    name: str
+    arguments: str
+    output: str | None = None
+
+
+def _item_type(v: Any) -> str:
+    return (v.get("type") if isinstance(v, dict) else getattr(v, "type", None)) or "message"
+
+
+InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[McpCallItem, Tag("mcp_call")], Discriminator(_item_type)]
+
+
+class FlatFunctionTool(BaseModel):
+    """The Responses API's function tool: the function's fields at the top."""
+
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def internal(self) -> Function:
+        return Function(self.name, self.description or "", self.parameters)
+
+
+class NamedFunctionChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextOptions(BaseModel):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+ResponsesTool = Annotated[FlatFunctionTool | BuiltinTool, Field(discriminator="type")]
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[InputItem] = Field(..., description="a user message, or a list of items (messages, "
+                                         "function calls and their outputs)")
+    instructions: str | None = Field(None, description="the system message (not carried over by "
+                                     "previous_response_id)")
+    previous_response_id: str | None = Field(None, max_length=128, description="continue that stored response's "
+                                             "conversation")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    tools: list[ResponsesTool] | None = None
+    tool_choice: ToolChoiceMode | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool = True
+    text: TextOptions | None = None
+    stream: bool = False
+    store: bool = Field(True, description="keep the response (per API key) for GET, DELETE and previous_response_id")
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    max_tool_rounds: int = MaxRounds

@@ -17,6 +17,7 @@ from fourwalls.errors import FourwallsError, NotFoundError
 from fourwalls.generate import Delta
 from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
+from fourwalls.serve.stored import ResponseStore
 from fourwalls.store import LoadedModel, Store
 from fourwalls.tools import ToolSpec
 
@@ -114,6 +115,17 @@ class ServerState:
     responses_db: Path | None = None  # stored responses (SQLite); None: the home's responses.db
     _rag: RagService | None = field(default=None, repr=False)
     _rag_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _responses: ResponseStore | None = field(default=None, repr=False)
+
+    @property
+    def responses(self) -> ResponseStore:
+        """Stored responses, the file opened on first use."""
+        with self._rag_lock:
+            if self._responses is None:
+                from fourwalls.store import home
+
+                self._responses = ResponseStore(self.responses_db or home() / "responses.db")
+            return self._responses
 
     @property
     def rag(self) -> RagService:

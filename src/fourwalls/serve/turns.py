@@ -150,6 +150,11 @@ class Runner:
         self._batch: Batch | None = None
 
     @property
+    def prompt_tokens_queued(self) -> int:
+        """The first round's prompt tokens (known before any output)."""
+        return len(self._prompt)
+
+    @property
     def offered(self) -> list[Function]:
         return self.turn.functions + (self.toolbox.functions if self.toolbox else [])
 
