@@ -76,11 +76,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from fourwalls.generate import Session, stream
+    from fourwalls.generate import Session
 
     params = _params(args)
     params.validate()
+    specs = _tool_specs(args)
     lm = _load(args.model)
+    toolbox = _toolbox(lm, specs) if specs else None
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -105,24 +107,84 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         if not interactive:
             print(f"> {line}")
-        messages.append({"role": "user", "content": line})
-        reply = []
+        turn = [*messages, {"role": "user", "content": line}]
         try:
-            ids = lm.tokenizer.encode_chat(messages)
-            for chunk in stream(lm.model, lm.tokenizer, ids, params, lm.config.eos_token_ids, session):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-                reply.append(chunk.text)
+            turn += _chat_turn(lm, turn, params, session, toolbox, args.max_tool_rounds, args.tool_choice)
         except FourwallsError as e:
             if not interactive:
                 raise
-            messages.pop()
             print(f"error: {e}", file=sys.stderr)
             continue
         except KeyboardInterrupt:  # stop this answer, keep the conversation
-            pass
+            print()
+            continue
         print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages = turn
+
+
+def _tool_specs(args: argparse.Namespace) -> list[Any]:
+    from fourwalls.tools import MAX_ROUNDS, parse_specs
+
+    if not 1 <= args.max_tool_rounds <= MAX_ROUNDS:
+        raise UsageError(f"--max-tool-rounds must be between 1 and {MAX_ROUNDS}")
+    if args.tool_choice != "auto" and not args.tools:
+        raise UsageError("--tool-choice needs --tools")
+    return parse_specs(args.tools) if args.tools else []
+
+
+def _toolbox(lm: Any, specs: list[Any]) -> Any:
+    """The built-in tools, documents searching this machine's collections (every group: the user is local)."""
+    from fourwalls.rag.answer import control_tokens
+    from fourwalls.rag.embed import embedder
+    from fourwalls.rag.retrieve import Retriever
+    from fourwalls.rag.stores import open_store
+    from fourwalls.tools import Toolbox
+
+    def retriever() -> Retriever:
+        store = open_store(os.environ.get("FOURWALLS_RAG_STORE"))
+        for spec in specs:
+            if spec.collection:
+                store.collection(spec.collection)  # a missing collection fails now, not at the first search
+        return Retriever(store, embedder())
+
+    return Toolbox(specs, retriever, control_tokens(lm.tokenizer))
+
+
+def _chat_turn(lm: Any, messages: list[dict[str, Any]], params: Any, session: Any, toolbox: Any,
+               max_rounds: int, choice: str = "auto") -> list[dict[str, Any]]:
+    """Answer the conversation, printing as it goes; with tools, run the model's calls (each shown with its
+    result) and let it go on, at most ``max_rounds`` times (``choice`` required: the first round must call a
+    tool). Returns the messages the turn adds."""
+    from fourwalls.engine.grammar import Grammars
+    from fourwalls.generate import stream
+    from fourwalls.tools import Round
+    from fourwalls.tools.format import CallReader, dialect, grammar, render
+
+    tok, added = lm.tokenizer, []
+    grammars = Grammars(tok, lm.config.vocab_size, lm.config.eos_token_ids) if toolbox else None
+    for round_no in range(max_rounds + 1):
+        functions = toolbox.functions if toolbox and round_no < max_rounds else []
+        ids = tok.encode(render(tok, messages + added, functions), add_special_tokens=False)
+        reader = CallReader(dialect(tok)) if functions else None
+        forced = choice if round_no == 0 else "auto"
+        constraint = grammars.lark(grammar(functions, dialect(tok), forced)) if functions else None
+        text, calls, finish = "", [], "stop"
+        for chunk in stream(lm.model, tok, ids, params, lm.config.eos_token_ids, session, constraint):
+            shown, done = reader.feed(chunk.text) if reader else (chunk.text, [])
+            if chunk.finish_reason and reader:
+                more, late = reader.close()
+                shown, done = shown + more, done + late
+            sys.stdout.write(shown)
+            sys.stdout.flush()
+            text, calls, finish = text + shown, calls + done, chunk.finish_reason or finish
+        if not calls or finish == "length":
+            added.append({"role": "assistant", "content": text})
+            return added
+        done_round = Round(calls, [toolbox.run(c) for c in calls])
+        for c, result in zip(calls, done_round.results):
+            print(f"\n[{c.name}] {c.arguments} -> {result}")
+        added += done_round.messages(text)
+    return added
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
@@ -345,6 +407,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from fourwalls.engine import EngineConfig
     from fourwalls.serve.server import ServeConfig, serve
+    from fourwalls.tools import parse_specs
 
     adapters = {}
     for spec in args.adapter:
@@ -362,9 +425,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
+    tools = parse_specs(args.tools) if args.tools else []
     serve(ServeConfig(args.model, args.host, args.port, adapters, Path(args.api_keys) if args.api_keys else None,
                       engine, args.drain_timeout, args.max_body_bytes, args.log_requests,
-                      rag_store=args.rag_store, embedder=args.embedder))
+                      rag_store=args.rag_store, embedder=args.embedder, tools=tools))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a model (reads one message per line from stdin when not a terminal)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
     p.add_argument("--system", help="system message")
+    p.add_argument("--tools", metavar="LIST", help="built-in tools the model may call, run by fourwalls: "
+                   "calculator, documents or documents:COLLECTION (comma-separated)")
+    p.add_argument("--max-tool-rounds", type=int, default=4, help="most rounds of tool calls per answer "
+                   "(default 4)")
+    p.add_argument("--tool-choice", choices=["auto", "required"], default="auto", help="required: the answer "
+                   "starts with a tool call (small models seldom call one unasked)")
     _sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
@@ -525,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $FOURWALLS_RAG_STORE, else $FOURWALLS_HOME/rag.db)")
     p.add_argument("--embedder", metavar="FOLDER", help="a sentence-transformers BERT folder for /v1/embeddings "
                    "and retrieval (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--tools", metavar="LIST", help="built-in tools offered on every chat, responses and messages "
+                   "request: calculator, documents or documents:COLLECTION (comma-separated)")
     p.set_defaults(func=cmd_serve)
 
     from fourwalls.rag.cli import register

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -13,6 +14,9 @@ from fourwalls.errors import ContextLengthError, UsageError
 from fourwalls.model.fused import decode_step, decoder
 from fourwalls.model.transformer import KVCache, Transformer
 from fourwalls.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fourwalls.engine.grammar import Constraint
 
 
 @dataclass
@@ -124,8 +128,9 @@ class Session:
 
 
 def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams, eos_ids: Sequence[int] = (),
-                    session: Session | None = None) -> Iterator[TokenInfo]:
-    """Yield sampled tokens one at a time (EOS included, then stop); the caller stops early by closing."""
+                    session: Session | None = None, constraint: Constraint | None = None) -> Iterator[TokenInfo]:
+    """Yield sampled tokens one at a time (EOS included, then stop); the caller stops early by closing.
+    ``constraint`` (a grammar) limits what may be sampled; the output ends when it is complete."""
     p.validate()
     ctx = model.config.context_length
     if not prompt:
@@ -162,10 +167,12 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
             if session is not None:
                 session.tokens.extend(fed)
             pos += len(fed)
+            if constraint is not None:
+                logits = constraint.mask(logits)
             info = pick(logits, history, p, gen)
             next_id = info.id
             yield info
-            if next_id in eos:
+            if next_id in eos or (constraint is not None and constraint.advance(next_id)):
                 return
             history = torch.cat([history, torch.tensor([next_id])])
             fed = [next_id]
@@ -219,16 +226,17 @@ class Detokenizer:
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,
-           eos_ids: Sequence[int] = (), session: Session | None = None) -> Iterator[Delta]:
+           eos_ids: Sequence[int] = (), session: Session | None = None,
+           constraint: Constraint | None = None) -> Iterator[Delta]:
     """Generate and detokenize incrementally; stop strings are cut from the output and never streamed."""
     detok = Detokenizer(tokenizer, p.stop, eos_ids)
-    for info in generate_tokens(model, prompt, p, eos_ids, session):
+    for info in generate_tokens(model, prompt, p, eos_ids, session, constraint):
         chunk = detok.push(info)
         if chunk is not None:
             yield chunk
             if chunk.finish_reason:
                 return
-    yield detok.finish("length")
+    yield detok.finish("stop" if constraint is not None and constraint.finished else "length")
 
 
 def complete(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,

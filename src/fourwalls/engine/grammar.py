@@ -68,6 +68,10 @@ class Constraint:
         bits = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[: self.vocab_size]
         return logits.masked_fill(torch.from_numpy(bits == 0), float("-inf"))
 
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
+
     def advance(self, token: int) -> bool:
         """Consume the sampled token; True once the grammar is complete (the output must end)."""
         self.matcher.consume_token(token)

@@ -20,6 +20,7 @@ from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.state import ServerState
 from fourwalls.store import Store
+from fourwalls.tools import ToolSpec
 
 log = logging.getLogger("fourwalls.serve")
 
@@ -38,6 +39,8 @@ class ServeConfig:
     stall_timeout: float = 30.0
     rag_store: str | None = None  # document collections: postgresql://... or a SQLite file (None: the home's rag.db)
     embedder: str | None = None  # a sentence-transformers folder (None: the packaged all-MiniLM-L6-v2)
+    tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
+    responses_db: Path | None = None  # stored responses (None: the home's responses.db)
 
 
 def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
@@ -53,7 +56,8 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
             raise UsageError(f"--adapter {name}={where}: {e}") from None
     grammars = Grammars(lm.tokenizer, lm.config.vocab_size, lm.config.eos_token_ids)
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
-                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder)
+                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, tools=cfg.tools,
+                        responses_db=cfg.responses_db)
     engine.start()
     return state
 

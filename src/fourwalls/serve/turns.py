@@ -260,9 +260,7 @@ class Runner:
                     self.rounds.append(done_round)
                     yield 0, Ran(done_round)
                     if len(builtin) == len(calls[0]):
-                        messages += [{"role": "assistant", "content": texts[0], "tool_calls": builtin},
-                                     *({"role": "tool", "tool_call_id": c.id, "name": c.name, "content": r}
-                                       for c, r in zip(builtin, results))]
+                        messages += done_round.messages(texts[0])
                         t = dataclasses.replace(t, choice="auto" if t.choice != "none" else "none")  # forced once
                         continue
                 for i in range(len(calls)):

@@ -56,6 +56,12 @@ class Round:
     calls: list[ToolCall]
     results: list[str]
 
+    def messages(self, text: str = "") -> list[dict[str, Any]]:
+        """The round as chat messages: the assistant's turn (``text`` and the calls), then each tool's result."""
+        return [{"role": "assistant", "content": text, "tool_calls": self.calls},
+                *({"role": "tool", "tool_call_id": c.id, "name": c.name, "content": r}
+                  for c, r in zip(self.calls, self.results))]
+
 
 class Toolbox:
     """The built-in tools of one conversation, by name."""

@@ -26,7 +26,9 @@ NAME = "calculator"
 DESCRIPTION = ("Evaluate an arithmetic expression exactly, e.g. '(17 + 5) * 3', '2^10', 'sqrt(144)', '15% of 80', "
                "'7/3 + 1/6', or convert units, e.g. '3 km in miles'. Use it for any arithmetic.")
 PARAMETERS = {"type": "object",
-              "properties": {"expression": {"type": "string", "minLength": 1, "description": "the expression"}},
+              "properties": {"expression": {"type": "string", "description": "the expression",
+                                            # what the language can hold, so a model cannot wander off in prose
+                                            "pattern": r"^[0-9A-Za-z_(\-][0-9A-Za-z_ .,+\-*/^%()]{0,199}$"}},
               "required": ["expression"], "additionalProperties": False}
 
 Number = Fraction | float

@@ -14,7 +14,8 @@ NAME = "documents"
 DESCRIPTION = ("Search the private document collections for facts. Returns numbered sources; cite the ones you use "
                "by their numbers in square brackets, like [1].")
 PARAMETERS = {"type": "object",
-              "properties": {"query": {"type": "string", "minLength": 1, "description": "what to look for"}},
+              "properties": {"query": {"type": "string", "minLength": 1, "maxLength": 300,
+                                       "description": "what to look for"}},
               "required": ["query"], "additionalProperties": False}
 NOTHING = "No document I may search is relevant to this query."
 
