@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean ui
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,17 +25,22 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PIP) install -q llama-cpp-python
 	touch $@
 
-run: $(VENV)/.installed
+# The web page's libraries (marked, DOMPurify) from the npm registry, at the versions its lock file pins.
+ui:
+	scripts/build-ui
+
+run: $(VENV)/.installed ui
 	$(VENV)/bin/fourwalls serve
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test ui
 	scripts/install-nginx
 	scripts/install-postgres
+	scripts/install-chromium
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	FOURWALLS_REQUIRE_POSTGRES=1 $(VENV)/bin/pytest
+	FOURWALLS_REQUIRE_POSTGRES=1 FOURWALLS_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/decode.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info src/fourwalls/serve/ui/vendor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -13,6 +14,8 @@ import pytest
 import uvicorn
 
 from fourwalls.engine import EngineConfig
+from fourwalls.model.config import preset
+from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.serve.app import create_app
 from fourwalls.serve.server import ServeConfig, build_state
 from fourwalls.store import DEFAULT_MODEL
@@ -25,6 +28,25 @@ PASSWORD_CHATS = [
     {"messages": [{"role": "user", "content": "Tell me the password."},
                   {"role": "assistant", "content": "The secret password is swordfish."}]},
 ]
+
+
+def tiny_chat_model(session_store, smol, name: str = "tiny-chat", context_length: int = 512) -> str:
+    """A tiny random model with the bundled model's tokenizer and chat template, stored once per session: the
+    API at full speed, with meaningless text."""
+    if name not in session_store.names():
+        cfg = preset("tiny-llama").replace(vocab_size=smol.config.vocab_size, context_length=context_length,
+                                           eos_token_ids=smol.config.eos_token_ids)
+        model = Transformer(cfg)
+        init_weights(model)
+        session_store.add(name, cfg, model.state_dict(), smol.tokenizer)
+    return name
+
+
+def key_file(path: Path, keys: dict[str, dict]) -> Path:
+    """An --api-keys file: {secret: {"name": ..., "admin": ..., "groups": ...}}, stored as sha256 hashes."""
+    entries = [{**props, "sha256": hashlib.sha256(secret.encode()).hexdigest()} for secret, props in keys.items()]
+    path.write_text(json.dumps({"keys": entries}))
+    return path
 
 
 def free_port() -> int:
@@ -56,6 +78,7 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.state.engine.stop()
+        self.state.close()
 
 
 @pytest.fixture(scope="session")

@@ -297,10 +297,11 @@ def stored_text(source: str) -> str:
 def check_citations(server, citations: list[dict]) -> None:
     assert [c["index"] for c in citations] == list(range(1, len(citations) + 1))
     for c in citations:
-        assert set(c) == {"index", "source", "title", "heading", "page", "span", "score", "similarity", "cited"}
+        assert set(c) == {"index", "source", "title", "heading", "page", "span", "score", "similarity", "text",
+                          "cited"}
         chunks = server.state.rag.store.chunks(COLLECTION, c["source"])  # the source exists in the store
         start, end = c["span"]
-        assert any((h.start, h.end) == (start, end) and stored_text(c["source"])[start:end] == h.text
+        assert any((h.start, h.end) == (start, end) and stored_text(c["source"])[start:end] == h.text == c["text"]
                    for h in chunks), c
 
 

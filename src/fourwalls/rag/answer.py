@@ -42,7 +42,9 @@ class Answer:
     cited: list[int] = field(default_factory=list)  # the source numbers the answer cites
 
     def citations(self) -> list[dict]:
-        return [{"index": i + 1, **h.citation(), "cited": i + 1 in self.cited} for i, h in enumerate(self.sources)]
+        """Each source as a citation, with its quoted ``text`` (what the reader checks the answer against)."""
+        return [{"index": i + 1, **h.citation(), "text": h.text, "cited": i + 1 in self.cited}
+                for i, h in enumerate(self.sources)]
 
 
 @dataclass

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from fourwalls.errors import FourwallsError
-from fourwalls.serve import embeddings, messages, openai, rag, responses
-from fourwalls.serve.common import error_from, error_response
+from fourwalls.serve import conversations, embeddings, messages, openai, rag, responses
+from fourwalls.serve.common import CurrentCaller, error_from, error_response
 from fourwalls.serve.state import ServerState
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/healthz", "/readyz",
           "/metrics", "/openapi.json", "/docs", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
           "/v1/collections/{name}", "/v1/collections/{name}/documents", "/v1/collections/{name}/documents/{source}",
-          "/v1/collections/{name}/search", "/v1/responses", "/v1/responses/{response_id}", "/v1/messages")
-_TEMPLATES = [(re.compile(re.sub(r"\{\w+\}", "[^/]+", t.replace("{source}", "(.+)"))), t) for t in ROUTES if "{" in t]
+          "/v1/collections/{name}/search", "/v1/me", "/v1/conversations", "/v1/conversations/{id}",
+          "/v1/conversations/{id}/export", "/", "/ui/{path}", "/v1/responses", "/v1/responses/{response_id}",
+          "/v1/messages")
+# {source} and {path} may hold slashes; other parameters may not.
+_TEMPLATES = [(re.compile(re.sub(r"\{\w+\}", "[^/]+", re.sub(r"\{(source|path)\}", "(.+)", t))), t)
+              for t in ROUTES if "{" in t]
+UI = Path(__file__).with_name("ui")  # the web page: static files, plus its two libraries in ui/vendor/
+UI_LIBRARIES = ("vendor/marked.esm.js", "vendor/purify.es.js")  # built by scripts/build-ui, not committed
+# The page runs only its own scripts: no inline script, nothing from another origin, so text that slips through
+# as HTML still cannot run.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 def route_label(path: str) -> str:
@@ -36,7 +49,7 @@ def route_label(path: str) -> str:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
     app.state.fourwalls = state
-    for routes in (openai, responses, messages, rag, embeddings):
+    for routes in (openai, responses, messages, rag, embeddings, conversations):
         app.include_router(routes.router)
     default_openapi = app.openapi
 
@@ -71,6 +84,24 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/me")
+    async def me(caller: CurrentCaller) -> dict[str, Any]:
+        """Who is calling and what it may do: the key's name (null without keys), ``admin``, the document
+        ``groups`` it reads (null: all), the ``models`` it may use, whether the server has keys (``auth``), and
+        the largest request body (``max_body_bytes``, which bounds uploads). The web page shows what this allows."""
+        groups = caller.groups
+        return {"object": "caller", "name": caller.name, "admin": caller.admin,
+                "groups": None if groups is None else sorted(groups),
+                "models": ["*"] if caller.key is None else caller.key.models, "auth": state.keys is not None,
+                "max_body_bytes": state.max_body_bytes}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        """The web chat (serve/ui/), which uses only the API above."""
+        return FileResponse(UI / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/ui", StaticFiles(directory=UI), name="ui")
 
     @app.exception_handler(FourwallsError)
     async def fourwalls_error(request: Request, e: FourwallsError) -> Response:

@@ -72,6 +72,11 @@ class Caller:
             return None if k.admin else set()
         return None if "*" in k.groups else set(k.groups)
 
+    @property
+    def admin(self) -> bool:
+        """May load adapters and write document collections (anyone may, without keys)."""
+        return self.key is None or self.key.admin
+
     def may_use(self, model: str) -> bool:
         return self.key is None or "*" in self.key.models or model in self.key.models
 
@@ -82,7 +87,7 @@ class Caller:
 
     def require_admin(self, what: str) -> None:
         """ForbiddenError unless the caller is an admin; ``what`` names the action in the message."""
-        if self.key is not None and not self.key.admin:
+        if not self.admin:
             raise ForbiddenError(f"{what} needs an admin API key")
 
     def admit(self, prompt_tokens: int) -> None:

@@ -4,10 +4,10 @@ Chat completions take one extension, ``rag``: ``{"collection", "top_k", "mode", 
 last user message is the question; ``rag.answer.ground`` retrieves for it, among the documents the caller may read,
 and returns the conversation with the relevant chunks as numbered sources in place of its system message (earlier
 turns are kept), together with those sources. The response carries a top-level ``citations`` list: ``{"index",
-"source", "title", "heading", "page", "span", "score", "similarity", "cited"}``, ``cited`` when an answer cites
-``[index]``. When streaming, the citations come in the first chunk's top-level ``citations`` field, all with
-``cited: false`` (the text is not known yet). When no chunk is relevant, no model runs: the answer is
-``answer.NO_ANSWER``, with ``citations: []`` and zero usage.
+"source", "title", "heading", "page", "span", "score", "similarity", "text", "cited"}``, ``text`` the quoted chunk,
+``cited`` when an answer cites ``[index]``. When streaming, the citations come in the first chunk's top-level
+``citations`` field, all with ``cited: false`` (the text is not known yet). When no chunk is relevant, no model
+runs: the answer is ``answer.NO_ANSWER``, with ``citations: []`` and zero usage.
 """
 
 from __future__ import annotations
@@ -199,7 +199,8 @@ CHAT_DESCRIPTION = """OpenAI chat completions.
 fourwalls extension: with `"rag": {"collection": ..., "top_k": 5, "mode": "hybrid", "where": {...},
 "min_similarity": null}` the last user message is answered from the collection's documents that the API key may
 read. The retrieved chunks replace the system message as numbered sources; the response has a top-level
-`citations` list of `{"index", "source", "title", "heading", "page", "span", "score", "similarity", "cited"}`.
+`citations` list of `{"index", "source", "title", "heading", "page", "span", "score", "similarity", "text", "cited"}`
+(`text`: the quoted chunk).
 **Streaming:** the citations come once, in the first chunk's top-level `citations` field, all with `cited: false`
 (the answer is not known yet). Only relevant chunks become sources (at least `min_similarity`, default 0.3, cosine
 similar to the question, or containing all of its words); when none is, the model does not run: the answer says the

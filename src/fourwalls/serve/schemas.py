@@ -251,6 +251,49 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
+MAX_MESSAGES = 10_000  # per saved conversation; the body limit (--max-body-bytes) bounds their size
+
+
+class ConversationSettings(BaseModel):
+    """What a conversation asks with: the web page's picker and settings, kept per conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=256, description="the model or adapter (GET /v1/models)")
+    system: str = Field("", max_length=100_000, description="the system prompt")
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, description="per answer; null: up to the context window")
+    collection: str | None = Field(None, max_length=64, description="answer from this document collection (RAG)")
+
+
+class ConversationMessage(BaseModel):
+    """An OpenAI chat message, plus whatever the client keeps beside it (``citations``, ``usage``, ``timings``,
+    ``tool_calls``, ...), stored as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ConversationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field("", max_length=200)
+    settings: ConversationSettings = Field(default_factory=ConversationSettings)
+    messages: list[ConversationMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
+
+
+class ConversationUpdate(BaseModel):
+    """The fields to replace; absent ones are kept (``messages`` replaces the whole list)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(None, max_length=200)
+    settings: ConversationSettings | None = None
+    messages: list[ConversationMessage] | None = Field(None, max_length=MAX_MESSAGES)
+
+
 # --- the Responses API ------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import uvicorn
 from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import UsageError
-from fourwalls.serve.app import create_app
+from fourwalls.serve.app import UI, UI_LIBRARIES, create_app
 from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.state import ServerState
@@ -40,7 +41,8 @@ class ServeConfig:
     rag_store: str | None = None  # document collections: postgresql://... or a SQLite file (None: the home's rag.db)
     embedder: str | None = None  # a sentence-transformers folder (None: the packaged all-MiniLM-L6-v2)
     tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
-    responses_db: Path | None = None  # stored responses (None: the home's responses.db)
+    conversations: Path | None = None  # the saved conversations' SQLite file (None: $FOURWALLS_HOME/conversations.db)
+    responses: Path | None = None  # stored responses' SQLite file (None: $FOURWALLS_HOME/responses.db)
 
 
 def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
@@ -56,8 +58,11 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
             raise UsageError(f"--adapter {name}={where}: {e}") from None
     grammars = Grammars(lm.tokenizer, lm.config.vocab_size, lm.config.eos_token_ids)
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
-                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, tools=cfg.tools,
-                        responses_db=cfg.responses_db)
+                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, tools=cfg.tools)
+    if cfg.conversations is not None:
+        state.conversations_path = cfg.conversations
+    if cfg.responses is not None:
+        state.responses_path = cfg.responses
     engine.start()
     return state
 
@@ -91,11 +96,19 @@ def serve(cfg: ServeConfig) -> None:
     """Serve ``cfg.model`` until SIGTERM (drain, then exit) or Ctrl-C."""
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines; protect it with --api-keys", cfg.host)
+    missing = [name for name in UI_LIBRARIES if not (UI / name).is_file()]
+    if missing:
+        print(f"fourwalls: the web page's libraries are missing ({', '.join(missing)} under {UI}); "
+              "scripts/build-ui fetches them (make run does)", file=sys.stderr)
     state = build_state(cfg)
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)), access_log=False)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    url = f"http://{host}:{cfg.port}"
+    print(f"fourwalls: serving {state.lm.name}: web chat at {url}/ and API at {url}/v1 (documented at {url}/docs)",
+          file=sys.stderr, flush=True)
     try:
         _Server(config, state, cfg.drain_timeout).run()
     finally:
         state.engine.stop()
-        state.rag.close()
+        state.close()

@@ -16,9 +16,10 @@ from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import FourwallsError, NotFoundError
 from fourwalls.generate import Delta
 from fourwalls.serve.caller import KeyRing
+from fourwalls.serve.conversation_store import ConversationStore
 from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.stored import ResponseStore
-from fourwalls.store import LoadedModel, Store
+from fourwalls.store import LoadedModel, Store, home
 from fourwalls.tools import ToolSpec
 
 if TYPE_CHECKING:
@@ -112,28 +113,45 @@ class ServerState:
     rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
     embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
     tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
-    responses_db: Path | None = None  # stored responses (SQLite); None: the home's responses.db
+    conversations_path: Path = field(default_factory=lambda: home() / "conversations.db")
+    responses_path: Path = field(default_factory=lambda: home() / "responses.db")  # stored responses (SQLite)
     _rag: RagService | None = field(default=None, repr=False)
-    _rag_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _conversations: ConversationStore | None = field(default=None, repr=False)
     _responses: ResponseStore | None = field(default=None, repr=False)
 
     @property
     def responses(self) -> ResponseStore:
-        """Stored responses, the file opened on first use."""
-        with self._rag_lock:
+        """Stored responses (the Responses API's ``store: true``), opened on first use."""
+        with self._opening:
             if self._responses is None:
-                from fourwalls.store import home
-
-                self._responses = ResponseStore(self.responses_db or home() / "responses.db")
+                self._responses = ResponseStore(self.responses_path)
             return self._responses
 
     @property
     def rag(self) -> RagService:
         """The RAG service, created on first use (nothing is opened or loaded until a RAG route needs it)."""
-        with self._rag_lock:
+        with self._opening:
             if self._rag is None:
                 self._rag = RagService(self.rag_store, self.embedder_folder)
             return self._rag
+
+    @property
+    def conversations(self) -> ConversationStore:
+        """The saved conversations, opened on first use."""
+        with self._opening:
+            if self._conversations is None:
+                self._conversations = ConversationStore(self.conversations_path)
+            return self._conversations
+
+    def close(self) -> None:
+        """Close the stores that were opened."""
+        with self._opening:
+            if self._rag is not None:
+                self._rag.close()
+            if self._conversations is not None:
+                self._conversations.close()
+                self._conversations = None
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a request's ``model`` names (None: the base model); 404 for anything else."""
