@@ -152,39 +152,19 @@ def _toolbox(lm: Any, specs: list[Any]) -> Any:
 
 def _chat_turn(lm: Any, messages: list[dict[str, Any]], params: Any, session: Any, toolbox: Any,
                max_rounds: int, choice: str = "auto") -> list[dict[str, Any]]:
-    """Answer the conversation, printing as it goes; with tools, run the model's calls (each shown with its
-    result) and let it go on, at most ``max_rounds`` times (``choice`` required: the first round must call a
-    tool). Returns the messages the turn adds."""
-    from fourwalls.engine.grammar import Grammars
-    from fourwalls.generate import stream
-    from fourwalls.tools import Round
-    from fourwalls.tools.format import CallReader, dialect, grammar, render
+    """Answer the conversation, printing as it goes (each tool call shown with its result); returns the messages
+    the turn adds."""
+    from fourwalls.tools.loop import answer
 
-    tok, added = lm.tokenizer, []
-    grammars = Grammars(tok, lm.config.vocab_size, lm.config.eos_token_ids) if toolbox else None
-    for round_no in range(max_rounds + 1):
-        functions = toolbox.functions if toolbox and round_no < max_rounds else []
-        ids = tok.encode(render(tok, messages + added, functions), add_special_tokens=False)
-        reader = CallReader(dialect(tok)) if functions else None
-        forced = choice if round_no == 0 else "auto"
-        constraint = grammars.lark(grammar(functions, dialect(tok), forced)) if functions else None
-        text, calls, finish = "", [], "stop"
-        for chunk in stream(lm.model, tok, ids, params, lm.config.eos_token_ids, session, constraint):
-            shown, done = reader.feed(chunk.text) if reader else (chunk.text, [])
-            if chunk.finish_reason and reader:
-                more, late = reader.close()
-                shown, done = shown + more, done + late
-            sys.stdout.write(shown)
-            sys.stdout.flush()
-            text, calls, finish = text + shown, calls + done, chunk.finish_reason or finish
-        if not calls or finish == "length":
-            added.append({"role": "assistant", "content": text})
-            return added
-        done_round = Round(calls, [toolbox.run(c) for c in calls])
-        for c, result in zip(calls, done_round.results):
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def ran(done: Any) -> None:
+        for c, result in zip(done.calls, done.results):
             print(f"\n[{c.name}] {c.arguments} -> {result}")
-        added += done_round.messages(text)
-    return added
+
+    return answer(lm, messages, params, toolbox, max_rounds, choice, session, show, ran).messages
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:

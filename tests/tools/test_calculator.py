@@ -29,11 +29,12 @@ def test_results_are_exact_fractions_until_an_irrational_step():
 
 
 @pytest.mark.parametrize("expression, says", [
-    ("__import__('os').system('true')", "unknown function"), ("x + 1", "unknown name 'x'"),
+    ("__import__('os')", "unknown function '__import__'"),
+    ("__import__('os').system('true')", "not something the calculator understands"), ("x + 1", "unknown name 'x'"),
     ("(2).real", "not something the calculator understands"), ("[1, 2]", "not something"),
-    ("lambda: 1", "cannot parse"), ("1/0", "division by zero"), ("2**10**10", "too large"),
+    ("lambda: 1", "not something"), ("1/0", "division by zero"), ("2**10**10", "too large"),
     ("3 km + 2 kg", "cannot compute that"), ("sqrt(-4)", "not real"), ("", "empty"), ("1 +", "cannot parse"),
-    ("factorial(100000)", "factorial takes"), ("5 in km", "only a quantity"), ("x" * 2000, "longer than"),
+    ("factorial(100000)", "factorial takes"), ("5 in km", "cannot parse"), ("x" * 2000, "longer than"),
 ])
 def test_refusals_name_the_problem(expression, says):
     with pytest.raises(CalculatorError, match=says):

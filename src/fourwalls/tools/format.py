@@ -29,6 +29,7 @@ from fourwalls.tokenizer import Tokenizer, _jinja_env
 
 HERMES, LLAMA3 = "hermes", "llama3"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1 may open a call with it
 # Separators as json.dumps writes them, which is how the templates render calls the model has seen.
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -228,7 +229,10 @@ class CallReader:
 
     def _llama3(self, final: bool) -> tuple[str, list[ToolCall]]:
         if self.mode is None:
-            stripped = self.buf.lstrip().removeprefix("<|python_tag|>").lstrip()
+            stripped = self.buf.lstrip()
+            if not final and (not stripped or PYTHON_TAG.startswith(stripped)):  # undecided until more comes
+                return "", []
+            stripped = stripped.removeprefix(PYTHON_TAG).lstrip()
             if not stripped and not final:
                 return "", []
             self.mode = "call" if stripped.startswith("{") else "text"
@@ -237,7 +241,7 @@ class CallReader:
             return self._show(text, final), []
         if not final:
             return "", []
-        calls = _json_calls(self.buf.strip().removeprefix("<|python_tag|>"))
+        calls = _json_calls(self.buf.strip().removeprefix(PYTHON_TAG))
         if calls is None:  # not a call after all (a truncated one): show it as it was
             text, self.buf = self.buf, ""
             return self._show(text, final), []
