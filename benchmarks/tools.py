@@ -9,7 +9,7 @@ independent computations that must agree). A reply is correct when the last numb
 exactly (``1,234``, ``3.5`` and ``7/2`` are read as numbers). With the calculator, the first round must call it
 (tool_choice required: a 135M model seldom calls a tool unasked), later rounds may, and the last answers in text;
 ``calculator_right`` is how often a calculator result already equalled the answer (the model set the sum up right).
-``--quick`` runs 3 problems with short answers: a smoke run, not figures.
+``--quick`` runs 2 problems with short answers: a smoke run, not figures.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def score(lm, items: list[dict], tools: bool, max_tokens: int) -> dict:
     start = time.perf_counter()
     for item in items:
         messages = [{"role": "user", "content": item["question"] + " Answer with the number."}]
-        r = answer(lm, messages, params, toolbox, 2 if tools else 0, "required" if tools else "auto")
+        r = answer(lm, messages, params, toolbox, 2 if tools else 0, "required" if tools else "auto",
+                   parallel=False)
         right += last_number(r.text) == item["answer"]
         results = [x for rnd in r.rounds for x in rnd.results]
         calculator_right += any(last_number(x.replace("≈", "")) == item["answer"] for x in results)
@@ -121,10 +122,10 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--limit", type=int, help="the first N problems only")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--quick", action="store_true", help="3 problems, short answers: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="2 problems, short answers: a smoke run")
     args = ap.parse_args()
     items = problems()
-    limit, max_tokens = (3, 24) if args.quick else (args.limit, args.max_tokens)
+    limit, max_tokens = (2, 40) if args.quick else (args.limit, args.max_tokens)
     items = items[::len(items) // limit][:limit] if limit else items
     lm = Store().load(args.model)
     print(json.dumps({"model": args.model, "problems": len(items), "without_tools": score(lm, items, False, max_tokens),

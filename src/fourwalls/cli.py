@@ -164,7 +164,8 @@ def _chat_turn(lm: Any, messages: list[dict[str, Any]], params: Any, session: An
         for c, result in zip(done.calls, done.results):
             print(f"\n[{c.name}] {c.arguments} -> {result}")
 
-    return answer(lm, messages, params, toolbox, max_rounds, choice, session, show, ran).messages
+    # one call per round: small models, free to go on, repeat their call until the token budget ends
+    return answer(lm, messages, params, toolbox, max_rounds, choice, session, False, show, ran).messages
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:

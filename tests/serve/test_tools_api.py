@@ -52,8 +52,10 @@ def test_round_trip_call_then_result_then_answer(client):
                                            tool_choice="none", max_tokens=30, temperature=0)
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.content.strip() and not final.choices[0].message.tool_calls
-    # the tool's result reached the prompt: the second prompt is longer than the first by more than the call
-    assert final.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+    # the call and its result reached the prompt
+    asked = client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER], tool_choice="none",
+                                           max_tokens=1)
+    assert final.usage.prompt_tokens > asked.usage.prompt_tokens + first.usage.completion_tokens + 10
 
 
 def test_streamed_call_deltas_reassemble_to_the_same_call(client):

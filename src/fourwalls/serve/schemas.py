@@ -264,6 +264,8 @@ class ConversationSettings(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, description="per answer; null: up to the context window")
     collection: str | None = Field(None, max_length=64, description="answer from this document collection (RAG)")
+    tools: list[Literal[BUILTINS]] = Field(default_factory=list, max_length=len(BUILTINS),  # type: ignore[valid-type]
+                                           description="built-in tools the model may call (fourwalls runs them)")
 
 
 class ConversationMessage(BaseModel):

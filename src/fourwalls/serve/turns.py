@@ -254,7 +254,7 @@ class Runner:
                     batch.cancel()
                 batch = None
                 builtin = [c for c in calls[0] if self.toolbox and c.name in self.toolbox]
-                if builtin and finish[0][0] != "length":
+                if builtin:  # calls completed before a length cut run too; a call cut short was text
                     results = [await asyncio.to_thread(self.toolbox.run, c) for c in builtin]  # type: ignore[union-attr]
                     done_round = Round(builtin, results)
                     self.rounds.append(done_round)

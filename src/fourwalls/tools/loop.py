@@ -31,12 +31,13 @@ class TurnResult:
 
 
 def answer(lm: LoadedModel, messages: list[dict[str, Any]], params: SamplingParams, toolbox: Toolbox | None,
-           max_rounds: int, choice: str = "auto", session: Session | None = None,
+           max_rounds: int, choice: str = "auto", session: Session | None = None, parallel: bool = True,
            show: Callable[[str], None] = lambda _: None,
            ran: Callable[[Round], None] = lambda _: None) -> TurnResult:
     """Answer ``messages``; with tools, run the model's calls and let it go on, at most ``max_rounds`` times
-    (``choice`` required: the first round must call a tool, constrained by the calls' grammar). ``show`` gets the
-    text as it streams, ``ran`` each round once its tools have answered."""
+    (``choice`` required: the first round must call a tool, constrained by the calls' grammar; ``parallel``: more
+    than one call per round). ``show`` gets the text as it streams, ``ran`` each round once its tools have
+    answered. Calls completed before the token budget ran out are run; a call cut short is text."""
     tok, out = lm.tokenizer, TurnResult()
     grammars = Grammars(tok, lm.config.vocab_size, lm.config.eos_token_ids) if toolbox else None
     for round_no in range(max_rounds + 1):
@@ -45,7 +46,9 @@ def answer(lm: LoadedModel, messages: list[dict[str, Any]], params: SamplingPara
         out.prompt_tokens += len(ids)
         reader = CallReader(dialect(tok)) if functions else None
         forced = choice if round_no == 0 else "auto"
-        constraint = grammars.lark(grammar(functions, dialect(tok), forced)) if grammars and functions else None
+        constraint = None
+        if grammars and functions:
+            constraint = grammars.lark(grammar(functions, dialect(tok), forced, parallel))
         text, calls, finish = "", [], "stop"
         for chunk in stream(lm.model, tok, ids, params, lm.config.eos_token_ids, session, constraint):
             out.completion_tokens += len(chunk.tokens)
@@ -55,7 +58,7 @@ def answer(lm: LoadedModel, messages: list[dict[str, Any]], params: SamplingPara
                 shown, done = shown + more, done + late
             show(shown)
             text, calls, finish = text + shown, calls + done, chunk.finish_reason or finish
-        if not calls or finish == "length" or toolbox is None:
+        if not calls or toolbox is None:
             out.messages.append({"role": "assistant", "content": text})
             return out
         done_round = Round(calls, [toolbox.run(c) for c in calls])
