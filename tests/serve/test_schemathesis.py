@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fourwalls.engine import EngineConfig
@@ -42,3 +43,10 @@ def test_no_generated_request_gets_a_server_error(tiny_live, tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # Valid requests were among them, and they reached the engine.
     assert tiny_live.metric('fourwalls_http_requests_total{route="/v1/chat/completions",status="200"}') >= 10
+    # Every route was fuzzed, the Responses and Anthropic Messages ones too, and none answered with a 5xx.
+    counts = [line for line in httpx.get(f"{tiny_live.url}/metrics").text.splitlines()
+              if line.startswith("fourwalls_http_requests_total{")]
+    for route in ("/v1/responses", "/v1/responses/{response_id}", "/v1/messages"):
+        hits = [line for line in counts if f'route="{route}"' in line]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in hits) >= 5, route
+        assert not [line for line in hits if 'status="5' in line], hits

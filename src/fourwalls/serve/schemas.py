@@ -7,7 +7,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    model_validator,
+)
 
 from fourwalls.tools import BUILTINS, DEFAULT_ROUNDS, MAX_ROUNDS, ToolSpec
 from fourwalls.tools.format import Function, ToolCall
@@ -151,9 +160,13 @@ class BuiltinTool(BaseModel):
     collection: str | None = Field(None, min_length=1, max_length=64, description="documents: search only this "
                                    "collection (default: every collection the API key may read)")
 
-    def internal(self) -> ToolSpec:
+    @model_validator(mode="after")
+    def _collection_for_documents_only(self) -> BuiltinTool:
         if self.collection and self.name != "documents":
             raise ValueError("only the documents tool takes a collection")
+        return self
+
+    def internal(self) -> ToolSpec:
         return ToolSpec(self.name, self.collection)
 
 
