@@ -45,9 +45,9 @@ async function start() {
   $("#who").textContent = state.me.auth ? `Signed in as ${state.me.name}` : "Local user";
   $("#sign-out").hidden = !state.me.auth;
   $("#open-admin").hidden = !state.me.admin;
-  screen("app");
   await Promise.all([loadModels(), loadCollections()]);
   state.conv = blank();
+  screen("app"); // shown once a conversation exists: its buttons act on it
   await Promise.all([loadList(), route()]);
 }
 
