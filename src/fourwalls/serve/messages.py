@@ -62,6 +62,8 @@ class ToolResultBlock(BaseModel):
 
 def _block_type(v: Any) -> str | None:
     kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    if not isinstance(kind, str):  # fuzzers send any JSON here: no tag is a 400, not a crash
+        return None
     return {"server_tool_use": "tool_use", "fourwalls_tool_result": "tool_result"}.get(kind, kind)
 
 

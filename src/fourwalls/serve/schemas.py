@@ -354,8 +354,9 @@ class McpCallItem(BaseModel):
     output: str | None = None
 
 
-def _item_type(v: Any) -> str:
-    return (v.get("type") if isinstance(v, dict) else getattr(v, "type", None)) or "message"
+def _item_type(v: Any) -> str | None:
+    kind = (v.get("type") if isinstance(v, dict) else getattr(v, "type", None)) or "message"
+    return kind if isinstance(kind, str) else None  # a type that is no string matches no tag: a 400
 
 
 InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
