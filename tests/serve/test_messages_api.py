@@ -17,6 +17,7 @@ WEATHER = {"name": "get_weather", "description": "The current weather in a city.
            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
                             "required": ["city"], "additionalProperties": False}}
 ASK = [{"role": "user", "content": "What is the weather in Lima?"}]
+GREEDY = {"temperature": 0}  # the anthropic client takes sampling settings only in the body
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def client(live):
 
 
 def test_text_with_system_and_usage(client):
-    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=12, system="Be brief.", temperature=0,
+    m = client.messages.create(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=12, system="Be brief.",
                                messages=[{"role": "user", "content": "Name three colours."}])
     assert m.type == "message" and m.role == "assistant" and m.content[0].type == "text"
     assert m.content[0].text.strip() and m.stop_reason in ("end_turn", "max_tokens")
@@ -33,7 +34,7 @@ def test_text_with_system_and_usage(client):
 
 
 def test_stop_sequences(client):
-    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=40, temperature=0, stop_sequences=["3"],
+    m = client.messages.create(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=40, stop_sequences=["3"],
                                messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
     if m.stop_reason == "stop_sequence":
         assert m.stop_sequence == "3" and "3" not in m.content[0].text
@@ -42,7 +43,7 @@ def test_stop_sequences(client):
 
 
 def test_streaming_events_give_the_same_text(client):
-    kw = dict(model=DEFAULT_MODEL, max_tokens=16, temperature=0, messages=[{"role": "user", "content": "Hi!"}])
+    kw = dict(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=16, messages=[{"role": "user", "content": "Hi!"}])
     whole = client.messages.create(**kw)
     with client.messages.stream(**kw) as stream:
         kinds = [ev.type for ev in stream]
@@ -53,16 +54,16 @@ def test_streaming_events_give_the_same_text(client):
 
 
 def test_tool_use_then_tool_result_round_trip(client):
-    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=60, temperature=0, messages=ASK, tools=[WEATHER],
+    m = client.messages.create(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=60, messages=ASK, tools=[WEATHER],
                                tool_choice={"type": "tool", "name": "get_weather"})
     assert m.stop_reason == "tool_use"
     [use] = [b for b in m.content if b.type == "tool_use"]
     assert use.name == "get_weather" and set(use.input) == {"city"} and isinstance(use.input["city"], str)
-    with client.messages.stream(model=DEFAULT_MODEL, max_tokens=60, temperature=0, messages=ASK, tools=[WEATHER],
+    with client.messages.stream(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=60, messages=ASK, tools=[WEATHER],
                                 tool_choice={"type": "any"}) as stream:
         streamed = [b for b in stream.get_final_message().content if b.type == "tool_use"]
     assert streamed and streamed[0].name == "get_weather" and "city" in streamed[0].input
-    final = client.messages.create(model=DEFAULT_MODEL, max_tokens=20, temperature=0, tools=[WEATHER],
+    final = client.messages.create(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=20, tools=[WEATHER],
                                    tool_choice={"type": "none"}, messages=[
                                        *ASK, {"role": "assistant", "content": m.content},
                                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
@@ -72,10 +73,10 @@ def test_tool_use_then_tool_result_round_trip(client):
 
 
 def test_builtin_calculator_is_a_server_tool_use_block(client):
-    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=40, temperature=0,
+    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=40,
                                messages=[{"role": "user", "content": "What is 12 * 12?"}],
                                tools=[{"type": "fourwalls", "name": "calculator"}], tool_choice={"type": "any"},
-                               extra_body={"max_tool_rounds": 1})
+                               extra_body={**GREEDY, "max_tool_rounds": 1})
     kinds = [b.type for b in m.content]
     assert kinds[:2] == ["server_tool_use", "fourwalls_tool_result"] and kinds[-1] == "text"
 

@@ -71,19 +71,19 @@ def test_streaming_helper_gets_the_event_sequence_and_the_same_text(client):
     kw = dict(model=DEFAULT_MODEL, input="Count to five.", max_output_tokens=16, temperature=0)
     whole = client.responses.create(**kw)
     with client.responses.stream(**kw) as stream:
-        kinds = [ev.type for ev in stream]
-        final = stream.get_final_response()
+        events = list(stream)
+    kinds = [ev.type for ev in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] in ("response.completed", "response.incomplete") and "response.output_text.delta" in kinds
-    assert final.output_text == whole.output_text
-    fc = []
+    # (the helper's get_final_response() wants response.completed; a length cut ends with response.incomplete)
+    assert events[-1].response.output_text == whole.output_text
+    assert "".join(ev.delta for ev in events if ev.type == "response.output_text.delta") == whole.output_text
     with client.responses.stream(model=DEFAULT_MODEL, input="Weather in Rome?", tools=[WEATHER],
                                  tool_choice="required", parallel_tool_calls=False, max_output_tokens=60,
                                  temperature=0) as stream:
-        for ev in stream:
-            if ev.type == "response.function_call_arguments.delta":
-                fc.append(ev.delta)
-        calls = [o for o in stream.get_final_response().output if o.type == "function_call"]
+        events = list(stream)
+    fc = [ev.delta for ev in events if ev.type == "response.function_call_arguments.delta"]
+    calls = [o for o in events[-1].response.output if o.type == "function_call"]
     assert json.loads("".join(fc)) == json.loads(calls[0].arguments)
 
 
