@@ -55,7 +55,8 @@ def test_streaming_events_give_the_same_text(client):
 
 def test_tool_use_then_tool_result_round_trip(client):
     m = client.messages.create(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=60, messages=ASK, tools=[WEATHER],
-                               tool_choice={"type": "tool", "name": "get_weather"})
+                               tool_choice={"type": "tool", "name": "get_weather",
+                                                                      "disable_parallel_tool_use": True})
     assert m.stop_reason == "tool_use"
     [use] = [b for b in m.content if b.type == "tool_use"]
     assert use.name == "get_weather" and set(use.input) == {"city"} and isinstance(use.input["city"], str)
@@ -73,12 +74,15 @@ def test_tool_use_then_tool_result_round_trip(client):
 
 
 def test_builtin_calculator_is_a_server_tool_use_block(client):
-    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=40,
-                               messages=[{"role": "user", "content": "What is 12 * 12?"}],
-                               tools=[{"type": "fourwalls", "name": "calculator"}], tool_choice={"type": "any"},
-                               extra_body={**GREEDY, "max_tool_rounds": 1})
-    kinds = [b.type for b in m.content]
-    assert kinds[:2] == ["server_tool_use", "fourwalls_tool_result"] and kinds[-1] == "text"
+    raw = client.messages.with_raw_response.create(
+        model=DEFAULT_MODEL, max_tokens=40, messages=[{"role": "user", "content": "What is 12 * 12?"}],
+        tools=[{"type": "fourwalls", "name": "calculator"}],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        extra_body={**GREEDY, "max_tool_rounds": 1})
+    blocks = raw.http_response.json()["content"]  # fourwalls_tool_result is not a block type the client knows
+    assert [b["type"] for b in blocks] == ["server_tool_use", "fourwalls_tool_result", "text"]
+    assert blocks[0]["name"] == "calculator" and blocks[0]["input"]["expression"]
+    assert blocks[1]["tool_use_id"] == blocks[0]["id"] and blocks[1]["content"]
 
 
 @pytest.mark.parametrize(("kw", "status"), [
