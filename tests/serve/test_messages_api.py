@@ -70,7 +70,9 @@ def test_tool_use_then_tool_result_round_trip(client):
                                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
                                                                      "content": "18 degrees, cloudy"}]}])
     assert final.stop_reason in ("end_turn", "max_tokens") and final.content[0].text.strip()
-    assert final.usage.input_tokens > m.usage.input_tokens
+    asked = client.messages.create(extra_body=GREEDY, model=DEFAULT_MODEL, max_tokens=1, tools=[WEATHER],
+                                   tool_choice={"type": "none"}, messages=ASK)
+    assert final.usage.input_tokens > asked.usage.input_tokens + 10  # the call and its result are in the prompt
 
 
 def test_builtin_calculator_is_a_server_tool_use_block(client):
