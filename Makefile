@@ -36,6 +36,7 @@ test: $(VENV)/.installed-test ui
 	scripts/install-nginx
 	scripts/install-postgres
 	scripts/install-chromium
+	PIP="$(PIP)" benchmarks/llamacpp.sh >/dev/null  # llama.cpp built natively: the tests' perplexity reference
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	FOURWALLS_REQUIRE_POSTGRES=1 FOURWALLS_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
 

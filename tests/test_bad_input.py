@@ -185,3 +185,75 @@ def test_text_files_are_read_with_one_clear_error(tmp_path):
         read_text(tmp_path)  # a folder
     (tmp_path / "ok.txt").write_text("héllo")
     assert read_text(tmp_path / "ok.txt") == "héllo"
+
+
+# --- a full disk (issue 22.4): one line that says so, nothing half-written ---------------------------------------
+
+
+def test_import_onto_a_full_disk_is_one_line_and_stores_nothing(capsys, small_disk, tiny, monkeypatch):
+    home = small_disk.full()
+    monkeypatch.setenv("FOURWALLS_HOME", str(home))
+    line = fails(capsys, home, "models", "import", str(tiny), "--name", "m")
+    assert "disk is full" in line and "needs about" in line and str(home) in line
+    assert stored(home) == {}
+    small_disk.grow(home, 1024)  # room again: the same import succeeds
+    assert "imported m" in ok(capsys, "models", "import", str(tiny), "--name", "m")
+
+
+def test_generate_from_a_gguf_with_a_full_disk_runs_without_caching(capsys, small_disk, tiny, monkeypatch):
+    home = small_disk.full()
+    monkeypatch.setenv("FOURWALLS_HOME", str(home))
+    ok(capsys, "generate", "hello", "--model", str(tiny), "--max-tokens", "3", "--temperature", "0")
+    assert [f.name for f in home.rglob("*") if f.is_file()] == [".filler"]  # no half-written cache left behind
+
+
+@pytest.mark.parametrize("fmt,out", [("gguf", "m.gguf"), ("hf", "m-hf")])
+def test_export_onto_a_full_disk_is_one_line_and_leaves_no_file(capsys, home, tiny, small_disk, fmt, out):
+    ok(capsys, "models", "import", str(tiny), "--name", "m")
+    disk = small_disk.full()
+    line = fails(capsys, home, "export", "m", "--format", fmt, "--out", str(disk / out))
+    assert "disk is full" in line and str(disk) in line
+    assert [p.name for p in disk.iterdir()] == [".filler"]
+
+
+def test_a_checkpoint_onto_a_full_disk_says_so_and_keeps_the_last_one(small_disk):
+    import torch
+
+    from fourwalls.errors import FourwallsError
+    from fourwalls.train import checkpoint
+
+    folder = small_disk(64) / "checkpoints"
+    checkpoint.save(folder, 1, {"w": torch.zeros(100)}, {}, {})
+    with pytest.raises(FourwallsError, match="disk is full.*step 1 is intact") as e:
+        checkpoint.save(folder, 2, {"w": torch.zeros(100_000)}, {}, {})
+    assert e.value.http_status == 507 and checkpoint.latest(folder)[1] == 1
+    assert [p.name for p in folder.iterdir()] == ["step-00000001"]
+
+
+# --- model files that lie (issue 22.8) ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_folder(tiny, tmp_path) -> Path:
+    folder = tmp_path / "hf"
+    cfg, state, tok = read_checkpoint(tiny)
+    write_hf(folder, cfg, state, tok)
+    return folder
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_import_with_a_tokenizer_config_that_is_not_a_json_object(capsys, home, hf_folder, text):
+    (hf_folder / "tokenizer_config.json").write_text(text)
+    line = fails(capsys, home, "models", "import", str(hf_folder), "--name", "m")
+    assert "tokenizer_config.json" in line and "JSON" in line
+
+
+@pytest.mark.parametrize("file,value", [("generation_config.json", "abc"), ("generation_config.json", [2, "x"]),
+                                        ("generation_config.json", 10**9), ("generation_config.json", True),
+                                        ("config.json", "abc")])
+def test_import_with_an_eos_token_id_that_is_no_token(capsys, home, hf_folder, file, value):
+    data = json.loads((hf_folder / file).read_text())
+    data["eos_token_id"] = value
+    (hf_folder / file).write_text(json.dumps(data))
+    line = fails(capsys, home, "models", "import", str(hf_folder), "--name", "m")
+    assert file in line and "eos_token_id" in line and repr(value)[:20] in line

@@ -192,7 +192,7 @@ def exported(smol, session_store, tmp_path_factory):
     return out
 
 
-def test_bundled_model_exports_to_gguf_and_hf(smol, exported):
+def test_bundled_model_exports_to_gguf_and_hf(smol, smol_float, exported):
     ids = smol.tokenizer.encode(PROMPT)
     cfg, state, tok = read_checkpoint(exported / "smol-f32.gguf")
     assert cfg == smol.config.replace(name=cfg.name)
@@ -205,8 +205,8 @@ def test_bundled_model_exports_to_gguf_and_hf(smol, exported):
         b = smol.model(torch.tensor([ids]))[0, -1]
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     hf = AutoModelForCausalLM.from_pretrained(exported / "smol-hf", dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(hf(torch.tensor([ids])).logits, smol.model(torch.tensor([ids])), atol=1e-4,
+    with torch.no_grad():  # the HF folder holds the blocks dequantized: the float model's weights
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, smol_float.model(torch.tensor([ids])), atol=1e-4,
                                    rtol=1e-4)
     hf_tok = AutoTokenizer.from_pretrained(exported / "smol-hf")
     assert all(hf_tok(s)["input_ids"] == smol.tokenizer.encode(s) for s in STRINGS)

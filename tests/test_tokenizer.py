@@ -56,3 +56,27 @@ def test_no_template_is_a_clean_error():
     tok.chat_template = None
     with pytest.raises(UsageError, match="no chat template"):
         tok.encode_chat([{"role": "user", "content": "x"}])
+
+
+def test_the_sandbox_renders_as_this_process_does_and_fails_alike():
+    from fourwalls.templates import BUDGET, TemplateSandbox
+
+    tok = byte_tokenizer()
+    tok.chat_template = CHATML + "{{ messages | tojson }}{{ strftime_now('%Y')[:2] }}"
+    chat = [{"role": "user", "content": "naïve 東京 <b>"}, {"role": "assistant", "content": "ok"}]
+    sandbox = TemplateSandbox(seconds=5)
+    try:
+        assert tok.apply_chat_template(chat, sandbox=sandbox) == tok.apply_chat_template(chat)
+        tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+        with pytest.raises(UsageError, match="roles must alternate") as e:
+            tok.apply_chat_template(chat, sandbox=sandbox)
+        assert e.value.code is None  # the template's own refusal, not a budget
+        tok.chat_template = "{{ messages[0].content + 1 }}"  # a template bug on this input: an error, not a crash
+        with pytest.raises(UsageError, match="TypeError"):
+            tok.apply_chat_template(chat, sandbox=sandbox)
+        tok.chat_template = "{{ 'x' * 4000 }}"
+        with pytest.raises(UsageError, match="3000 characters") as e:
+            tok.apply_chat_template(chat, sandbox=TemplateSandbox(max_chars=3000))
+        assert e.value.code == BUDGET
+    finally:
+        sandbox.close()

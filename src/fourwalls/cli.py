@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fourwalls.errors import FourwallsError, UsageError
+from fourwalls.files import megabytes
 
-# llama.cpp's defaults: sampling that reads well without tuning. --temperature 0 is greedy.
-CLI_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
+# llama.cpp's defaults: sampling that reads well without tuning. --temperature 0 is greedy. A command with other
+# defaults (rag ask) passes them to _sampling_flags, whose help texts read them from here.
+CLI_SAMPLING = {"max_tokens": 256, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                "repeat_penalty": 1.0}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,15 +24,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _sampling_flags(p: argparse.ArgumentParser) -> None:
+def _sampling_flags(p: argparse.ArgumentParser, **defaults: float) -> None:
+    """The sampling flags, with CLI_SAMPLING's defaults unless ``defaults`` overrides some."""
+    d = {**CLI_SAMPLING, **defaults}
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256, help="most new tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=CLI_SAMPLING["temperature"],
-                   help="0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=CLI_SAMPLING["top_k"], help="0 disables (default 40)")
-    g.add_argument("--top-p", type=float, default=CLI_SAMPLING["top_p"], help="1 disables (default 0.95)")
-    g.add_argument("--min-p", type=float, default=CLI_SAMPLING["min_p"], help="0 disables (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (default 1.0)")
+    g.add_argument("--max-tokens", type=int, default=d["max_tokens"],
+                   help=f"most new tokens to generate (default {d['max_tokens']})")
+    g.add_argument("--temperature", type=float, default=d["temperature"],
+                   help=f"0 is greedy (default {d['temperature']})")
+    g.add_argument("--top-k", type=int, default=d["top_k"], help=f"0 disables (default {d['top_k']})")
+    g.add_argument("--top-p", type=float, default=d["top_p"], help=f"1 disables (default {d['top_p']})")
+    g.add_argument("--min-p", type=float, default=d["min_p"], help=f"0 disables (default {d['min_p']})")
+    g.add_argument("--repeat-penalty", type=float, default=d["repeat_penalty"],
+                   help=f"1 disables (default {d['repeat_penalty']})")
     g.add_argument("--seed", type=int, help="same seed, same text (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
@@ -134,7 +141,6 @@ def _tool_specs(args: argparse.Namespace) -> list[Any]:
 
 def _toolbox(lm: Any, specs: list[Any]) -> Any:
     """The built-in tools, documents searching this machine's collections (every group: the user is local)."""
-    from fourwalls.rag.answer import control_tokens
     from fourwalls.rag.embed import embedder
     from fourwalls.rag.retrieve import Retriever
     from fourwalls.rag.stores import open_store
@@ -147,7 +153,7 @@ def _toolbox(lm: Any, specs: list[Any]) -> Any:
                 store.collection(spec.collection)  # a missing collection fails now, not at the first search
         return Retriever(store, embedder())
 
-    return Toolbox(specs, retriever, control_tokens(lm.tokenizer))
+    return Toolbox(specs, retriever, lm.tokenizer.control_tokens)
 
 
 def _chat_turn(lm: Any, messages: list[dict[str, Any]], params: Any, session: Any, toolbox: Any,
@@ -180,10 +186,33 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
 
 def cmd_models_import(args: argparse.Namespace) -> None:
-    from fourwalls.store import Store
+    from fourwalls.store import Store, describe
 
     ref = Store().import_model(Path(args.path), args.name, args.dtype)
-    print(f"imported {ref.name} ({ref.digest})")
+    info = describe(ref)
+    print(f"imported {ref.name} ({ref.digest}): {megabytes(info['size_bytes'])} of {info['dtype']} in {ref.path}")
+
+
+def cmd_models_du(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+
+    usage = Store().usage()
+    if args.json:
+        print(json.dumps({k: {"entries": n, "bytes": b, "path": str(p)} for k, (n, b, p) in usage.items()}, indent=2))
+        return
+    rows = [(kind, str(n), megabytes(b), str(p)) for kind, (n, b, p) in usage.items()]
+    rows.append(("total", "", megabytes(sum(b for _, b, _ in usage.values())), ""))
+    _table(("KIND", "ENTRIES", "SIZE", "WHERE"), rows, right=(1, 2))
+    if usage["cache"][1]:
+        print("the cache holds float32 copies of GGUF files and teacher logits, rebuilt when needed: "
+              "`fourwalls models prune-cache` frees it")
+
+
+def cmd_models_prune_cache(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+
+    entries, freed = Store().prune_cache()
+    print(f"freed {megabytes(freed)} ({entries} cache entries)")
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
@@ -193,11 +222,10 @@ def cmd_models_list(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'NAME':32} {'DIGEST':19} {'ARCH':6} {'PARAMS':>8} {'DTYPE':24} {'SIZE':>9}")
-    for r in rows:
-        name = r["name"] + (" (bundled)" if r["bundled"] else "") + (f" (on {r['base']})" if "base" in r else "")
-        print(f"{name:32} {r['digest'][:19]:19} {r['architecture']:6} {r['parameters'] / 1e6:7.1f}M "
-              f"{r['dtype']:24} {r['size_bytes'] / 2**20:7.1f}MB")
+    cells = [(r["name"] + (" (bundled)" if r["bundled"] else "") + (f" (on {r['base']})" if "base" in r else ""),
+              r["digest"][:19], r["architecture"], f"{r['parameters'] / 1e6:.1f}M", r["dtype"],
+              megabytes(r["size_bytes"])) for r in rows]
+    _table(("NAME", "DIGEST", "ARCH", "PARAMS", "DTYPE", "SIZE"), cells, right=(3, 5))
 
 
 def cmd_models_show(args: argparse.Namespace) -> None:
@@ -221,6 +249,56 @@ def cmd_models_rm(args: argparse.Namespace) -> None:
 
     Store().remove(args.name)
     print(f"removed {args.name}")
+
+
+def _key_file(args: argparse.Namespace) -> Path:
+    from fourwalls.files import home
+
+    return Path(args.file) if args.file else home() / "api-keys.json"
+
+
+def cmd_keys_add(args: argparse.Namespace) -> None:
+    from fourwalls.serve.caller import add_key
+
+    path = _key_file(args)
+    secret = add_key(path, args.name, admin=args.admin, models=args.models, groups=args.group or None,
+                     rpm=args.rpm, tpm=args.tpm)
+    print(f"added key '{args.name}' to {path}; its secret, shown only this once (the file keeps its sha256):",
+          file=sys.stderr)
+    print(secret)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    from fourwalls.serve.caller import read_keys
+
+    path = _key_file(args)
+    keys = read_keys(path) if path.exists() else []
+    if args.json:
+        print(json.dumps([{"name": k.name, "admin": k.admin, "models": k.models, "groups": k.groups, "rpm": k.rpm,
+                           "tpm": k.tpm} for k in keys], indent=2))
+        return
+    rows = [(k.name, "yes" if k.admin else "no", ",".join(k.models),
+             "(all)" if k.groups is None and k.admin else ",".join(k.groups or []) or "(ungrouped only)",
+             str(k.rpm or "-"), str(k.tpm or "-")) for k in keys]
+    _table(("NAME", "ADMIN", "MODELS", "GROUPS", "RPM", "TPM"), rows)
+    if not keys:
+        print(f"no keys in {path}: `fourwalls keys add NAME` makes one", file=sys.stderr)
+
+
+def cmd_keys_rm(args: argparse.Namespace) -> None:
+    from fourwalls.serve.caller import remove_key
+
+    path = _key_file(args)
+    remove_key(path, args.name)
+    print(f"removed key '{args.name}' from {path}")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
+    """Columns as wide as their widest cell; ``right``: the columns aligned right (numbers)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        print("  ".join(cells).rstrip())
 
 
 def _train_flags(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
@@ -258,11 +336,17 @@ def _train_config(args: argparse.Namespace) -> Any:
                        fsdp=args.fsdp)
 
 
-def _report(ref: Any, result: dict[str, Any], run_dir: Path) -> None:
+def _report(ref: Any, result: dict[str, Any], run_dir: Path, validation: bool = True) -> None:
     if ref is None:  # a torchrun worker other than rank 0
         return
-    val = f", validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f})" if "val_loss" in result else ""
-    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps{val}; curves in {run_dir}/loss.png")
+    speed = (f" at {result['tokens_per_s']:.0f} tokens/s ({result['trained_share']:.0%} trained on)"
+             if "tokens_per_s" in result else "")
+    val = ""
+    if validation and "val_loss" in result:
+        ppl = f" (ppl {result['val_ppl']:.2f})" if "val_ppl" in result else ""
+        val = f", validation loss {result['val_loss']:.4f}{ppl}"
+    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps{speed}{val}; curves in "
+          f"{run_dir}/loss.png")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -303,6 +387,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
 
 
+def cmd_align(args: argparse.Namespace) -> None:
+    from fourwalls.store import Store
+    from fourwalls.train.recipes import align
+
+    ref, result = align(args.model, Path(args.data), args.objective, args.name, _train_config(args), args.method,
+                        _lora(args), beta=args.beta, desirable_weight=args.desirable_weight,
+                        undesirable_weight=args.undesirable_weight, shape=args.format, max_len=args.max_len,
+                        val_fraction=args.val_fraction, val_data=Path(args.val_data) if args.val_data else None,
+                        skip_bad_lines=args.skip_bad_lines, ref_cache=args.ref_cache, run_dir=args.run_dir,
+                        resume=bool(args.resume))
+    if ref is None:  # a torchrun worker other than rank 0
+        return
+    run_dir = args.run_dir or Store().root / "runs" / args.name
+    held_out = ", ".join(f"{label} {result[key]:{form}}" for key, label, form in [
+        ("val_reward_accuracy", "reward accuracy", ".2f"), ("val_reward_margin", "margin", ".3f"),
+        ("val_loss", "loss", ".4f")] if key in result)  # KTO: no margin when the held-out answers share a label
+    print(f"stored {ref.name} ({ref.digest}) after {result['step']} steps; held out: {held_out}; "
+          f"curves in {run_dir}/loss.png")
+
+
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from fourwalls.store import Store
     from fourwalls.train.unlearn import unlearn
@@ -333,10 +437,11 @@ def cmd_distill(args: argparse.Namespace) -> None:
                           beta=args.beta, seq_len=args.seq_len, cache_teacher=args.cache_teacher,
                           cache_top_k=args.cache_top_k, val_fraction=args.val_fraction, run_dir=args.run_dir,
                           resume=bool(args.resume))
-    _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
-    if ref is not None:
-        print(f"student vs teacher on held-out data: cross-entropy {result['val_ce']:.4f}, "
-              f"KL {result['val_kl']:.4f} nats/token")
+    _report(ref, result, args.run_dir or Store().root / "runs" / args.name, validation=False)
+    if ref is not None:  # the training loss mixes cross-entropy and KL: its exp is no perplexity
+        print(f"held-out perplexity: student {result['val_ppl']:.2f}, teacher {result['teacher_val_ppl']:.2f} "
+              f"(cross-entropy {result['val_ce']:.4f} against {result['teacher_val_ce']:.4f} nats/token; KL to "
+              f"the teacher {result['val_kl']:.4f})")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -360,7 +465,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       calibration=Path(args.calibration) if args.calibration else None, samples=args.samples)
     size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
     awq = f", AWQ mean alpha {r['awq_mean_alpha']:.2f}" if "awq_mean_alpha" in r else ""
-    print(f"stored {ref.name} ({ref.digest}): {args.scheme}, {size / 2**20:.0f} MB on disk{awq}; "
+    print(f"stored {ref.name} ({ref.digest}): {args.scheme}, {megabytes(size)} on disk{awq}; "
           f"`fourwalls compare {args.model} {ref.name} --text FILE` shows what it cost")
 
 
@@ -379,11 +484,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
                    calibration=Path(args.calibration) if args.calibration else None, samples=args.samples)
     print(f"stored {ref.name} ({ref.digest}): {r['sparsity_pruned_layers']:.2%} of the weights of {r['layers']} "
           f"linear layers zeroed, {r['sparsity_all']:.2%} of all parameters")
-    print(f"stored dense in fp32 ({r['size_bytes'] / 2**20:.0f} MB): as large as the unpruned model in fp32 and no "
+    print(f"stored dense in fp32 ({megabytes(r['size_bytes'])}): as large as the unpruned model in fp32 and no "
           "faster to decode on this CPU (no sparse kernels)")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from fourwalls.engine import EngineConfig
@@ -396,20 +501,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not sep or not name or not where:
             raise UsageError(f"--adapter takes NAME=PATH (a PEFT folder or a stored adapter), not {spec!r}")
         adapters[name] = where
-    checks = [(args.max_batch >= 1, "--max-batch"), (args.max_model_len is None or args.max_model_len >= 16,
-              "--max-model-len (at least 16)"), (args.max_queue >= 0, "--max-queue"),
-              (args.prefill_chunk >= 1, "--prefill-chunk"), (args.drain_timeout >= 0, "--drain-timeout"),
-              (args.request_timeout > 0, "--request-timeout"), (args.max_body_bytes >= 1024, "--max-body-bytes")]
+    checks = [(0 <= args.port <= 65535, "--port"), (args.max_batch >= 1, "--max-batch"),
+              (args.max_model_len is None or args.max_model_len >= 16, "--max-model-len (at least 16)"),
+              (args.max_queue >= 0, "--max-queue"), (args.prefill_chunk >= 1, "--prefill-chunk"),
+              (args.drain_timeout >= 0, "--drain-timeout"), (args.request_timeout > 0, "--request-timeout"),
+              (args.max_body_bytes >= 1024, "--max-body-bytes"),
+              (args.kv_cache_tokens is None or args.kv_cache_tokens >= 16, "--kv-cache-tokens (at least 16)")]
     for ok, flag in checks:
         if not ok:
             raise UsageError(f"{flag} is out of range")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
+                          kv_tokens=args.kv_cache_tokens, prefix_cache=not args.no_prefix_cache,
                           prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
     tools = parse_specs(args.tools) if args.tools else []
-    serve(ServeConfig(args.model, args.host, args.port, adapters, Path(args.api_keys) if args.api_keys else None,
-                      engine, args.drain_timeout, args.max_body_bytes, args.log_requests,
-                      rag_store=args.rag_store, embedder=args.embedder, tools=tools))
+    keys = _key_file(argparse.Namespace(file=args.api_keys))
+    return serve(ServeConfig(args.model, args.host, args.port, adapters,
+                             keys if args.api_keys or keys.is_file() else None, engine, args.drain_timeout,
+                             args.max_body_bytes, args.log_requests, rag_store=args.rag_store, embedder=args.embedder,
+                             tools=tools))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +581,31 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_flags(p)
     _train_flags(p, lr=2e-4, steps=100)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("align", help="preference-tune a model (DPO, IPO, KTO, ORPO) on chosen/rejected answers")
+    p.add_argument("--objective", required=True, choices=["dpo", "ipo", "kto", "orpo"],
+                   help="dpo, ipo and orpo read pairs, kto labelled answers")
+    p.add_argument("--data", required=True, help="JSONL: {prompt, chosen, rejected} (optional system) | {messages, "
+                   "chosen: {...}, rejected: {...}} | for kto {prompt, completion, label: true|false}")
+    p.add_argument("--format", default="auto", choices=["auto", "pairs", "kto"])
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"],
+                   help="qlora: the frozen base in 4-bit NF4 (less memory), LoRA on top")
+    p.add_argument("--name", required=True, help="store the result under this name")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="DPO/KTO beta, IPO tau, ORPO lambda (default 0.1, as in the papers)")
+    p.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D (default 1)")
+    p.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U (default 1)")
+    p.add_argument("--ref-cache", nargs="?", const=True, default=False, type=Path, metavar="DIR",
+                   help="with LoRA: compute the reference log-probabilities once and reuse them instead of a "
+                   "reference pass each step (always so with --method full; default DIR: the store's cache)")
+    p.add_argument("--max-len", type=int, default=512, help="longest prompt + answer; longer ones are truncated")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share for validation")
+    p.add_argument("--val-data", help="a separate JSONL validation file (instead of --val-fraction)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
+    _lora_flags(p)
+    _train_flags(p, lr=5e-5, steps=100)
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("unlearn", help="make a model forget text it memorised, keeping what it should know")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
@@ -560,16 +695,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="serve a LoRA adapter (PEFT folder or stored adapter) under NAME (repeatable)")
-    p.add_argument("--api-keys", metavar="FILE", help="JSON file of sha256-hashed API keys with scopes and limits")
+    p.add_argument("--api-keys", metavar="FILE", help="JSON file of sha256-hashed API keys with scopes and limits, "
+                   "written by `fourwalls keys add` (default $FOURWALLS_HOME/api-keys.json if it exists, else no "
+                   "keys: anyone who reaches the port may call)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-model-len", type=int, help="tokens per request, prompt + output (default: the "
                    "model's context, at most 4096)")
+    p.add_argument("--kv-cache-tokens", type=int, help="the KV cache's size in tokens, shared by all requests in "
+                   "blocks of 16 (default 16384, at least --max-model-len); memory is taken as it is used")
+    p.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt in full instead of "
+                   "reusing the cached blocks of earlier requests' identical prefixes")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens fed per step (default 256)")
     p.add_argument("--request-timeout", type=float, default=600, help="seconds per request (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30, help="seconds SIGTERM waits for requests in "
                    "flight (default 30)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body in bytes (default 1048576)")
     p.add_argument("--log-requests", action="store_true", help="log prompts and completions (off by default)")
     p.add_argument("--rag-store", metavar="URL", default=os.environ.get("FOURWALLS_RAG_STORE"),
                    help="document collections for /v1/collections and RAG chat: postgresql://... or a SQLite file "
@@ -580,21 +722,50 @@ def build_parser() -> argparse.ArgumentParser:
                    "request: calculator, documents or documents:COLLECTION (comma-separated)")
     p.set_defaults(func=cmd_serve)
 
+    keys = sub.add_parser("keys", help="API keys for `fourwalls serve`: add, list, rm (the file keeps only hashes)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    file_help = "the key file (default $FOURWALLS_HOME/api-keys.json, which `fourwalls serve` reads when it exists)"
+    p = ksub.add_parser("add", help="make a key: its secret is printed once, only its sha256 is stored")
+    p.add_argument("name", help="who or what uses the key, e.g. support-bot")
+    p.add_argument("--admin", action="store_true", help="may load adapters and write document collections")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="models and adapters it may use (default: all)")
+    p.add_argument("--group", action="append", default=[], help="document groups it may read (repeatable; "
+                   "default: an admin reads all, another key only documents without groups)")
+    p.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
+    p.add_argument("--tpm", type=int, help="tokens per minute, prompt + completion (default: no limit)")
+    p.add_argument("--file", help=file_help)
+    p.set_defaults(func=cmd_keys_add)
+    p = ksub.add_parser("list", help="the keys of the key file (names, scopes and limits; never secrets)")
+    p.add_argument("--file", help=file_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_list)
+    p = ksub.add_parser("rm", help="remove a key")
+    p.add_argument("name")
+    p.add_argument("--file", help=file_help)
+    p.set_defaults(func=cmd_keys_rm)
+
     from fourwalls.rag.cli import register
 
     register(sub, _Parser, _sampling_flags, _params, _load, DEFAULT_MODEL)
 
-    models = sub.add_parser("models", help="the model store: import, list, show, rm")
+    models = sub.add_parser("models", help="the model store: import, list, show, rm, du, prune-cache")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
     p = msub.add_parser("import", help="import a GGUF file or Hugging Face folder")
     p.add_argument("path")
     p.add_argument("--name", required=True)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype to store (auto: as the source, GGUF dequantized to float32)")
+                   help="weight dtype to store (auto: as the source, a GGUF file's quantized weights in their "
+                        "blocks; a float dtype dequantizes them, for HF transformers)")
     p.set_defaults(func=cmd_models_import)
     p = msub.add_parser("list", help="list stored models")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_list)
+    p = msub.add_parser("du", help="disk use of the store by kind: models, adapters, cache, runs, documents")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models_du)
+    p = msub.add_parser("prune-cache", help="delete the cache (float32 copies of GGUF files, teacher logits), "
+                        "which is rebuilt when needed")
+    p.set_defaults(func=cmd_models_prune_cache)
     p = msub.add_parser("show", help="architecture, size, digest and lineage of a model")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
@@ -606,9 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
+    try:  # Ctrl-C while the parser imports torch is still an interrupt (130), not a traceback
+        args = build_parser().parse_args(argv)
+        status = args.func(args)  # most verbs return nothing: success
     except FourwallsError as e:
         print(f"fourwalls: error: {e}", file=sys.stderr)
         return 2
@@ -617,7 +788,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    except Exception as e:
+        from fourwalls.files import disk_full
+
+        if not disk_full(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"fourwalls: error: the disk is full{where}; free some space and try again", file=sys.stderr)
+        return 2
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ class RequestTimeoutError(FourwallsError):
     http_status = 504
 
 
+class DiskFullError(FourwallsError):
+    """A write found its disk (or the user's quota) full; nothing was left half-written."""
+
+    http_status = 507
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="disk_full")
+
+
 class InternalError(FourwallsError):
     """A bug in fourwalls, not the user's doing (the server answers 500)."""
 

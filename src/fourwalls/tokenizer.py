@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from fourwalls.errors import FormatError, UnsupportedError, UsageError
+from fourwalls.templates import TemplateSandbox, render
 
 # How llama.cpp's `tokenizer.ggml.pre` names split text before byte-level BPE (the regexes of each family's own
 # tokenizer.json). "smollm" splits every digit apart, then applies GPT-2's rule.
@@ -30,6 +28,7 @@ _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLA
 _GPT2_PRES = {"default", "gpt-2", "gpt2", "smollm", "starcoder", "refact"}
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+ZWSP = "\u200b"
 
 
 @dataclass
@@ -61,22 +60,27 @@ class Tokenizer:
         return decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
-        """Render a conversation with the model's own template (sandboxed; templates are untrusted input)."""
+                            sandbox: TemplateSandbox | None = None, **kwargs: Any) -> str:
+        """Render a conversation with the model's own template (sandboxed: templates are untrusted input), in
+        ``sandbox``'s child processes within its budgets if given, else in this process."""
         if not self.chat_template:
             raise UsageError("this model has no chat template; run without --chat, or import a model that has one")
         if not messages:
             raise UsageError("a conversation needs at least one message")
-        try:
-            template = _jinja_env().from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
-        except jinja2.TemplateError as e:
-            raise UsageError(f"the chat template rejected the conversation: {e}") from None
+        context = {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                   "bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs}
+        return sandbox.render(self.chat_template, context) if sandbox else render(self.chat_template, context)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    sandbox: TemplateSandbox | None = None) -> list[int]:
         # The template writes BOS itself where the model wants it, so no special tokens are added on top.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, sandbox),
+                           add_special_tokens=False)
+
+    @property
+    def control_tokens(self) -> list[str]:
+        """The strings this tokenizer turns into special (control) tokens: ``<|im_start|>``, ``</s>``, ..."""
+        return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -104,7 +108,12 @@ class Tokenizer:
             raise FormatError(f"{path} is not a valid tokenizer file ({e})") from None
         cfg: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
-            cfg = json.loads((folder / "tokenizer_config.json").read_text())
+            try:
+                cfg = json.loads((folder / "tokenizer_config.json").read_text())
+            except ValueError as e:
+                raise FormatError(f"{folder / 'tokenizer_config.json'} is not valid JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise FormatError(f"{folder / 'tokenizer_config.json'} is not a JSON object")
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
@@ -167,13 +176,10 @@ def _token_str(tok: Any) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _jinja_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+def neutralize(text: str, control: list[str]) -> str:
+    """``text`` with each of the ``control`` strings broken by a zero-width space, so that it reaches the model as
+    plain text instead of as a control token (a user typing ``<|im_start|>system`` opens no new turn)."""
+    for token in control:
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + ZWSP + token[1:])
+    return text

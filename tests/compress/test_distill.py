@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.store import Store
 from fourwalls.train.data import IGNORE, Example, collate, load_text_corpus, split
-from fourwalls.train.loop import TrainConfig, train
+from fourwalls.train.loop import TrainConfig, evaluate, train
 from fourwalls.train.objectives import causal_lm, distillation
 from fourwalls.train.recipes import train_tokenizer
 from tests.conftest import tiny_model
@@ -214,6 +215,13 @@ def test_distill_lowers_kl_to_the_teacher_and_records_lineage(home):
                                "seq_len": 64}
     assert lin["data_digest"].startswith("sha256-") and lin["hyperparameters"]["steps"] == 30
     assert lin["val_loss"] == result["val_loss"] and lin["val_kl"] == result["val_kl"]
+    # The perplexities are the student's and the teacher's own on the held-out text, not exp of the mixed loss.
+    pad = teacher.config.eos_token_ids[0]
+    assert result["val_ppl"] == pytest.approx(math.exp(evaluate(student.model, val, causal_lm, 8, pad)), rel=1e-4)
+    assert result["teacher_val_ppl"] == pytest.approx(math.exp(evaluate(teacher.model, val, causal_lm, 8, pad)),
+                                                      rel=1e-4)
+    assert result["teacher_val_ppl"] < result["val_ppl"] != pytest.approx(math.exp(result["val_loss"]), rel=0.05)
+    assert lin["val_ppl"] == result["val_ppl"] and lin["teacher_val_ppl"] == result["teacher_val_ppl"]
     assert student.tokenizer.encode("To be, or not") == teacher.tokenizer.encode("To be, or not")
 
 
@@ -269,6 +277,8 @@ def test_cli_distills_from_a_preset(home, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "stored cli-student" in out and "KL" in out
     lin = Store(home / "home").resolve("cli-student").manifest["lineage"]
+    assert f"held-out perplexity: student {lin['val_ppl']:.2f}, teacher {lin['teacher_val_ppl']:.2f} " in out
+    assert "validation loss" not in out  # the mixed CE + KL loss is not shown as if it were a model's loss
     assert lin["settings"]["student_preset"] == "tiny-llama" and lin["settings"]["temperature"] == 1.5
     assert main(["distill", "--teacher", "teacher", "--student-layers", "4", "--data", str(home / "corpus.txt"),
                  "--name", "cli-bad"]) == 2

@@ -94,11 +94,9 @@ def test_native_decode_kernel_compute_what_the_stored_weights_say(rows, monkeypa
             reference = x @ layer.dequantize().T + (layer.bias if layer.bias is not None else 0)
             if isinstance(layer, Int8Linear):
                 assert rel_err(y, reference) < 1e-5  # fp32 throughout: only the summation order differs
-            monkeypatch.setenv("FOURWALLS_NATIVE", "0")
-            native.cache_clear()
+            monkeypatch.setenv("FOURWALLS_ISA", "none")
             assert rel_err(layer(x[None])[0], reference) < 0.01  # torch's kernel, bf16 activations
-            monkeypatch.delenv("FOURWALLS_NATIVE")
-            native.cache_clear()
+            monkeypatch.delenv("FOURWALLS_ISA")
 
 
 def test_group_size_must_divide_the_layer_width():
@@ -210,7 +208,8 @@ def smol_variants(smol, session_store):
 
 
 @pytest.mark.slow
-def test_default_model_keeps_its_perplexity_when_quantized(smol, smol_variants, session_store):
+def test_default_model_keeps_its_perplexity_when_quantized(smol_float, smol_variants, session_store):
+    smol = smol_float  # fp32: what `fourwalls quantize` starts from
     ids = smol.tokenizer.encode(TEXT.read_text())
     base = perplexity(smol.model, ids).perplexity
     bars = {"int8": 1.01, "int4": 1.05}  # the bars: +1% and +5% over fp32
@@ -226,8 +225,9 @@ def test_default_model_keeps_its_perplexity_when_quantized(smol, smol_variants, 
 
 
 @pytest.mark.slow
-def test_quantized_default_model_writes_coherent_text_and_serves_the_same_tokens(smol, smol_variants,
+def test_quantized_default_model_writes_coherent_text_and_serves_the_same_tokens(smol_float, smol_variants,
                                                                                    session_store):
+    smol = smol_float  # fp32: what `fourwalls quantize` starts from
     question = "Which city is the capital of France? Answer in one sentence."
     prompt = smol.tokenizer.encode_chat([{"role": "user", "content": question}])
     params = SamplingParams(max_new_tokens=24, temperature=0)

@@ -10,11 +10,20 @@ import torch
 
 from fourwalls.generate import SamplingParams, generate_tokens
 from fourwalls.model.fused import _Cache, _Layer, _Lin, _Model, _Scratch, decoder
-from fourwalls.model.native import abi, native
+from fourwalls.model.native import abi, cpu_isas, native
 from fourwalls.model.ops import Linear
-from fourwalls.model.quant import Int4Linear, QuantConfig, quantize_model, quantize_nf4
+from fourwalls.model.quant import (
+    BlockEmbedding,
+    BlockLinear,
+    Int4Linear,
+    QuantConfig,
+    quantize_model,
+    quantize_nf4,
+    tie,
+)
 from fourwalls.model.transformer import block_linears
 from tests.conftest import tiny_model
+from tests.test_gguf_blocks import LAYOUTS, emulated, random_block_layer
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no AVX2 or no C compiler here: decoding runs in torch")
 
@@ -31,25 +40,22 @@ def test_the_structures_have_the_compiled_kernels_layout():
 
 
 class Int8InputsInt4(torch.nn.Module):
-    """An int4 layer computed as the fused step does, in plain torch: w = q * scale + (zero - 8 scale) per group;
-    the codes times the input rounded to int8 in blocks of 32 (one scale each, absmax / 127), plus each group's
-    offset times the exact sum of its inputs."""
+    """An int4 layer computed as the fused step does, in plain torch: w = q * scale + (zero - 8 scale) per group
+    times the input rounded to int8 in blocks of 32 (one scale each, absmax / 127), as llama.cpp multiplies Q4_1 by
+    Q8_1: every part of the weight meets the same rounded input."""
 
     def __init__(self, layer: Int4Linear) -> None:
         super().__init__()
-        self.layer, g = layer, layer.group_size
+        self.layer = layer
         self.in_scale = layer.input_scale if layer.input_scale is not None else torch.ones(layer.in_features)
-        self.coded = layer.codes().float() * layer.scales.repeat_interleave(g, dim=1)
-        self.offset = layer.zeros - 8 * layer.scales  # [out, groups]
+        self.weight = layer.dequantize() * self.in_scale  # the weights the rounded x / in_scale meets
 
     def forward(self, x):
         x = x / self.in_scale
         blocks = x.unflatten(-1, (-1, 32))
         d = blocks.abs().amax(-1, keepdim=True) / 127
         xq = (torch.round(blocks / d.clamp_min(1e-30)) * d).flatten(-2)
-        sums = x.unflatten(-1, (-1, self.layer.group_size)).sum(-1)
-        y = xq @ self.coded.T + sums @ self.offset.T
-        return y + (self.layer.bias if self.layer.bias is not None else 0)
+        return xq @ self.weight.T + (self.layer.bias if self.layer.bias is not None else 0)
 
 
 def prefilled(model, rows: int, length: int):
@@ -67,28 +73,30 @@ def copy_cache(model, cache):
     return new
 
 
-def step_both(model, reference, rows: int):
-    """One decode step of the fused ``model`` and of the torch ``reference`` from the same cache: (ours, theirs,
-    their logits, our logits)."""
+def step_both(model, reference, rows: int, isa: str | None = None):
+    """One decode step of the fused ``model`` (kernels of ``isa``) and of the torch ``reference`` from the same
+    cache: (ours, theirs, their logits, our logits)."""
     torch.manual_seed(rows)
     ours = prefilled(reference, rows, 11)
     theirs = copy_cache(model, ours)
     tokens, pos = torch.randint(3, 512, (rows, 1)), torch.tensor([11])
     with torch.inference_mode():
         expected = reference(tokens, pos, theirs)[:, -1]
-        got = decoder(model)(tokens, pos, ours)
+        got = decoder(model, isa)(tokens, pos, ours)
     assert got.shape == expected.shape
     return ours, theirs, expected, got
 
 
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama3", "tiny-qwen2"])
 @pytest.mark.parametrize("scheme", [None, "int8"])
 @pytest.mark.parametrize("rows", [1, 5, 32])
-def test_the_fused_step_computes_the_models_logits_and_cache(name, scheme, rows):
+def test_the_fused_step_computes_the_models_logits_and_cache(isa, name, scheme, rows):
+    """On every instruction set this CPU runs (the AVX2 build too, on an AVX-512 machine)."""
     model = tiny_model(name)
     if scheme:
         quantize_model(model, QuantConfig(scheme))
-    ours, theirs, expected, got = step_both(model, model, rows)
+    ours, theirs, expected, got = step_both(model, model, rows, isa)
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
     for a, b in zip((*ours.k, *ours.v), (*theirs.k, *theirs.v)):
         assert torch.allclose(a[:, :, :12], b[:, :, :12], atol=1e-5)  # the new keys and values went in
@@ -113,12 +121,55 @@ def int4_model(name: str, awq: bool, only: str | None = None):
     return model, reference
 
 
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("awq", [False, True])
 @pytest.mark.parametrize("only", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-def test_int4_layers_in_the_fused_step_compute_the_int8_input_scheme(name, awq, only):
+def test_int4_layers_in_the_fused_step_compute_the_int8_input_scheme(isa, name, awq, only):
     model, reference = int4_model(name, awq, only)
-    _, _, expected, got = step_both(model, reference, 5)
+    _, _, expected, got = step_both(model, reference, 5, isa)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+class Emulated(torch.nn.Module):
+    """A block layer computed in plain torch as the kernels compute it (tests/test_gguf_blocks.py's ``emulated``)."""
+
+    def __init__(self, layer: BlockLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return emulated(self.layer, x)
+
+
+def block_model(name: str, spec: str, half: bool):
+    """A tiny model whose every matrix, embedding table and (tied) head included, is a block layer of ``spec`` with
+    random codes; and its reference, the same layers computed in torch."""
+    model = tiny_model(name)
+    for i, (_, parent, attr, layer) in enumerate(block_linears(model)):
+        setattr(parent, attr, random_block_layer(spec, layer.in_features, layer.out_features, half, seed=i,
+                                                 bias=layer.bias is not None))
+    table = random_block_layer(spec, model.config.dim, model.config.vocab_size, half, seed=99, bias=False)
+    table.__class__ = BlockEmbedding
+    model.embed_tokens = table
+    model.config = model.config.replace(tie_embeddings=True)
+    tie(model)
+    reference = copy.deepcopy(model)
+    for _, parent, attr, layer in block_linears(reference, BlockLinear):
+        setattr(parent, attr, Emulated(layer))
+    reference.lm_head = Emulated(reference.lm_head)
+    return model, reference
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize(("spec", "half"), LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_gguf_block_layers_in_the_fused_step(isa, spec, half, rows):
+    """Every block layout as a whole model, its embedding table and tied head too: the fused step computes what the
+    int8-input scheme computes in torch."""
+    model, reference = block_model("tiny-qwen2", spec, half)  # qwen2: biases on q, k and v
+    assert decoder(model, isa) is not None
+    _, _, expected, got = step_both(model, reference, rows, isa)
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
 
 

@@ -11,6 +11,7 @@ from fourwalls.formats.hf import write_hf
 from fourwalls.model.lora import (
     LoRAConfig,
     LoRALinear,
+    adapters_off,
     attach_lora,
     load_adapter,
     lora_state_dict,
@@ -61,6 +62,22 @@ def test_untrained_adapter_changes_nothing_until_b_is_trained():
     torch.testing.assert_close(logits(model, x), ref, atol=0, rtol=0)
     randomize_b(model)
     assert (logits(model, x) - ref).abs().max() > 1e-2
+
+
+def test_adapters_off_is_the_base_model_inside_and_the_adapted_one_after():
+    base = tiny_model()
+    model = lora_model()
+    x = tokens()
+    with torch.no_grad():
+        adapted, want = model(x), base(x)
+        with adapters_off(model):
+            off = model(x)
+        assert torch.equal(off, want)
+        assert not torch.allclose(adapted, want, atol=1e-3)
+        assert torch.equal(model(x), adapted)
+    with pytest.raises(RuntimeError), adapters_off(model):  # switched back on even when the body fails
+        raise RuntimeError
+    assert all(m.enabled for m in model.modules() if isinstance(m, LoRALinear))
 
 
 def test_only_lora_parameters_require_and_receive_gradients():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fourwalls.model import ops
-from fourwalls.model.ops import IGNORE_INDEX, Linear, linear_cross_entropy
+from fourwalls.model.ops import IGNORE_INDEX, Linear, linear_cross_entropy, linear_log_probs
 from tests.conftest import tiny_model
 
 
@@ -40,6 +40,40 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy(rows, train_weigh
         torch.testing.assert_close(g, 3 * r)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, weight, targets, rows), ref)
+
+
+@pytest.mark.parametrize("rows", [None, 5])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_linear_log_probs_equal_log_softmax_gathered(rows, train_weight):
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=train_weight)
+    targets = torch.randint(0, 50, (23,))
+    targets[[0, 7, 8]] = IGNORE_INDEX
+    upstream = torch.randn(23)  # a vector result: each row's gradient is scaled by its own upstream gradient
+    ref = F.log_softmax(h.double() @ weight.double().T, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    ref = ref * (targets != IGNORE_INDEX)
+    ref_grads = torch.autograd.grad(ref, [h, weight] if train_weight else [h], upstream.double())
+    out = linear_log_probs(h, weight, targets, rows)
+    grads = torch.autograd.grad(out, [h, weight] if train_weight else [h], upstream)
+    torch.testing.assert_close(out, ref.float())
+    assert (out[[0, 7, 8]] == 0).all() and (out[1:7] < 0).all()
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r.float())
+    with torch.no_grad():
+        torch.testing.assert_close(linear_log_probs(h, weight, targets, rows), ref.float())
+
+
+def test_models_log_probs_are_minus_its_per_token_cross_entropy():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], 1)
+    targets[0, :4] = IGNORE_INDEX
+    with torch.no_grad():
+        logps = model(ids, targets=targets, log_probs=True)
+        mean_ce = model(ids, targets=targets)
+    assert logps.shape == (2, 12) and (logps[0, :4] == 0).all() and (logps[:, -1] == 0).all()
+    torch.testing.assert_close(-logps.sum() / (targets != IGNORE_INDEX).sum(), mean_ce)
 
 
 needs_onednn = pytest.mark.skipif(ops._ONEDNN is None, reason="this torch build has no oneDNN")

@@ -113,3 +113,68 @@ def test_ask_loads_the_model_and_lists_the_sources(home, docs, capsys):
     assert source[1:].startswith("[1] ") and source.endswith("leave.md [0:39]  Leave"), source
     code, out, _ = run(capsys, "rag", "ask", "What is the capital of Peru?", "-c", "hb", "--max-tokens", "8")
     assert code == 0 and out.strip() == NO_ANSWER  # nothing similar enough: nothing generated, no sources
+
+
+HANDBOOK = Path(__file__).parents[2] / "examples" / "handbook"
+
+
+def test_the_tours_handbook_is_the_labelled_corpus():
+    """examples/handbook, which the README ingests, holds the labelled set's pages, one Markdown file each."""
+    corpus = [json.loads(line) for line in (LABELLED / "corpus.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in HANDBOOK.iterdir()) == sorted(f"{d['_id']}.md" for d in corpus)
+    for d in corpus:
+        assert (HANDBOOK / f"{d['_id']}.md").read_text() == f"# {d['title']}\n\n{d['text']}\n"
+
+
+def test_eval_matches_qrels_ids_to_file_names_and_warns_of_unknown_ones(home, tmp_path, capsys):
+    code, _, _ = run(capsys, "rag", "ingest", str(HANDBOOK), "-c", "hb", "--quiet")
+    assert code == 0
+    args = ["rag", "eval", "-c", "hb", "--queries", str(LABELLED / "queries.jsonl"), "--mode", "bm25"]
+    code, out, err = run(capsys, *args, "--qrels", str(LABELLED / "qrels.tsv"))  # ids are file names' stems
+    result = json.loads(out)
+    assert code == 0 and err == "" and result["unknown_documents"] == 0
+    assert result["results"]["bm25"]["ndcg@10"] > 0.7
+    qrels = (LABELLED / "qrels.tsv").read_text().splitlines()
+    partial = tmp_path / "partial.tsv"
+    partial.write_text("\n".join([qrels[0], *(line.replace("\tprod-", "\tnope-") for line in qrels[1:])]) + "\n")
+    unknown = len({line.split("\t")[1] for line in qrels[1:] if line.split("\t")[1].startswith("prod-")})
+    code, out, err = run(capsys, *args, "--qrels", str(partial))
+    assert code == 0 and json.loads(out)["unknown_documents"] == unknown
+    assert err.startswith(f"fourwalls: warning: {unknown} of the ") and "an id is a document's source" in err
+    nothing = tmp_path / "nothing.tsv"
+    nothing.write_text("query-id\tcorpus-id\tscore\nq01\tmissing-page\t1\n")
+    code, out, err = run(capsys, *args, "--qrels", str(nothing))
+    assert code == 2 and out == "" and "1 of the 1 document ids" in err and len(err.splitlines()) == 1
+
+
+def test_rm_of_a_missing_document_removes_nothing_and_says_so_once(home, docs, capsys):
+    run(capsys, "rag", "ingest", str(docs), "-c", "hb", "--quiet")
+    code, out, err = run(capsys, "rag", "rm", "-c", "hb", str(docs / "it.html"), "nope.md")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "not in collection 'hb': nope.md (nothing was removed" in err
+    code, out, _ = run(capsys, "rag", "rm", "-c", "hb", str(docs / "it.html"))
+    assert code == 0 and out == "removed 1 document from hb\n"
+
+
+def test_reingesting_for_another_group_needs_regroup_and_names_the_document(home, docs, capsys):
+    leave = str((docs / "hr" / "leave.md").resolve())
+    assert run(capsys, "rag", "ingest", str(docs / "hr"), "-c", "hb", "--group", "managers", "--quiet")[0] == 0
+    code, out, err = run(capsys, "rag", "ingest", str(docs), "-c", "hb", "--group", "staff", "--quiet")
+    assert code == 2 and out.startswith("2 added, 0 replaced, 0 unchanged")
+    assert f"fourwalls: skipped {leave}: it may be read by managers; ingesting it for staff would widen" in err
+    code, out, _ = run(capsys, "rag", "ingest", str(docs), "-c", "hb", "--group", "staff", "--regroup", "--quiet")
+    assert code == 0 and out.splitlines()[1] == f"widened access of 1 document: {leave} (managers → staff)"
+
+
+def test_ingest_onto_a_full_disk_is_one_line_and_keeps_the_store_whole(docs, capsys, small_disk, monkeypatch):
+    home = small_disk(1024)  # the store's schema fits, a document's vectors do not (sqlite-vec allocates 1.5 MB)
+    monkeypatch.setenv("FOURWALLS_HOME", str(home))
+    monkeypatch.delenv("FOURWALLS_RAG_STORE", raising=False)
+    code, out, err = run(capsys, "rag", "ingest", str(docs / "hr"), "-c", "hb", "--quiet")
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "disk is full" in err and "rag.db" in err
+    small_disk.grow(home, 64 * 1024)
+    code, out, err = run(capsys, "rag", "ingest", str(docs / "hr"), "-c", "hb", "--quiet")
+    assert code == 0 and out.startswith("1 added, 0 replaced"), out + err
+    code, out, _ = run(capsys, "rag", "search", "parental leave", "-c", "hb", "--json")
+    assert "16 weeks" in json.loads(out)[0]["text"]

@@ -230,5 +230,5 @@ def test_bad_files_name_the_file_and_the_cause(tmp_path, monkeypatch):
         with pytest.raises(error, match=message):
             load(path)
     monkeypatch.setattr(loaders, "MAX_BYTES", 10)
-    with pytest.raises(FormatError, match=r"big\.txt is 0\.0 MiB, over the 0 MiB document limit"):
+    with pytest.raises(FormatError, match=r"big\.txt is 0\.0 MB, over the 0\.0 MB document limit"):
         load(write(tmp_path / "big.txt", "eleven byte"))

@@ -482,3 +482,74 @@ def test_common_terms_only_add_to_rare_matches(store):
     hits = store.search_text("c", "robot zebra", 10)
     assert [h.text for h in hits] == ["robot zebra", "zebra crossing"]  # both terms beat one; fillers not matched
     assert len(store.search_text("c", "robot", 10)) == 10  # a query of common terms alone still matches on them
+
+
+def test_a_full_disk_on_the_postgresql_server_is_one_error_and_writes_nothing(pg, monkeypatch):
+    import psycopg
+
+    from fourwalls.errors import DiskFullError
+
+    pg.create_collection("c", "e", DIM)
+    put(pg, "c", "a.md", ["kept"], unit(1, 1))
+
+    def full(*a, **kw):
+        raise psycopg.errors.DiskFull('could not extend file "base/16384/16400": No space left on device')
+
+    monkeypatch.setattr(pg, "_insert_vectors", full)
+    with pytest.raises(DiskFullError, match="disk is full on the PostgreSQL server"):
+        put(pg, "c", "b.md", ["lost"], unit(2, 1))
+    assert sources(pg.documents("c")) == ["a.md"] and pg.collection("c").chunks == 1
+
+
+# what a key cannot read changes nothing it sees (issue 22.6)
+
+
+def test_documents_a_key_cannot_read_do_not_change_its_text_scores(store):
+    store.create_collection("c", "e", DIM)
+    put(store, "c", "public.md", ["The vacation policy gives every employee 25 days of vacation."], unit(1, 1))
+    put(store, "c", "office.md", ["The office opens at nine, and vacation requests go to HR."], unit(2, 1))
+    put(store, "c", "a.md", ["Engineers plan vacation days around releases."], unit(3, 1), groups=["a"])
+
+    def scores(groups):
+        return {h.source: h.bm25 for h in store.search_text("c", "vacation days", 10, groups=groups)}
+
+    before = [scores(set()), scores({"a"})]
+    assert set(before[0]) == {"public.md", "office.md"} and set(before[1]) == {"public.md", "office.md", "a.md"}
+    put(store, "c", "hr.md", ["vacation " * 40 + "days " * 40], unit(4, 1), groups=["hr"])  # term statistics,
+    put(store, "c", "hr-long.md", [" ".join(f"word{i}" for i in range(400))] * 3, unit(5, 3), groups=["hr"])  # length
+    assert [scores(set()), scores({"a"})] == before
+    assert "hr.md" in scores({"hr"}) and "hr.md" not in scores({"a"})
+    # A key that reads every document gets the scores of a search with no restriction (the same statistics).
+    assert scores({"a", "hr"}) == pytest.approx(scores(None), rel=1e-9)
+
+
+def test_documents_a_key_cannot_read_do_not_decide_its_common_terms(store):
+    """A term becomes common (only adds to the scores of rarer matches) by the chunks the key reads, not by others:
+    hidden chunks full of a word must not drop the key's matches on that word."""
+    store.create_collection("c", "e", DIM)
+    put(store, "c", "filler.md", [f"report number {i}" for i in range(1200)], unit(40, 1200))
+    put(store, "c", "pub.md", ["robot arms", "zebra crossing", "robot zebra"], unit(41, 3))
+
+    def seen():
+        if not isinstance(store, SqliteStore):
+            store.conn.execute("ANALYZE")
+        return [h.text for h in store.search_text("c", "robot zebra", 10, groups=set())]
+
+    before = seen()
+    assert "robot arms" in before
+    put(store, "c", "hr.md", [f"robot log {i}" for i in range(400)], unit(42, 400), groups=["hr"])
+    assert seen() == before
+
+
+def test_a_store_from_before_token_counts_gets_them_when_opened(tmp_path):
+    s = SqliteStore(tmp_path / "rag.db")
+    s.create_collection("c", "e", DIM)
+    put(s, "c", "a.md", ["vacation days off", "more vacation"], unit(1, 2))
+    put(s, "c", "b.md", ["office hours"], unit(2, 1), groups=["hr"])
+    scores = [(h.source, h.bm25) for h in s.search_text("c", "vacation days", 5, groups=set())]
+    s.db.execute("ALTER TABLE documents DROP COLUMN tokens")  # as a store written before issue 22 was
+    s.close()
+    s = SqliteStore(tmp_path / "rag.db")
+    assert [r[0] for r in s.db.execute("SELECT tokens FROM documents ORDER BY source")] == [7, 3]  # title + text
+    assert [(h.source, h.bm25) for h in s.search_text("c", "vacation days", 5, groups=set())] == scores
+    s.close()

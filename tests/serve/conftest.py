@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from fourwalls.engine import EngineConfig
@@ -59,7 +60,8 @@ class LiveServer:
     def __init__(self, cfg: ServeConfig, store) -> None:
         self.state = build_state(cfg, store)
         self.url = f"http://127.0.0.1:{cfg.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=cfg.port,
+        self.app = create_app(self.state)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=cfg.port,
                                                    log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -97,6 +99,22 @@ def live(session_store, password_adapter, smol) -> LiveServer:
     cfg = ServeConfig(DEFAULT_MODEL, port=free_port(), adapters={"pw": password_adapter},
                       engine=EngineConfig(max_batch=8, max_len=512, prefill_chunk=64), max_body_bytes=64 * 1024)
     server = LiveServer(cfg, session_store)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_live(session_store, smol) -> LiveServer:
+    """A server of a tiny random model with the bundled model's tokenizer: fast, meaningless answers."""
+    cfg = preset("tiny-llama").replace(vocab_size=smol.config.vocab_size, context_length=512,
+                                       eos_token_ids=smol.config.eos_token_ids)
+    if "tiny-served" not in session_store.names():
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        init_weights(model)
+        session_store.add("tiny-served", cfg, model.state_dict(), smol.tokenizer)
+    server = LiveServer(ServeConfig("tiny-served", port=free_port(), engine=EngineConfig(max_batch=4, max_len=512)),
+                        session_store)
     yield server
     server.close()
 

@@ -170,3 +170,23 @@ def test_route_labels_keep_ids_out_of_metrics():
     assert route_label("/v1/conversations/conv_1234/export") == "/v1/conversations/{id}/export"
     assert route_label("/ui/vendor/marked.esm.js") == "/ui/{path}"
     assert route_label("/") == "/" and route_label("/v1/me") == "/v1/me"
+
+
+def test_saving_onto_a_full_disk_is_a_507_and_keeps_what_was_saved(session_store, smol, small_disk):
+    disk = small_disk(256)  # the schema and one conversation fit; a conversation of 400 KB does not
+    live = LiveServer(ServeConfig(tiny_chat_model(session_store, smol), port=free_port(),
+                                  conversations=disk / "conversations.db",
+                                  engine=EngineConfig(max_batch=1, max_len=256)), session_store)
+    try:
+        kept = create(live, None, "Small", "Hi?")
+        big = [{"role": "user", "content": "x" * 400_000}]
+        r = call(live, "POST", "/v1/conversations", None, json={"title": "Big", "messages": big})
+        err = error(r, 507)
+        assert err["code"] == "disk_full" and "disk is full" in err["message"] and r.headers["connection"] == "close"
+        r = call(live, "PATCH", f"/v1/conversations/{kept['id']}", None, json={"messages": big})
+        assert error(r, 507)["code"] == "disk_full"
+        listed = call(live, "GET", "/v1/conversations", None).json()["data"]
+        assert [c["title"] for c in listed] == ["Small"]
+        assert call(live, "GET", f"/v1/conversations/{kept['id']}", None).json()["messages"] == kept["messages"]
+    finally:
+        live.close()

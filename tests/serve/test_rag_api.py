@@ -20,6 +20,7 @@ from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.rag.answer import NO_ANSWER
 from fourwalls.rag.loaders import load_text
+from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.server import ServeConfig
 from tests.serve.conftest import LiveServer, free_port
 
@@ -400,3 +401,128 @@ def test_rag_routes_are_counted_by_route_template(server):
     search(server, "vacation", ADMIN)
     assert server.metric('fourwalls_http_requests_total{route="/v1/collections/{name}/search",status="200"}') >= 1
     assert server.metric('fourwalls_http_requests_total{route="/v1/collections",status="201"}') >= 1
+
+
+def test_an_upload_for_other_groups_is_refused_unless_it_says_regroup(server):
+    path = f"/v1/collections/{COLLECTION}/documents"
+    groups, text = DOCS[SECRET]
+    body = {"source": SECRET, "text": text, "meta": {"dept": "hr"}}
+    err = error(call(server, "POST", path, json={**body, "groups": ["a"]}), 400)
+    assert err["code"] == "groups_changed" and err["param"] == "groups" and "may be read by b" in err["message"]
+    assert SECRET not in [h["source"] for h in search(server, SECRET_QUERY, KEY_A)]  # still b's alone
+    r = call(server, "POST", path, json={**body, "groups": ["a"], "regroup": True})
+    assert r.status_code == 200 and r.json()["status"] == "replaced", r.text
+    assert r.json()["groups"] == ["a"] and r.json()["previous_groups"] == ["b"]
+    assert SECRET in [h["source"] for h in search(server, SECRET_QUERY, KEY_A)]
+    r = call(server, "POST", path, json={**body, "groups": groups, "regroup": True})  # as the other tests expect it
+    assert r.status_code == 200 and r.json()["previous_groups"] == ["a"], r.text
+
+
+# --- under fault (issue 22) ---------------------------------------------------------------------------------
+
+
+def posted(live, path: str, body: dict, key: str = ADMIN) -> httpx.Response:
+    """A POST whose body goes as ``json.dumps`` writes it: a lone surrogate as the escape "\\ud800"."""
+    return httpx.post(f"{live.url}{path}", content=json.dumps(body), timeout=120,
+                      headers={"Authorization": f"Bearer {key}", "content-type": "application/json"})
+
+
+@pytest.mark.parametrize("path,body,field", [
+    (f"/v1/collections/{COLLECTION}/documents", {"source": "s.md", "text": "a\ud800"}, "text"),
+    (f"/v1/collections/{COLLECTION}/documents", {"source": "s\udfff.md", "text": "a"}, "source"),
+    (f"/v1/collections/{COLLECTION}/search", {"query": "vacation \ud800"}, "query"),
+    ("/v1/embeddings", {"model": EMBEDDER, "input": ["ok", "\ud800"]}, "input.1"),
+    ("/v1/chat/completions", {"model": "tiny-rag", "messages": [{"role": "user", "content": "days?\ud800"}],
+                              "rag": {"collection": COLLECTION}}, "messages.0.content"),
+    ("/v1/collections", {"name": "x\ud800"}, "name"),
+])
+def test_lone_surrogates_on_rag_routes_are_a_400_naming_the_field(server, path, body, field):
+    err = error(posted(server, path, body), 400)
+    assert err["code"] == "invalid_unicode" and err["param"] == field
+    assert server.state.rag.store.document(COLLECTION, "s.md") is None
+
+
+@pytest.mark.parametrize("source", ["evil\n.md", "report\u202egpj.md", "a\u200bb.md", "tab\t.md", "nul\x00.md"])
+def test_source_names_with_control_or_format_characters_are_refused(server, source):
+    err = error(call(server, "POST", f"/v1/collections/{COLLECTION}/documents", json={"source": source, "text": "x"}),
+                400)
+    assert err["param"] == "source" and "U+" in err["message"]
+    assert source not in {d.source for d in server.state.rag.store.documents(COLLECTION)}
+
+
+def test_a_key_lists_and_finds_only_collections_it_may_read_something_in(server):
+    assert call(server, "POST", "/v1/collections", json={"name": "hr-only"}).status_code == 201
+    try:
+        assert call(server, "POST", "/v1/collections/hr-only/documents",
+                    json={"source": "pay.md", "text": "Payroll runs monthly.", "groups": ["b"]}).status_code == 200
+        assert call(server, "POST", "/v1/collections", json={"name": "empty"}).status_code == 201
+
+        def listed(key):
+            return {c["id"] for c in call(server, "GET", "/v1/collections", key).json()["data"]}
+
+        assert {"hr-only", "empty"} <= listed(ADMIN)
+        assert "hr-only" in listed(KEY_B) and "empty" not in listed(KEY_B)
+        assert not {"hr-only", "empty"} & listed(KEY_A) and not {"hr-only", "empty"} & listed(PUBLIC)
+        assert COLLECTION in listed(KEY_A) and COLLECTION in listed(PUBLIC)
+        for key in (KEY_A, PUBLIC):  # as if it did not exist
+            assert error(call(server, "GET", "/v1/collections/hr-only", key), 404)["code"] == "collection_not_found"
+            assert error(call(server, "POST", "/v1/collections/hr-only/search", key, json={"query": "payroll"}),
+                         404)["code"] == "collection_not_found"
+            assert error(chat(server, "When does payroll run?", key, rag={"collection": "hr-only"}), 404)
+        assert call(server, "POST", "/v1/collections/hr-only/search", KEY_B, json={"query": "payroll"}).json()[
+            "data"][0]["source"] == "pay.md"
+    finally:
+        call(server, "DELETE", "/v1/collections/hr-only")
+        call(server, "DELETE", "/v1/collections/empty")
+
+
+def with_keys(tmp_path, *entries: dict) -> KeyRing:
+    """The keys of a key file holding ``entries`` (name, key, and the file's other fields)."""
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"sha256": sha(e.pop("key")), **e} for e in entries]}))
+    return KeyRing.load(path)
+
+
+def test_a_rate_limited_key_is_refused_before_any_retrieval(server, monkeypatch, tmp_path):
+    ring = with_keys(tmp_path, {"name": "one", "key": "sk-one", "rpm": 1})
+    retrievals = []
+    real = server.state.rag.retriever
+    monkeypatch.setattr(server.state, "keys", ring)
+    monkeypatch.setattr(server.state.rag, "retriever", lambda *a: retrievals.append(1) or real(*a))
+    assert chat(server, "How many vacation days do employees get?", "sk-one").status_code == 200
+    assert len(retrievals) == 1
+    limited = chat(server, "How many vacation days do employees get?", "sk-one")
+    assert limited.status_code == 429 and "retry-after" in limited.headers
+    assert len(retrievals) == 1  # the second request ran no search
+
+
+def test_the_embedder_is_a_model_the_key_must_be_allowed_everywhere_it_runs(server, monkeypatch, tmp_path):
+    ring = with_keys(tmp_path, {"name": "chat-only", "key": "sk-chat", "models": ["tiny-rag"]},
+                     {"name": "both", "key": "sk-both", "models": ["tiny-rag", EMBEDDER]})
+    monkeypatch.setattr(server.state, "keys", ring)
+    embed = {"model": EMBEDDER, "input": "vacation"}
+    assert error(call(server, "POST", "/v1/embeddings", "sk-chat", json=embed), 403)
+    assert error(call(server, "POST", f"/v1/collections/{COLLECTION}/search", "sk-chat",
+                      json={"query": "vacation"}), 403)
+    assert error(chat(server, "How many vacation days do employees get?", "sk-chat"), 403)
+    assert call(server, "POST", "/v1/embeddings", "sk-both", json=embed).status_code == 200
+    assert search(server, "vacation", "sk-both")
+    assert chat(server, "How many vacation days do employees get?", "sk-both").status_code == 200
+
+
+def test_an_upload_onto_a_full_disk_is_a_507_and_the_store_stays_whole(server, session_store, small_disk):
+    disk = small_disk(1024)  # the schema fits; a document's vectors do not (sqlite-vec allocates 1.5 MB at once)
+    live = LiveServer(ServeConfig("tiny-rag", port=free_port(), rag_store=str(disk / "rag.db"),
+                                  engine=EngineConfig(max_batch=1, max_len=256)), session_store)
+    try:
+        assert call(live, "POST", "/v1/collections", key=None, json={"name": "c"}).status_code == 201
+        doc = {"source": "leave.md", "text": "Parental leave is 16 weeks at full pay."}
+        r = call(live, "POST", "/v1/collections/c/documents", key=None, json=doc)
+        err = error(r, 507)
+        assert err["code"] == "disk_full" and "disk is full" in err["message"] and r.headers["connection"] == "close"
+        assert call(live, "GET", "/v1/collections/c", key=None).json()["documents"] == []
+        small_disk.grow(disk, 64 * 1024)
+        r = call(live, "POST", "/v1/collections/c/documents", key=None, json=doc)
+        assert r.status_code == 200 and r.json()["status"] == "added", r.text
+    finally:
+        live.close()

@@ -139,7 +139,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, corpus, 
         real(tensors, path)
 
     monkeypatch.setattr(checkpoint, "save_file", flaky)
-    with pytest.raises(FourwallsError, match="No space left on device.*step 2 is intact"):
+    with pytest.raises(FourwallsError, match="disk is full.*step 2 is intact"):
         train(model, train_ds, None, cfg, tmp_path / "run")
     ckpts = tmp_path / "run" / "checkpoints"
     assert checkpoint.latest(ckpts)[1] == 2
@@ -207,3 +207,29 @@ def test_bf16_autocast_loss_tracks_fp32s(tmp_path, corpus):
     assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.005
     assert bf16[-1] < bf16[0] - 0.3
     assert model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_throughput_counts_every_token_processed_with_the_trained_share_beside_it(tmp_path):
+    """tokens/s counts the prompt's tokens too (not the padding), and the share that carries loss is logged."""
+    from fourwalls.train.data import IGNORE, Dataset, Example
+
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in range(10, 18):  # rows of different lengths: every batch is padded
+        ids = torch.randint(3, 512, (n,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2:]))  # a masked prompt, then the answer
+    ds = Dataset(examples, "chat", "sha256-test")
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-3, progress=False)
+    result = train(tiny_model(), ds, None, cfg, tmp_path / "run")
+    processed = trained = 0
+    stream = batches(ds, 2, cfg.seed, pad_id=0)
+    for _ in range(cfg.steps):
+        b = next(stream)
+        processed += int(b["lengths"].sum())
+        trained += int((b["labels"][:, 1:] != IGNORE).sum())  # position t is scored on token t + 1
+    assert processed < 4 * 2 * 17  # padding is not counted
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "trained_share" in r]  # the steps' records, not the final validation's
+    assert len(recs) == cfg.steps
+    assert recs[-1]["trained_share"] == result["trained_share"] == round(trained / processed, 4)
+    assert 0.3 < result["trained_share"] < 0.6 and result["tokens_per_s"] > 0

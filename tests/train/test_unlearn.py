@@ -149,6 +149,8 @@ def test_npo_starts_as_gradient_ascent_on_sequence_likelihoods():
     retain_loss, _ = causal_lm(model, collate(retain, 0))
     assert loss.item() == pytest.approx(2 / beta * math.log(2) + weight * retain_loss.item(), rel=1e-5)
     assert m["log_ratio"] == pytest.approx(0.0, abs=1e-4)
+    assert m["processed"] == 3 * 9 + 3 * 12  # throughput counts the retain rows the step ran, padding not
+    assert unlearning("grad-ascent")(model, batch)[1]["processed"] == 3 * 9  # which grad-ascent does not run
     npo = torch.autograd.grad(unlearning("npo", beta, 0.0)(model, batch)[0], list(model.parameters()))
     logits = model(batch["input_ids"])[:, :-1]
     target = batch["labels"][:, 1:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from fourwalls.model.config import ModelConfig, preset
 from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.store import ModelRef, Store
 from fourwalls.train import data as D
-from fourwalls.train.loop import TrainConfig, rank, train
-from fourwalls.train.objectives import distillation
+from fourwalls.train.loop import TrainConfig, evaluate, rank, train
+from fourwalls.train.objectives import causal_lm, distillation
 from fourwalls.train.recipes import _command, _run_dir
 
 
@@ -199,7 +200,7 @@ def distill(teacher_name: str, name: str, data: Path, cfg: TrainConfig, student_
     teacher_ref = store.resolve(teacher_name)
     if teacher_ref.kind == "adapter":
         raise UsageError(f"'{teacher_name}' is an adapter; merge it first (`fourwalls merge`) or distill its base")
-    lm = store.load(teacher_name)
+    lm = store.load(teacher_name, quantized=False)  # a GGUF teacher in fp32, as training computes
     if lm.config.quantization and student_layers is not None:
         raise UsageError(f"'{teacher_name}' is quantized and its layers cannot be trained; take the student's layers "
                          "from its float parent (a quantized teacher works with --student-preset)")
@@ -224,6 +225,8 @@ def distill(teacher_name: str, name: str, data: Path, cfg: TrainConfig, student_
     pad = eos if eos is not None else 0
     ds = _load_data(data, tok, eos, seq_len)
     train_ds, val_ds = D.split(ds, val_fraction, cfg.seed)
+    # The teacher's own cross-entropy on the held-out text, the mark the student's perplexity is read against.
+    teacher_ce = evaluate(teacher, val_ds, causal_lm, cfg.batch_size, pad)
 
     cache = None
     if cache_teacher is not False:
@@ -247,10 +250,12 @@ def distill(teacher_name: str, name: str, data: Path, cfg: TrainConfig, student_
     if rank() != 0:  # only rank 0 writes to the store
         return None, result
     result.update(_held_out(student, val_ds, held_out, cfg.batch_size, pad))
+    result.update(val_ppl=round(math.exp(min(result["val_ce"], 50)), 4), teacher_val_ce=round(teacher_ce, 6),
+                  teacher_val_ppl=round(math.exp(min(teacher_ce, 50)), 4))
     lineage = {"method": "distill", "parent": teacher_ref.name, "parent_digest": teacher_digest, "settings": settings,
                "data": str(data), "data_digest": ds.digest, "data_stats": ds.stats, "hyperparameters": asdict(cfg),
                "val_loss": result.get("val_loss"), "val_ce": result["val_ce"], "val_kl": result["val_kl"],
-               "command": _command()}
+               "val_ppl": result["val_ppl"], "teacher_val_ppl": result["teacher_val_ppl"], "command": _command()}
     return store.add(name, student.config.replace(name=name), student.state_dict(), tok, lineage=lineage), result
 
 

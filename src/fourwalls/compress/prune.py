@@ -167,7 +167,7 @@ def prune(model_name: str, method: str, sparsity: float | None, name: str, patte
         raise UsageError(f"'{model_name}' is quantized; prune {parent} instead (prune first, then quantize)")
 
     start = time.perf_counter()
-    lm = store.load(model_name, dtype=torch.float32)
+    lm = store.load(model_name, dtype=torch.float32, quantized=False)
     ids = None
     if method == "wanda":
         seq_len = min(CALIBRATION_SEQ_LEN, lm.config.context_length)

@@ -88,7 +88,7 @@ def quantize(model_name: str, scheme: str, name: str, group_size: int = 64, cali
     if lineage.get("method") == "quantize":
         raise UsageError(f"'{model_name}' is already quantized ({lineage.get('settings', {}).get('scheme')}); "
                          f"quantize its parent '{lineage.get('parent')}' instead")
-    lm = store.load(model_name)
+    lm = store.load(model_name, quantized=False)  # requantized from the float weights (a GGUF file's dequantized)
     if lm.config.quantization:
         raise UsageError(f"'{model_name}' is already quantized; quantize its float parent instead")
     settings: dict[str, Any] = {"scheme": scheme}

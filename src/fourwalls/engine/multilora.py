@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
-from fourwalls.files import sha256_file
+from fourwalls.files import folder_digest
 from fourwalls.model.lora import read_adapter
 from fourwalls.model.native import NativeLinear, as_native
 from fourwalls.model.transformer import block_linears
@@ -85,7 +85,7 @@ class AdapterSet:
         if not name or ":" in name:
             raise UsageError(f"adapter name {name!r} must be non-empty and contain no ':'")
         cfg, layers = read_adapter(folder, self.model)
-        digest = sha256_file(folder / "adapter_model.safetensors")
+        digest = folder_digest(folder, ["adapter_config.json", "adapter_model.safetensors"])  # as the store names it
         scaled = {q: (a.float(), (b.float() * cfg.scaling)) for q, (a, b) in layers.items()}
         return Adapter(name, folder, digest, cfg.r, scaled)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fourwalls.errors import UsageError
 
@@ -73,6 +73,37 @@ def evaluate(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
 def dedupe_documents(ranked_chunks: list[str]) -> list[str]:
     """Ranked document ids from the document ids of ranked chunks: each document at its best chunk's rank."""
     return list(dict.fromkeys(ranked_chunks))
+
+
+DOCUMENT_ID = ("a document's source as stored (a BEIR corpus' _id, or a file's absolute path), its path relative to "
+               "the ingested folder, or its file name, each with or without the file's suffix")
+
+
+def source_keys(source: str) -> set[str]:
+    """Every id that names a stored source: the source, each tail of its path, each without the file's suffix."""
+    parts = PurePosixPath(source).parts
+    tails = {"/".join(parts[i:]) for i in range(len(parts))} - {"/"}
+    return {source} | tails | {str(PurePosixPath(t).with_suffix("")) for t in tails if PurePosixPath(t).suffix}
+
+
+def match_qrels(qrels: dict[str, dict[str, int]], sources: list[str]) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """``qrels`` with each document id replaced by the stored source it names (see DOCUMENT_ID), and the ids that
+    name no source, or more than one."""
+    named: dict[str, set[str]] = {}
+    for source in sources:
+        for key in source_keys(source):
+            named.setdefault(key, set()).add(source)
+    exact = set(sources)
+    out: dict[str, dict[str, int]] = {}
+    unknown: set[str] = set()
+    for query, docs in qrels.items():
+        for doc, score in docs.items():
+            found = {doc} if doc in exact else named.get(doc, set())
+            if len(found) == 1:
+                out.setdefault(query, {})[next(iter(found))] = score
+            else:
+                unknown.add(doc)
+    return out, sorted(unknown)
 
 
 def evaluate_retriever(retriever, collection: str, queries: dict[str, str], qrels: dict[str, dict[str, int]],

@@ -11,8 +11,10 @@ from fourwalls.model.config import ModelConfig
 from fourwalls.tokenizer import Tokenizer
 
 
-def read_checkpoint(path: Path, name: str | None = None) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
-    """Read a GGUF file or an HF folder into (config, state dict, tokenizer)."""
+def read_checkpoint(path: Path, name: str | None = None, quantized: bool = True,
+                    ) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
+    """Read a GGUF file or an HF folder into (config, state dict, tokenizer); ``quantized=False`` dequantizes the
+    matrices a GGUF file holds quantized to fp32 (an HF folder is read as stored)."""
     from fourwalls.formats.gguf import read_gguf
     from fourwalls.formats.hf import read_hf
 
@@ -26,5 +28,5 @@ def read_checkpoint(path: Path, name: str | None = None) -> tuple[ModelConfig, d
     except OSError as e:
         raise FormatError(f"cannot read {path} ({e.strerror})") from None
     if magic == b"GGUF":
-        return read_gguf(path, name)
+        return read_gguf(path, name, quantized)
     raise FormatError(f"{path} is neither a GGUF file nor a Hugging Face folder (config.json + *.safetensors)")

@@ -7,6 +7,7 @@ BPE tokenizer ("gpt2") with the pre-tokenizer named as llama.cpp knows it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,11 +17,12 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fourwalls.errors import UnsupportedError, UsageError
 from fourwalls.formats.gguf import _LAYER_NAMES, _TOP_NAMES
 from fourwalls.model.config import ModelConfig
+from fourwalls.model.transformer import block_linears
 from fourwalls.tokenizer import _GPT2_PRES, _LLAMA3_SPLIT, _QWEN2_SPLIT, _SPLITS, Tokenizer
 
 _Q = gguf.GGMLQuantizationType
@@ -34,19 +36,20 @@ _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = (int(t) for t in (gguf.TokenType.NOR
 
 
 def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
-               qtype: str = "f32") -> None:
+               qtype: str = "f32", blocks: dict[str, np.ndarray] | None = None) -> None:
     """Write a model as one GGUF file that llama.cpp (and Ollama) loads, atomically (temp file, fsync, rename).
 
     ``qtype``: f32; f16, q8_0, q4_0 or q4_1 for the 2-D weight matrices (norms, biases and RoPE factors stay
     F32; 4-bit files keep the embedding table in q8_0). fourwalls' int4 (asymmetric, groups of 32) maps onto
-    q4_1 almost exactly; q4_0 is symmetric and re-rounds every weight.
+    q4_1 almost exactly; q4_0 is symmetric and re-rounds every weight. ``blocks``: weights already in the
+    target type's blocks (``block_tensors``), written as they are.
     """
     if qtype not in QTYPES:
         raise UsageError(f"unknown GGUF type '{qtype}'; choose {', '.join(QTYPES)}")
     if cfg.rope_scaling is not None and cfg.arch != "llama":
         raise UnsupportedError(f"llama.cpp applies Llama-3 RoPE scaling to llama models only, not {cfg.arch}")
     vocab = gguf_vocab(cfg, tokenizer)  # checks the tokenizer before a byte is written
-    tensors = gguf_tensors(cfg, state, qtype)
+    tensors = gguf_tensors(cfg, state, qtype, blocks)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # not mkstemp: keep the umask's permissions
     w = _Writer(tmp, cfg.arch)  # opens the file at write_header_to_file
@@ -66,7 +69,8 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, Tensor], tokenizer
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        w.close()
+        with contextlib.suppress(Exception):  # closing flushes, which fails again on a full disk
+            w.close()
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
@@ -129,8 +133,10 @@ def _add_model_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, qtype: str) -> Non
         w.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_position_embeddings)
 
 
-def gguf_tensors(cfg: ModelConfig, state: dict[str, Tensor], qtype: str) -> dict[str, tuple[np.ndarray, Any]]:
-    """GGUF tensor name -> (data, GGML type), in llama.cpp's layout and order (rope_freqs first, as it writes)."""
+def gguf_tensors(cfg: ModelConfig, state: dict[str, Tensor], qtype: str,
+                 blocks: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, Any]]:
+    """GGUF tensor name -> (data, GGML type), in llama.cpp's layout and order (rope_freqs first, as it writes);
+    ``blocks``: state dict key -> rows already encoded in the type the tensor gets."""
     out: dict[str, tuple[np.ndarray, Any]] = {}
     if cfg.rope_scaling is not None:
         out["rope_freqs.weight"] = (rope_freqs(cfg), _Q.F32)
@@ -138,13 +144,59 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, Tensor], qtype: str) -> dict
         if key == "lm_head.weight" and cfg.tie_embeddings:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         name = _gguf_name(key)
-        w = state[key].detach().to(device="cpu", dtype=torch.float32)
+        raw = (blocks or {}).get(key)
+        w = torch.from_numpy(raw) if raw is not None else state[key].detach().to(device="cpu", dtype=torch.float32)
         if cfg.arch == "llama" and (".q_proj." in key or ".k_proj." in key):
             w = _permute(w, cfg.n_heads if ".q_proj." in key else cfg.n_kv_heads)
-        # As llama.cpp's Q4_0 files do, the embedding table (and the head, tied to it here) keeps more bits: 8.
-        tensor_qtype = "q8_0" if qtype.startswith("q4") and key in ("embed_tokens.weight", "lm_head.weight") else qtype
-        out[name] = _encode(np.ascontiguousarray(w.numpy()), tensor_qtype)
+        tensor_qtype = _tensor_qtype(key, qtype)
+        out[name] = ((np.ascontiguousarray(w.numpy()), QTYPES[tensor_qtype]) if raw is not None
+                     else _encode(np.ascontiguousarray(w.numpy()), tensor_qtype))
     return out
+
+
+def _tensor_qtype(key: str, qtype: str) -> str:
+    # As llama.cpp's Q4_0 files do, the embedding table (and the head, tied to it here) keeps more bits: 8.
+    return "q8_0" if qtype.startswith("q4") and key in ("embed_tokens.weight", "lm_head.weight") else qtype
+
+
+def block_tensors(model: nn.Module, qtype: str) -> dict[str, np.ndarray]:
+    """The weights of the block layers (GGUF's own, kept as loaded) that the GGUF type they are written in holds
+    exactly, encoded: state dict key -> raw rows. Q4_1 takes 4-bit layers with fp16 scales and offsets, Q4_0
+    those whose offsets are -8 scales, Q8_0 8-bit layers without offsets; writing these gives back the file's bytes."""
+    from fourwalls.model.quant import BlockLinear
+
+    layers = [(name, layer) for name, _, _, layer in block_linears(model, BlockLinear)]
+    layers += [(name, getattr(model, name)) for name in ("embed_tokens", "lm_head")
+               if isinstance(getattr(model, name), BlockLinear)]
+    out = {}
+    for name, layer in layers:
+        raw = _exact_blocks(layer, _tensor_qtype(f"{name}.weight", qtype))
+        if raw is not None:
+            out[f"{name}.weight"] = raw
+    return out
+
+
+def _exact_blocks(layer: Any, qtype: str) -> np.ndarray | None:
+    """A block layer's rows in ``qtype``'s blocks when they hold it exactly, else None."""
+    if layer.group != 32 or qtype not in ("q4_0", "q4_1", "q8_0"):
+        return None
+    d = layer.scales.detach().float()
+    m = layer.offsets.detach().float() if layer.offsets is not None else None
+    if not torch.equal(d.half().float(), d) or (m is not None and not torch.equal(m.half().float(), m)):
+        return None
+    rows, blocks = d.shape
+    d16 = d.half().numpy().view(np.uint8).reshape(rows, blocks, 2)
+    if qtype == "q8_0":
+        if layer.bits != 8 or m is not None:
+            return None
+        q = layer.codes().numpy().view(np.uint8).reshape(rows, blocks, 32)
+        return np.concatenate((d16, q), axis=-1).reshape(rows, -1)
+    if layer.bits != 4 or m is None or (qtype == "q4_0" and not torch.equal(m, d * -8)):
+        return None
+    q = layer.codes().numpy().reshape(rows, blocks, 32)
+    qs = q[..., :16] | (q[..., 16:] << 4)  # element j in the low nibble of byte j, j + 16 in the high
+    parts = (d16, qs) if qtype == "q4_0" else (d16, m.half().numpy().view(np.uint8).reshape(rows, blocks, 2), qs)
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
 def _order(key: str) -> tuple[int, int, str]:

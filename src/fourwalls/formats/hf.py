@@ -64,14 +64,24 @@ def read_hf(folder: Path, name: str | None = None) -> tuple[ModelConfig, dict[st
     if not folder.is_dir():
         raise NotFoundError(f"no such folder: {folder}")
     cfg = ModelConfig.from_hf(_read_json(folder / "config.json"), name=name or folder.name)
+    _check_token_ids(cfg.eos_token_ids, cfg.vocab_size, folder / "config.json")
     gen = folder / "generation_config.json"
     if gen.is_file():
         eos = _read_json(gen).get("eos_token_id")
         if eos is not None:
             cfg = cfg.replace(eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))
+            _check_token_ids(cfg.eos_token_ids, cfg.vocab_size, gen, eos)
     state = read_state_dict(weight_files(folder))
     check_state_dict(cfg, state)
     return cfg, state, Tokenizer.from_dir(folder)
+
+
+def _check_token_ids(ids: tuple, vocab_size: int, path: Path, value: Any = None) -> None:
+    """Refuse an eos_token_id that is no token: generation would never stop."""
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        shown = value if value is not None else (list(ids) if len(ids) != 1 else ids[0])
+        raise FormatError(f"{path}: eos_token_id must be a token id below {vocab_size}, or a list of them, not "
+                          f"{shown!r}")
 
 
 def check_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,10 +98,13 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.enabled = True  # off: the base layer alone (see adapters_off)
         self.train(base.training)  # attached to a model in eval mode (serving), dropout must stay off
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
+        if not self.enabled:
+            return y
         update = linear(linear(self.dropout(x.to(self.lora_A.weight.dtype)), self.lora_A.weight), self.lora_B.weight)
         return y + (update * self.scaling).to(y.dtype)
 
@@ -110,9 +115,28 @@ class LoRALinear(nn.Module):
         return (base.float() + delta.to(base.device)).to(base.dtype)
 
 
+def has_lora(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a LoRALinear."""
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
 def _check_no_lora(model: nn.Module) -> None:
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if has_lora(model):
         raise UsageError("this model already has LoRA layers; merge them first (merge_lora / `fourwalls merge`)")
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Inside, every LoRA layer of ``model`` computes its base layer alone: the model before its adapter, with no
+    second copy of the weights (preference tuning's reference model)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def attach_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:

@@ -1,7 +1,9 @@
 """fourwalls' own C kernels (kernels.c): compiled once per machine with the system's C compiler, loaded by ctypes.
 
-Built into ~/.cache/fourwalls on first use (a second or two). Without AVX2, a compiler, or with FOURWALLS_NATIVE=0,
-everything runs on torch's kernels instead: slower, the same model.
+Built into ~/.cache/fourwalls on first use (a second or two), once per instruction set: AVX-512 (VNNI and BF16)
+where the CPU has it, AVX2 + FMA + F16C otherwise; ``FOURWALLS_ISA=avx512|avx2|none`` forces one (none: no C
+kernels). Without AVX2, a compiler, or with FOURWALLS_ISA=none (or FOURWALLS_NATIVE=0), everything runs on torch's
+kernels instead: slower, the same model.
 
 A layer the kernels can read says how, with ``as_native()`` returning a ``NativeLinear``; the kernels' own limits,
 kinds and structure layout come from the library (``abi()``), never from numbers copied here.
@@ -24,42 +26,78 @@ from pathlib import Path
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-_C_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# Each instruction set: the compiler's flags, and the CPU flags (/proc/cpuinfo) it needs. Best first.
+ISAS = {
+    "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+                "-mavx512bf16"],
+               {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+}
+_C_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 
 @functools.cache
-def native() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot run."""
-    if os.environ.get("FOURWALLS_NATIVE") == "0" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
+def cpu_isas() -> tuple[str, ...]:
+    """The instruction sets of ``ISAS`` this CPU runs, best first."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return ()
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return tuple(name for name, (_, needs) in ISAS.items() if needs <= flags)
+
+
+def selected_isa() -> str | None:
+    """The instruction set the kernels run with: FOURWALLS_ISA where set (and the CPU has it), else the best."""
+    if os.environ.get("FOURWALLS_NATIVE") == "0":
         return None
-    if " avx2" not in flags or " fma" not in flags:
+    forced, have = os.environ.get("FOURWALLS_ISA", "").lower(), cpu_isas()
+    if forced == "none":
         return None
+    if forced and forced not in have:
+        _warn_once(f"FOURWALLS_ISA={forced} is not an instruction set this CPU runs ({', '.join(have) or 'none'}; "
+                   "or none); using the best it has")
+    return forced if forced in have else (have[0] if have else None)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def native(isa: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels for ``isa`` (default: ``selected_isa()``), or None where they cannot run."""
+    isa = isa or selected_isa()
+    return _library(isa) if isa in cpu_isas() else None
+
+
+@functools.cache
+def _library(isa: str) -> ctypes.CDLL | None:
     src = Path(__file__).with_name("kernels.c")
-    tag = hashlib.sha256(src.read_bytes() + " ".join(_C_FLAGS).encode()).hexdigest()[:16]
+    flags = [*_C_FLAGS, *ISAS[isa][0]]
+    tag = hashlib.sha256(src.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fourwalls"
-    lib = cache / f"kernels-{tag}.so"
+    lib = cache / f"kernels-{isa}-{tag}.so"
     try:
         if not lib.is_file():
             cache.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
             os.close(fd)
             try:
-                subprocess.run([os.environ.get("CC", "cc"), *_C_FLAGS, str(src), "-o", tmp, "-lm"], check=True,
+                subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", tmp, "-lm"], check=True,
                                capture_output=True, timeout=120)
                 os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
             finally:
                 Path(tmp).unlink(missing_ok=True)
         dll = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("fourwalls' C kernels could not be built (%s); using torch's, which are slower", e)
+        log.warning("fourwalls' C kernels (%s) could not be built (%s); using torch's, which are slower", isa, e)
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    dll.int8_linear.argtypes = [p, p, p, p, i64, i64, i64]
-    dll.int8_linear.restype = None
+    dll.linear_forward.argtypes = [p, p, i64, p, p, ctypes.c_int]
+    dll.linear_forward.restype = None
     dll.decode_step.argtypes = [p, p, p, p, p, i64, p, p, ctypes.c_int]
     dll.decode_step.restype = None
     dll.stream_sum.argtypes = [p, i64, ctypes.c_int]
@@ -77,10 +115,10 @@ class _AbiEntry(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_int64)]
 
 
-def abi() -> dict[str, int]:
+def abi(isa: str | None = None) -> dict[str, int]:
     """kernels.c's limits, kernel kinds and structure layout by name (``MAX_ROWS``, ``LIN_INT8``, ``Lin`` for
     sizeof(Lin), ``Lin.scale`` for offsetof(Lin, scale)); empty where the kernels cannot run."""
-    lib = native()
+    lib = native(isa)
     return {} if lib is None else _abi(lib)
 
 
@@ -97,8 +135,9 @@ def _abi(lib: ctypes.CDLL) -> dict[str, int]:
 class NativeLinear:
     """A linear layer as the C kernels read it (kernels.c's ``Lin``): which kernel, and the tensors it reads.
 
-    ``kind`` is the kernel's name in kernels.c (``LIN_F32``, ``LIN_INT8``, ``LIN_INT4``). A layer kind the kernels
-    read has an ``as_native()`` method returning one of these; the fused step (fused.py) knows no layer classes.
+    ``kind`` is the kernel's name in kernels.c (``LIN_F32``, ``LIN_INT8``, ``LIN_INT4``, ``LIN_Q8``). A layer kind
+    the kernels read has an ``as_native()`` method returning one of these; the fused step (fused.py) knows no layer
+    classes.
     """
 
     kind: str
@@ -106,10 +145,10 @@ class NativeLinear:
     out_features: int
     in_features: int
     bias: Tensor | None = None
-    scale: Tensor | None = None  # LIN_INT8: [out]; LIN_INT4: [out, groups]
-    zero: Tensor | None = None  # LIN_INT4: [out, groups], the group's zero - 8 * scale
+    scale: Tensor | None = None  # LIN_INT8: [out]; LIN_INT4, LIN_Q8: [out, groups]
+    zero: Tensor | None = None  # LIN_INT4, LIN_Q8 (or None): [out, groups], the offset: w = q * scale + offset
     in_scale: Tensor | None = None  # LIN_INT4: [in] or None, what the input is divided by (AWQ)
-    group: int = 0  # LIN_INT4: weights sharing one scale and zero
+    group: int = 0  # LIN_INT4, LIN_Q8: weights sharing one scale and offset
     lora_a: Tensor | None = None  # [rank, in]: stacked adapters' A
     lora_b: Tensor | None = None  # [rank, out]: their B transposed, scaling folded in
     rows_mask: Callable[[], Tensor | None] | None = None  # each step's [rows, rank] adapter columns (None: no row's)

@@ -216,9 +216,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, -1)
             loss += ((lse - logits.gather(1, safe[i:i + rows]).squeeze(1)) * kc).sum()
             if want_h or want_w:  # d loss / d logits = (softmax - one_hot) / count on kept rows
-                g = logits.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, safe[i:i + rows], -kc[:, None].float())
-                g = g.mul_((kc / count)[:, None]).to(h.dtype)
+                g = _minus_grad_logits(logits, lse, safe[i:i + rows], kc).div_(count).to(h.dtype)
                 if want_h:
                     dh[i:i + rows] = linear(g, weight.t())
                 if want_w:
@@ -231,3 +229,66 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         dh, dw = ctx.saved_tensors
         return dh * grad if dh is not None else None, dw * grad if dw is not None else None, None, None
+
+
+def linear_log_probs(h: Tensor, weight: Tensor, targets: Tensor, rows: int | None = None) -> Tensor:
+    """``log_softmax(h @ weight.T)`` at ``targets`` [N] (0 where the target is ``IGNORE_INDEX``), without keeping
+    the logits.
+
+    What preference objectives score: an answer's log-probability is the sum of its tokens'. The result is a vector,
+    so unlike the mean cross-entropy its backward cannot be done in forward: forward keeps each row's gradient for a
+    unit upstream gradient instead, ``weight.T @ (onehot - softmax)`` [N, D] (as large as ``h``), and backward
+    scales it. A trained ``weight`` (full fine-tuning) needs the probabilities again: backward recomputes them one
+    chunk at a time from the saved log-normalisers.
+    """
+    rows = rows or max(16, 2**25 // weight.shape[0])
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        return _LinearLogProbs.forward(None, h, weight, targets, rows)
+    return _LinearLogProbs.apply(h, weight, targets, rows)
+
+
+def _minus_grad_logits(logits: Tensor, lse: Tensor, safe: Tensor, keep: Tensor) -> Tensor:
+    """``softmax - onehot`` on kept rows, 0 on the others: minus the gradient of the target's log-probability with
+    respect to the logits (computed in place in ``logits``)."""
+    g = logits.sub_(lse[:, None]).exp_()
+    g.scatter_add_(1, safe, -keep[:, None].float())
+    return g.mul_(keep[:, None])
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:  # type: ignore[override]
+        keep = targets != IGNORE_INDEX
+        safe = targets.clamp(min=0)[:, None]
+        want_h = ctx is not None and h.requires_grad
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lses = torch.empty_like(out)
+        unit_dh = torch.empty_like(h) if want_h else None  # d out_i / d h_i
+        for i in range(0, h.shape[0], rows):
+            hc, kc = h[i:i + rows], keep[i:i + rows]
+            logits = linear(hc, weight).float()
+            lse = torch.logsumexp(logits, -1)
+            out[i:i + rows] = (logits.gather(1, safe[i:i + rows]).squeeze(1) - lse) * kc
+            lses[i:i + rows] = lse
+            if want_h:
+                unit_dh[i:i + rows] = -linear(_minus_grad_logits(logits, lse, safe[i:i + rows], kc).to(h.dtype),
+                                              weight.t())
+        if ctx is not None:
+            ctx.rows = rows
+            ctx.save_for_backward(unit_dh, h if weight.requires_grad else None, weight, targets, lses)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        unit_dh, h, weight, targets, lses = ctx.saved_tensors
+        dh = unit_dh * grad[:, None].to(unit_dh.dtype) if unit_dh is not None else None
+        dw = None
+        if h is not None:
+            keep, safe, rows = targets != IGNORE_INDEX, targets.clamp(min=0)[:, None], ctx.rows
+            dw = torch.zeros_like(weight)
+            for i in range(0, h.shape[0], rows):
+                hc = h[i:i + rows]
+                g = _minus_grad_logits(linear(hc, weight).float(), lses[i:i + rows], safe[i:i + rows],
+                                       keep[i:i + rows])
+                dw -= linear(g.mul_(grad[i:i + rows, None]).to(h.dtype).t(), hc.t())
+        return dh, dw, None, None

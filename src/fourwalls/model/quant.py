@@ -8,6 +8,11 @@ dtype.
 The embedding table and the output head are held in int8 in both schemes, as one table when they are tied; llama.cpp
 likewise keeps the output head above 4 bits, where quantization error costs the most.
 
+GGUF's own blocks (BlockLinear, BlockEmbedding): a GGUF file's Q4_0/Q4_1/Q4_K and Q8_0/Q5_K/Q6_K matrices as the file
+holds them, 4- or 8-bit codes with a scale (and an offset, where the type has one) per group of 32 (Q6_K: 16), every
+weight exactly the file's; prompts and decoding both multiply them in the C kernels with the input rounded to int8 in
+blocks of 32, as llama.cpp does (and torch the same way where the kernels cannot run).
+
 NF4 (QLoRA's 4-bit NormalFloat, Dettmers et al. 2023): blocks of 64 weights share an absmax scale and each weight is
 the index of the nearest of 16 levels placed at quantiles of a normal distribution. The frozen base of a QLoRA run
 is held this way; the matrix is dequantized one layer at a time, in forward and again in backward, so no fp32 copy
@@ -25,7 +30,8 @@ from torch import Tensor, nn
 
 from fourwalls.errors import UsageError
 from fourwalls.model.config import ModelConfig
-from fourwalls.model.native import NativeLinear, abi, native
+from fourwalls.model.fused import linear_product
+from fourwalls.model.native import NativeLinear, abi
 from fourwalls.model.ops import Linear, linear
 from fourwalls.model.transformer import Transformer, block_linears
 
@@ -114,14 +120,11 @@ class QuantConfig:
         return cls(**{k: d[k] for k in ("scheme", "group_size", "input_scales") if k in d})
 
 
-def _native_rows(x: Tensor, width: int) -> Tensor | None:
-    """x as contiguous fp32 rows when the native int8 kernel takes it (a decode step's rows), else None."""
+def _decode_rows(x: Tensor) -> bool:
+    """Whether x is a decode step's few fp32 rows (the native int8 kernel's; a prompt's go to torch's)."""
     limits = abi()
-    if (not limits or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
-            or width % limits["LIN_INT8_BLOCK"]):
-        return None
-    rows = x.reshape(-1, width)
-    return rows.contiguous() if rows.shape[0] <= limits["MAX_ROWS"] else None
+    return (bool(limits) and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.numel() // x.shape[-1] <= limits["MAX_ROWS"])
 
 
 def _bf16_rows(x: Tensor, width: int) -> Tensor:
@@ -156,17 +159,12 @@ class Int8Linear(nn.Module):
                             scale=self.weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = _native_rows(x, self.in_features)
-        if rows is not None:  # decoding: fourwalls' kernel, fp32 activations
-            scale = self.weight_scale.float().contiguous()
-            y = torch.empty(rows.shape[0], self.out_features)
-            native().int8_linear(rows.data_ptr(), self.weight.data_ptr(), scale.data_ptr(), y.data_ptr(),
-                                 rows.shape[0], self.out_features, self.in_features)
-        else:
-            if self._kernel_scale is None or self._kernel_scale[0] is not self.weight_scale:
-                self._kernel_scale = (self.weight_scale, self.weight_scale.to(torch.bfloat16))
-            y = torch.ops.aten._weight_int8pack_mm(_bf16_rows(x, self.in_features), self.weight,
-                                                   self._kernel_scale[1])
+        y = linear_product(self, x) if _decode_rows(x) else None  # decoding: fourwalls' kernel, fp32 activations
+        if y is not None:
+            return y  # the kernel added the bias
+        if self._kernel_scale is None or self._kernel_scale[0] is not self.weight_scale:
+            self._kernel_scale = (self.weight_scale, self.weight_scale.to(torch.bfloat16))
+        y = torch.ops.aten._weight_int8pack_mm(_bf16_rows(x, self.in_features), self.weight, self._kernel_scale[1])
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -275,6 +273,88 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     return q.view(out_f, in_f), scale, zero
 
 
+class BlockLinear(nn.Module):
+    """Weights as a GGUF file holds them, in the C kernels' layout: codes in groups of 32 (or 16) inputs, each group
+    with a scale and an offset or none, ``w = q * scale + offset``; no weight passes through another value on the way.
+
+    4 bits: two codes a byte (element 2i in the high nibble of byte i), groups of 32, offsets: GGUF's Q4_0 (offset
+    -8 d), Q4_1 (d and m) and Q4_K (each sub-block's d * sc and -dmin * m). 8 bits: int8 codes, groups of 32 or 16,
+    offsets or none: Q8_0, Q5_K (codes 0..31 with offsets) and Q6_K (codes -32..31 in groups of 16). Prompts and
+    decoding multiply in the C kernels (kernels.c's LIN_INT4 and LIN_Q8), the input rounded to int8 in blocks of
+    32 as llama.cpp does; without them the same input, rounded in torch, meets the layer dequantized for the product;
+    for gradients the layer is dequantized and the input kept as it is.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int = 32, offsets: bool = True,
+                 bias: bool = False, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if bits not in (4, 8) or group not in ((32,) if bits == 4 else (16, 32)) or in_features % 32:
+            raise UsageError(f"no {bits}-bit layout with groups of {group} for a layer {in_features} wide")
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        codes = (out_features, in_features // 2) if bits == 4 else (out_features, in_features)
+        self.register_buffer("weight", torch.zeros(codes, dtype=torch.uint8 if bits == 4 else torch.int8,
+                                                   device=device))
+        self.register_buffer("scales", torch.ones(out_features, in_features // group, device=device))
+        self.register_buffer("offsets", torch.zeros(out_features, in_features // group, device=device)
+                             if offsets else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @property
+    def spec(self) -> str:
+        """How the layer is laid out, as the quantization config records it: ``int4:32:offset``, ``int8:16``."""
+        return f"int{self.bits}:{self.group}" + (":offset" if self.offsets is not None else "")
+
+    @classmethod
+    def from_spec(cls, spec: str, in_features: int, out_features: int, bias: bool = False,
+                  device: torch.device | str | None = None) -> BlockLinear:
+        kind, group, *rest = spec.split(":")
+        if kind not in ("int4", "int8") or not group.isdigit() or rest not in ([], ["offset"]):
+            raise UsageError(f"unknown block layout '{spec}'")
+        return cls(in_features, out_features, int(kind[3:]), int(group), bool(rest), bias, device)
+
+    def codes(self, rows: Tensor | None = None) -> Tensor:
+        """The codes [out, in] (of ``rows`` only, where given): uint8 0..15 for 4 bits, int8 for 8."""
+        w = self.weight if rows is None else self.weight[rows]
+        return w if self.bits == 8 else torch.stack((w >> 4, w & 0xF), dim=-1).flatten(-2)
+
+    def dequantize(self, rows: Tensor | None = None) -> Tensor:
+        """The weights in fp32: q * scale (+ offset), as GGUF's reference dequantizes them."""
+        scales = self.scales if rows is None else self.scales[rows]
+        w = self.codes(rows).float().unflatten(-1, (-1, self.group)) * scales.float()[..., None]
+        if self.offsets is not None:
+            w = w + (self.offsets if rows is None else self.offsets[rows]).float()[..., None]
+        return w.flatten(-2)
+
+    def as_native(self) -> NativeLinear:
+        return NativeLinear("LIN_INT4" if self.bits == 4 else "LIN_Q8", self.weight, self.out_features,
+                            self.in_features, bias=self.bias, scale=self.scales, zero=self.offsets, group=self.group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled():  # gradients wanted (a frozen base under LoRA): the input as it is
+            return linear(x, self.dequantize().to(x.dtype), bias)
+        y = linear_product(self, x) if x.device.type == "cpu" else None
+        if y is None:  # no C kernels here: the same product in torch
+            y = linear(round_to_int8_blocks(x.float()), self.dequantize(), self.bias)
+        return y.to(x.dtype)
+
+
+def round_to_int8_blocks(x: Tensor) -> Tensor:
+    """x as the integer kernels take it, back in fp32: each block of 32 values rounded to int8 steps of its absmax /
+    127 (llama.cpp's Q8_0 and Q8_1 inputs; kernels.c's q_input_rows)."""
+    blocks = x.unflatten(-1, (-1, 32))
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks * torch.where(d > 0, 1 / d, 0)) * d).flatten(-2)
+
+
+class BlockEmbedding(BlockLinear):
+    """An embedding table in GGUF's blocks (BlockLinear's layout): a token's row is dequantized (to fp32) when looked
+    up; a tied output head is a BlockLinear over the same tensors."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.dequantize(tokens)
+
+
 def check_group_size(model: nn.Module, group_size: int) -> None:
     """Refuse a group size that does not divide every quantized layer's width, naming the sizes that would."""
     widths = sorted({child.in_features for *_, child in block_linears(model)})
@@ -331,13 +411,43 @@ def skeleton(cfg: ModelConfig) -> Transformer:
     """A model without storage (meta device) in the layout its stored state dict has: float or quantized."""
     with torch.device("meta"):
         model = Transformer(cfg.replace(quantization=None))
-        if cfg.quantization:
+        if cfg.quantization and cfg.quantization.get("scheme") == GGUF_SCHEME:
+            model.config = cfg
+            block_layers(model, cfg.quantization["layers"])
+        elif cfg.quantization:
             quantize_model(model, QuantConfig.from_dict(cfg.quantization), empty=True)
     return model
 
 
+GGUF_SCHEME = "gguf"  # quantization config of weights kept as a GGUF file held them: {"scheme", "layers", ...}
+
+
+def block_layers(model: Transformer, layers: dict[str, str]) -> None:
+    """Swap the named layers (``layers.0.mlp.up_proj``, ``embed_tokens``, ``lm_head``) for empty BlockLinear (and
+    BlockEmbedding) layers of the given layouts (``BlockLinear.spec``), on the model's device."""
+    device = model.norm.weight.device
+    for name, spec in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent, old = model.get_submodule(parent_name), model.get_submodule(name)
+        if name == "embed_tokens":
+            vocab, dim = old.weight.shape
+            new = BlockEmbedding.from_spec(spec, dim, vocab, device=device)
+        else:
+            new = BlockLinear.from_spec(spec, old.in_features, old.out_features, old.bias is not None, device)
+        setattr(parent, attr, new)
+    if model.config.tie_embeddings and "embed_tokens" in layers:
+        tie(model)
+
+
 def tie(model: Transformer) -> None:
     """Point a tied head back at the embedding table (after loading a state dict with ``assign``)."""
+    embed = model.embed_tokens
+    if model.config.tie_embeddings and isinstance(embed, BlockEmbedding):  # one table serves both ends
+        head = BlockLinear(embed.in_features, embed.out_features, embed.bits, embed.group, embed.offsets is not None,
+                           device="meta")
+        head.weight, head.scales, head.offsets = embed.weight, embed.scales, embed.offsets
+        model.lm_head = head
+        return
     model.tie_weights()
     if model.config.tie_embeddings and isinstance(model.lm_head, Int8Linear):
         model.lm_head.weight_scale = model.embed_tokens.weight_scale
@@ -345,16 +455,20 @@ def tie(model: Transformer) -> None:
 
 def dequantize_model(model: nn.Module) -> None:
     """Replace quantized layers by float ones holding the dequantized weights (for export and for training)."""
-    quantized = block_linears(model, (Int8Linear, Int4Linear))
-    if isinstance(model.lm_head, Int8Linear | Int4Linear):
+    kinds = (Int8Linear, Int4Linear, BlockLinear)
+    tied = model.config.tie_embeddings
+    quantized = block_linears(model, kinds)
+    if isinstance(model.lm_head, kinds) and not tied:
         quantized.append(("lm_head", model, "lm_head", model.lm_head))
     for _, parent, attr, child in quantized:
         bias = None if child.bias is None else child.bias.float().clone()
         setattr(parent, attr, Linear.holding(child.dequantize(), bias, requires_grad=False))
-    if isinstance(model.embed_tokens, Int8Embedding):
+    if isinstance(model.embed_tokens, Int8Embedding | BlockEmbedding):
         e = model.embed_tokens
-        table = e.weight.float() * e.weight_scale.float()[:, None]
+        table = e.dequantize() if isinstance(e, BlockEmbedding) else e.weight.float() * e.weight_scale.float()[:, None]
         model.embed_tokens = nn.Embedding(*table.shape, device="meta")
         model.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
-        model.tie_weights()
+        if tied:  # the head is the table again, one parameter
+            model.lm_head = Linear.holding(table, requires_grad=False)
+            model.tie_weights()
     model.config = model.config.replace(quantization=None)

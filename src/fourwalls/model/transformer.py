@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fourwalls.errors import ContextLengthError
 from fourwalls.model.config import ModelConfig
-from fourwalls.model.ops import IGNORE_INDEX, Linear, causal_attention, linear_cross_entropy
+from fourwalls.model.ops import IGNORE_INDEX, Linear, causal_attention, linear_cross_entropy, linear_log_probs
 
 # The linear layers of a decoder block, by attribute name (as in HF's Llama modules and in PEFT's target_modules).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -172,7 +172,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # nn.Embedding's own N(0, 1) start, but none on the meta device (a skeleton about to receive stored weights):
+        # there torch's normal_ imports its Python reference kernels, sympy and all, 70 MB and seconds for nothing
+        table = torch.empty(cfg.vocab_size, cfg.dim)
+        if table.device.type != "meta":
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=table)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -197,12 +202,14 @@ class Transformer(nn.Module):
                                 self.device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, targets: Tensor | None = None) -> Tensor:
+                last_only: bool = False, targets: Tensor | None = None, log_probs: bool = False) -> Tensor:
         """Logits for ``tokens`` [B, T] at ``input_pos`` [T] (default 0..T-1), or [B, T] when each row has its own
         positions (a cache that supports it: the serving engine's); ``last_only`` keeps the last position.
 
         With ``targets`` [B, T] (the token each position should predict, ``IGNORE_INDEX`` where none), the mean
-        cross-entropy over the targeted positions instead, computed with the head by ``linear_cross_entropy``."""
+        cross-entropy over the targeted positions instead, computed with the head by ``linear_cross_entropy``; with
+        ``log_probs`` too, each position's log-probability of its target [B, T] (0 where none), likewise without
+        the logits (``linear_log_probs``)."""
         t = tokens.shape[1]
         if input_pos is None:
             if t > self.config.context_length:
@@ -212,7 +219,7 @@ class Transformer(nn.Module):
             mask, is_causal = cache.prepare(input_pos)
         else:  # no cache: positions are 0..t-1, as in training
             mask, is_causal = None, t > 1
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens).to(self.dtype)  # a quantized table gives fp32 rows
         if self._inv_freq is None or self._inv_freq.device != x.device:
             self._inv_freq = rope_inv_freq(self.config, x.device)
         cos, sin = rope_cos_sin(self._inv_freq, input_pos, x.dtype)
@@ -222,10 +229,20 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if targets is None:
             return self.lm_head(self.norm(x))
-        h, targets = self.norm(x).flatten(0, 1), targets.flatten()
-        if type(self.lm_head) is Linear and not torch.is_autocast_enabled(h.device.type):
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
-        return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=IGNORE_INDEX)
+        h, flat = self.norm(x).flatten(0, 1), targets.flatten()
+        fused = type(self.lm_head) is Linear and not torch.is_autocast_enabled(h.device.type)
+        if log_probs:  # the head runs on the targeted positions only (a preference pair's answers, not its prompt)
+            keep = flat != IGNORE_INDEX
+            h, kept = h[keep], flat[keep]
+            if fused:
+                logp = linear_log_probs(h, self.lm_head.weight, kept)
+            else:
+                logp = F.log_softmax(self.lm_head(h).float(), -1).gather(1, kept[:, None]).squeeze(1)
+            return torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device).masked_scatter(keep.view(
+                targets.shape), logp)
+        if fused:
+            return linear_cross_entropy(h, self.lm_head.weight, flat)
+        return F.cross_entropy(self.lm_head(h).float(), flat, ignore_index=IGNORE_INDEX)
 
 
 def block_linears(model: nn.Module, types: type | tuple[type, ...] = Linear,

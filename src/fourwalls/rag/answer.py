@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from fourwalls.rag.retrieve import Retriever
 from fourwalls.rag.stores import Hit, indexed_text, query_terms
+from fourwalls.tokenizer import neutralize
 
 if TYPE_CHECKING:
     from fourwalls.generate import SamplingParams
@@ -32,7 +33,6 @@ SYSTEM = (
     "the answer, say that you don't know.")
 NO_ANSWER = "I don't know: none of the documents I may search is relevant to this question."
 MIN_SIMILARITY = 0.3  # cosine; below it a chunk is about something else (all-MiniLM-L6-v2, measured in tests)
-ZWSP = "\u200b"
 
 
 @dataclass
@@ -66,10 +66,7 @@ class Grounded:
 
 def neutralise(text: str, control: list[str]) -> str:
     """Break control-token strings and our own delimiters so a document cannot open a turn or close its source."""
-    for token in [*control, "<source", "</source"]:
-        if len(token) > 1 and token in text:
-            text = text.replace(token, token[0] + ZWSP + token[1:])
-    return text
+    return neutralize(text, [*control, "<source", "</source"])
 
 
 def sources_block(hits: list[Hit], control: list[str], start: int = 1) -> str:
@@ -108,11 +105,6 @@ def cited(text: str, n: int) -> list[int]:
     return list(dict.fromkeys(i for i in found if 1 <= i <= n))
 
 
-def control_tokens(tokenizer: Tokenizer) -> list[str]:
-    """The strings a tokenizer turns into special (control) tokens."""
-    return [t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special]
-
-
 def ground(retriever: Retriever, collection: str, question: str, tokenizer: Tokenizer, *,
            history: list[dict] | None = None, k: int = 5, mode: str = "hybrid", groups: set[str] | None = None,
            where: dict[str, str] | None = None, min_similarity: float | None = None) -> Grounded | Answer:
@@ -130,7 +122,7 @@ def ground(retriever: Retriever, collection: str, question: str, tokenizer: Toke
     hits = relevant(hits, question, MIN_SIMILARITY if min_similarity is None else min_similarity)
     if not hits:
         return Answer(NO_ANSWER, [])
-    return Grounded(messages(question, hits, control_tokens(tokenizer), history), hits)
+    return Grounded(messages(question, hits, tokenizer.control_tokens, history), hits)
 
 
 def ask(lm: LoadedModel, retriever: Retriever, collection: str, question: str, params: SamplingParams, k: int = 5,

@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from fourwalls.errors import FormatError, UsageError
+from fourwalls.eval.retrieval import DOCUMENT_ID  # stdlib only: the id's meaning for --help
+
+# `rag ask` answers greedily, with a repeat penalty against the loops of small models; the other sampling defaults
+# are those of `generate`.
+ASK_SAMPLING = {"temperature": 0.0, "repeat_penalty": 1.1}
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -53,8 +58,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     store = _store(args)
     sync = [str(p.resolve()) for p in paths] if args.sync else None
     report = ingest(store, _embedder(args), items, args.collection, groups=args.group,
-                    meta=_pairs(args.meta, "--meta"), sync_roots=sync, max_tokens=args.chunk_tokens,
-                    overlap=args.overlap, progress=not args.quiet)
+                    meta=_pairs(args.meta, "--meta"), sync_roots=sync, regroup=args.regroup,
+                    max_tokens=args.chunk_tokens, overlap=args.overlap, progress=not args.quiet)
     failed = refused + report.failed
     for source, message in failed:
         print(f"fourwalls: skipped {source}: {message}", file=sys.stderr)
@@ -77,10 +82,10 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_show(args: argparse.Namespace) -> None:
     store = _store(args)
     if args.source:
-        doc = store.document(args.collection, args.source) or store.document(args.collection,
-                                                                             str(Path(args.source).resolve()))
-        if doc is None:
+        source = _stored_source(store, args.collection, args.source)
+        if source is None:
             raise UsageError(f"no document {args.source!r} in collection {args.collection!r}")
+        doc = store.document(args.collection, source)
         chunks = [h.citation() | {"text": h.text} for h in store.chunks(args.collection, doc.source)]
         print(json.dumps(vars(doc) | {"chunk_list": chunks}, indent=2, ensure_ascii=False))
         return
@@ -106,14 +111,21 @@ def cmd_rm(args: argparse.Namespace) -> None:
         return
     if not args.sources:
         raise UsageError("name the documents to remove, or --all to remove the collection")
-    missing = []
-    for s in args.sources:
-        if not (store.delete_document(args.collection, s) or
-                store.delete_document(args.collection, str(Path(s).resolve()))):
-            missing.append(s)
-    print(f"removed {len(args.sources) - len(missing)} documents from {args.collection}")
-    if missing:
-        raise UsageError(f"not in collection {args.collection!r}: {', '.join(missing)}")
+    found = {s: _stored_source(store, args.collection, s) for s in args.sources}
+    missing = [s for s, source in found.items() if source is None]
+    if missing:  # checked first: a typo removes nothing
+        raise UsageError(f"not in collection {args.collection!r}: {', '.join(missing)} (nothing was removed; "
+                         f"`fourwalls rag show -c {args.collection}` lists its documents)")
+    removed = sum(store.delete_document(args.collection, source) for source in set(found.values()))
+    print(f"removed {removed} document{'s' if removed != 1 else ''} from {args.collection}")
+
+
+def _stored_source(store: Any, collection: str, source: str) -> str | None:
+    """The stored source that ``source`` names: itself, or the absolute path of a file a folder ingest stored."""
+    for candidate in (source, str(Path(source).resolve())):
+        if store.document(collection, candidate) is not None:
+            return candidate
+    return None
 
 
 def _retriever(args: argparse.Namespace) -> Any:
@@ -169,14 +181,24 @@ def cmd_reembed(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from fourwalls.eval.retrieval import evaluate_retriever, plot_modes
+    from fourwalls.eval.retrieval import evaluate_retriever, match_qrels, plot_modes
     from fourwalls.rag.beir import read_qrels, read_queries
 
-    queries, qrels = read_queries(Path(args.queries)), read_qrels(Path(args.qrels))
+    queries, judged = read_queries(Path(args.queries)), read_qrels(Path(args.qrels))
     retriever = _retriever(args)
+    qrels, unknown = match_qrels(judged, [d.source for d in retriever.store.documents(args.collection)])
+    ids = {doc for docs in judged.values() for doc in docs}
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        message = (f"{len(unknown)} of the {len(ids)} document ids in {args.qrels} name no document of collection "
+                   f"{args.collection!r} ({shown}); an id is {DOCUMENT_ID}")
+        if len(unknown) == len(ids):
+            raise UsageError(message)
+        print(f"fourwalls: warning: {message}; they count as not retrieved", file=sys.stderr)
     modes = args.mode.split(",")
     results = {m: evaluate_retriever(retriever, args.collection, queries, qrels, m, args.depth) for m in modes}
-    print(json.dumps({"collection": args.collection, "queries": len(queries), "results": results}))
+    print(json.dumps({"collection": args.collection, "queries": len(queries), "unknown_documents": len(unknown),
+                      "results": results}))
     if args.plot:
         plot_modes(results, Path(args.plot))
 
@@ -234,7 +256,7 @@ def _retrieval_flags(p: argparse.ArgumentParser) -> None:
     _embedder_flags(p)
 
 
-def register(sub: Any, parser_class: type, sampling_flags: Callable[[argparse.ArgumentParser], None],
+def register(sub: Any, parser_class: type, sampling_flags: Callable[..., None],
              sampling: Callable[[argparse.Namespace], Any], load_model: Callable[[str], Any],
              default_model: str) -> None:
     """Add `rag` and its subcommands to ``sub``; `rag ask` takes the main command's sampling flags, reads them with
@@ -247,6 +269,8 @@ def register(sub: Any, parser_class: type, sampling_flags: Callable[[argparse.Ar
     p.add_argument("--collection", "-c", required=True, help="created on first use")
     p.add_argument("--group", action="append", default=[], help="only this group may read these documents "
                    "(repeatable; default: everyone)")
+    p.add_argument("--regroup", action="store_true", help="give documents already stored with other groups "
+                   "these --group(s) (without it they keep theirs and are reported; the summary lists each change)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata to filter on")
     p.add_argument("--sync", action="store_true", help="also remove documents under PATHS that no longer exist")
     p.add_argument("--format", default="files", choices=["files", "beir"], help="beir: a BEIR corpus.jsonl")
@@ -283,17 +307,15 @@ def register(sub: Any, parser_class: type, sampling_flags: Callable[[argparse.Ar
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 
-    p = rsub.add_parser("ask", help="answer a question from a collection, citing the sources (greedy, repeat "
-                        "penalty 1.1, unless set)")
+    p = rsub.add_parser("ask", help="answer a question from a collection, citing the sources")
     p.add_argument("question")
     p.add_argument("--model", default=default_model, help=f"stored name or path (default {default_model})")
     p.add_argument("--min-similarity", type=float, default=None,
                    help="if no chunk is this similar to the question (cosine), the answer is 'I don't know' "
                    "(default 0.3)")
     _retrieval_flags(p)
-    sampling_flags(p)
-    p.set_defaults(func=partial(cmd_ask, sampling=sampling, load_model=load_model), temperature=0.0,
-                   repeat_penalty=1.1)  # greedy, without the loops of small models
+    sampling_flags(p, **ASK_SAMPLING)
+    p.set_defaults(func=partial(cmd_ask, sampling=sampling, load_model=load_model))
 
     p = sub.add_parser("synth", help="instruction data for finetune, written by a model from a collection's "
                        "documents (self-instruct)")
@@ -324,7 +346,8 @@ def register(sub: Any, parser_class: type, sampling_flags: Callable[[argparse.Ar
     p = rsub.add_parser("eval", help="nDCG@10, recall@k and MRR of retrieval on labelled queries (BEIR files)")
     p.add_argument("--collection", "-c", required=True)
     p.add_argument("--queries", required=True, help="BEIR queries.jsonl")
-    p.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id, corpus-id, score)")
+    p.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id, corpus-id, score); a corpus-id is "
+                   f"{DOCUMENT_ID}")
     p.add_argument("--mode", default="hybrid,bm25,vector", help="comma-separated modes (default all three)")
     p.add_argument("--depth", type=int, default=100, help="chunks retrieved per query (default 100)")
     p.add_argument("--plot", metavar="PNG", help="also draw the modes' scores side by side")

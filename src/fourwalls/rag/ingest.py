@@ -38,14 +38,31 @@ class Report:
     removed: int = 0
     chunks: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    regrouped: list[tuple[str, list[str], list[str]]] = field(default_factory=list)  # (source, old, new groups)
     seconds: float = 0.0
     embed_seconds: float = 0.0
 
     def summary(self) -> str:
         rate = self.chunks / self.seconds if self.seconds else 0.0
-        return (f"{self.added} added, {self.replaced} replaced, {self.unchanged} unchanged, {self.removed} removed, "
-                f"{len(self.failed)} failed; {self.chunks} chunks in {self.seconds:.1f} s ({rate:.1f} chunks/s, "
-                f"{self.embed_seconds:.1f} s embedding)")
+        lines = [f"{self.added} added, {self.replaced} replaced, {self.unchanged} unchanged, {self.removed} removed, "
+                 f"{len(self.failed)} failed; {self.chunks} chunks in {self.seconds:.1f} s ({rate:.1f} chunks/s, "
+                 f"{self.embed_seconds:.1f} s embedding)"]
+        for how, changes in (("widened", [c for c in self.regrouped if widens(c[1], c[2])]),
+                             ("narrowed", [c for c in self.regrouped if not widens(c[1], c[2])])):
+            if changes:
+                listed = "; ".join(f"{source} ({readers(old)} → {readers(new)})" for source, old, new in changes)
+                lines.append(f"{how} access of {len(changes)} document{'s' if len(changes) > 1 else ''}: {listed}")
+        return "\n".join(lines)
+
+
+def widens(old: list[str], new: list[str]) -> bool:
+    """Whether readers gain access when a document's groups go from ``old`` to ``new`` (no groups: everyone)."""
+    return bool(old) and (not new or not set(new) <= set(old))
+
+
+def readers(groups: list[str]) -> str:
+    """Who may read a document of these groups, in words."""
+    return ", ".join(groups) or "everyone"
 
 
 def file_items(paths: list[Path]) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -77,11 +94,15 @@ def beir_items(path: Path) -> list[Item]:
 
 def ingest(store: DocumentStore, embedder: Embedder, items: list[Item], collection: str, *,
            groups: list[str] = (), meta: dict[str, str] | None = None, sync_roots: list[str] | None = None,
-           max_tokens: int = 192, overlap: int = 32, batch_chunks: int = 256, progress: bool = True) -> Report:
+           regroup: bool = False, max_tokens: int = 192, overlap: int = 32, batch_chunks: int = 256,
+           progress: bool = True) -> Report:
     """Bring ``collection`` up to date with ``items``: new and changed ones (re)written, unchanged ones skipped,
     and with ``sync_roots`` the documents under those roots that are no longer among the items removed.
 
-    A failing item is recorded in the report and the rest go on; the store keeps its old version of it."""
+    A failing item is recorded in the report and the rest go on; the store keeps its old version of it. A stored
+    document is given other ``groups`` only with ``regroup`` (each change is listed in ``Report.regrouped``):
+    without it, an item whose stored groups differ fails, so that ingesting a folder again for another group
+    cannot silently change who may read what was ingested before."""
     groups, meta = sorted(set(groups)), dict(meta or {})
     try:
         check_embedder(store.collection(collection), embedder)
@@ -105,6 +126,8 @@ def ingest(store: DocumentStore, embedder: Embedder, items: list[Item], collecti
             report.chunks += len(chunks)
             if item.source in existing:
                 report.replaced += 1
+                if existing[item.source].groups != groups:
+                    report.regrouped.append((item.source, existing[item.source].groups, groups))
             else:
                 report.added += 1
         bar.update(len(pending))
@@ -115,6 +138,10 @@ def ingest(store: DocumentStore, embedder: Embedder, items: list[Item], collecti
         old = existing.get(item.source)
         if old and (old.digest, old.groups, old.meta) == (item.digest, groups, meta):
             report.unchanged += 1
+            bar.update(1)
+            continue
+        if old and old.groups != groups and not regroup:
+            report.failed.append((item.source, regroup_refusal(old.groups, groups)))
             bar.update(1)
             continue
         try:
@@ -137,6 +164,13 @@ def ingest(store: DocumentStore, embedder: Embedder, items: list[Item], collecti
                 report.removed += store.delete_document(collection, source)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def regroup_refusal(old: list[str], new: list[str]) -> str:
+    """Why a document keeps its groups: what ingesting it would change, and the flag that allows it."""
+    return (f"it may be read by {readers(old)}; ingesting it for {readers(new)} would "
+            f"{'widen' if widens(old, new) else 'change'} who may read it: pass --regroup to do so "
+            "(the stored version is kept)")
 
 
 def reembed(store: DocumentStore, embedder: Embedder, collection: str, progress: bool = True) -> int:

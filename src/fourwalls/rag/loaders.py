@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fourwalls.errors import FormatError, UsageError
+from fourwalls.files import megabytes
 
-MAX_BYTES = 50 * 2**20  # refuse bigger files
+MAX_BYTES = 50 * 10**6  # refuse bigger files
 
 
 @dataclass
@@ -90,7 +91,7 @@ def load(path: Path) -> Document:
     try:
         size = path.stat().st_size
         if size > MAX_BYTES:
-            raise FormatError(f"{path} is {size / 2**20:.1f} MiB, over the {MAX_BYTES // 2**20} MiB document limit")
+            raise FormatError(f"{path} is {megabytes(size)}, over the {megabytes(MAX_BYTES)} document limit")
         data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"no such file: {path}") from None

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fourwalls.errors import ForbiddenError, UsageError
 from fourwalls.files import atomic_write, read_text
 from fourwalls.generate import SamplingParams, complete
-from fourwalls.rag.answer import control_tokens, messages, neutralise
+from fourwalls.rag.answer import messages, neutralise
 from fourwalls.rag.stores import STOPWORDS, DocumentStore, Hit
 
 SEED_TASKS = [
@@ -164,7 +164,7 @@ def synthesize(lm: Any, store: DocumentStore, collection: str, count: int, out: 
     rng = random.Random(seed)
     order = rng.sample(chunks, len(chunks))
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    control = control_tokens(lm.tokenizer)
+    control = lm.tokenizer.control_tokens
     eos = lm.config.eos_token_ids
     report, kept, asked_of = SynthReport(out, count), [], {}
     started = time.perf_counter()

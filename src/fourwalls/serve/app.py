@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -11,18 +12,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from fourwalls.errors import FourwallsError
+from fourwalls.files import disk_full
 from fourwalls.serve import conversations, embeddings, messages, openai, rag, responses
 from fourwalls.serve.common import CurrentCaller, error_from, error_response
 from fourwalls.serve.state import ServerState
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/healthz", "/readyz",
-          "/metrics", "/openapi.json", "/docs", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
+          "/metrics", "/openapi.json", "/docs", "/redoc", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
           "/v1/collections/{name}", "/v1/collections/{name}/documents", "/v1/collections/{name}/documents/{source}",
           "/v1/collections/{name}/search", "/v1/me", "/v1/conversations", "/v1/conversations/{id}",
           "/v1/conversations/{id}/export", "/", "/ui/{path}", "/v1/responses", "/v1/responses/{response_id}",
@@ -47,7 +50,10 @@ def route_label(path: str) -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}")
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the fastapi-offline package: FastAPI's own
+    # pages load them (and Google fonts) from CDNs, which is blank without internet and a request outside the walls.
+    app = FastAPIOffline(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}",
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.fourwalls = state
     for routes in (openai, responses, messages, rag, embeddings, conversations):
         app.include_router(routes.router)
@@ -125,6 +131,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception) -> Response:
+        if disk_full(e):  # a write that does not say so itself
+            return error_response(507, "the disk is full on the server; free some space there and try again",
+                                  code="disk_full", path=request.url.path)
         return error_response(500, f"internal error ({type(e).__name__})", path=request.url.path)
 
     return Gate(app, state)  # type: ignore[return-value]
@@ -149,9 +158,13 @@ class Gate:
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                MutableHeaders(scope=message).append("x-fourwalls-model-digest", self.state.lm.digest)
+                headers = MutableHeaders(scope=message)
+                headers.append("x-fourwalls-model-digest", self.state.lm.digest)
+                if status[0] >= 500 and "connection" not in headers:  # the server may drop the connection after
+                    headers.append("connection", "close")  # an error: a client must not send the next request on it
             await send(message)
 
+        self.state.in_flight += 1
         try:
             if self.state.draining and path.startswith("/v1/"):
                 await error_response(503, "the server is draining; retry on another replica",
@@ -165,9 +178,16 @@ class Gate:
                     await error_response(413, f"the request body exceeds {limit} bytes",
                                          code="request_too_large", path=path)(scope, receive, stamped)
                     return
+                field = _lone_surrogate(body)
+                if field is not None:
+                    await error_response(400, f"{field}: holds a lone surrogate (a \\ud800-\\udfff escape without "
+                                              "its pair), which is not text; send valid Unicode", param=field,
+                                         code="invalid_unicode", path=path)(scope, receive, stamped)
+                    return
                 receive = _replay(body, receive)
             await self.app(scope, receive, stamped)
         finally:
+            self.state.in_flight -= 1
             self.state.metrics.requests.labels(route_label(path), str(status[0])).inc()
 
     async def _read_body(self, receive: Receive) -> bytes | None:
@@ -184,6 +204,37 @@ class Gate:
             if not message.get("more_body"):
                 break
         return b"".join(parts)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(body: bytes) -> str | None:
+    """The path (``messages.0.content``) of the first string in a JSON body that holds a lone surrogate, a JSON
+    escape that decodes to no character: no tokenizer, database or file can take it."""
+    if not _SURROGATE_ESCAPE.search(body):  # a pair decodes to one valid character, so this looks first
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # the route answers that the body is not JSON
+
+    def find(v: Any, path: list[str]) -> list[str] | None:
+        if isinstance(v, str):
+            return path if _SURROGATE.search(v) else None
+        for k, x in v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ():
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return [*path, k]
+            found = find(x, [*path, str(k)])
+            if found is not None:
+                return found
+        return None
+
+    found = find(value, [])
+    if found is None:
+        return None
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", ".".join(found) or "body")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

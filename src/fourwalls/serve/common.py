@@ -18,12 +18,11 @@ from fourwalls.errors import FourwallsError
 from fourwalls.serve.caller import Caller
 from fourwalls.serve.state import ServerState
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable", 504: "timeout"}
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                    503: "overloaded_error"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 503: "service_unavailable",
+          504: "timeout"}  # any other 4xx is an invalid_request_error, any other 5xx a server_error
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}  # any other 4xx is an invalid_request_error, any other 5xx an api_error
 ANTHROPIC_PATHS = ("/v1/messages",)  # routes that answer errors in Anthropic's shape
 
 
@@ -53,12 +52,14 @@ def sse(obj: Any) -> str:
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """The OpenAI error object."""
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    kind = _TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
     """Anthropic's error object."""
-    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    kind = _ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -67,6 +68,12 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     body = (anthropic_error_body(status, message) if path.startswith(ANTHROPIC_PATHS)
             else error_body(status, message, param, code))
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def client_closed(path: str = "") -> JSONResponse:
+    """The answer to a client that disconnected before a response that is not streamed was ready: nobody reads
+    it, but it is counted (499, as nginx logs a client that closed the request)."""
+    return error_response(499, "the client closed the connection before the response was ready", path=path)
 
 
 def error_from(e: FourwallsError, path: str = "") -> JSONResponse:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fourwalls.errors import NotFoundError, UsageError
+from fourwalls.files import writing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -74,7 +75,7 @@ class ConversationStore:
         now = time.time()
         c = Conversation(f"conv_{uuid.uuid4().hex}", title, now, now, settings or {}, messages or [])
         row = _row(c)
-        with self._lock:
+        with self._lock, writing(self.path, "the conversation"):
             self._db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (c.id, owner, *row, now, now))
         c.message_count = len(c.messages)
@@ -107,7 +108,7 @@ class ConversationStore:
     def update(self, owner: str, conversation_id: str, *, title: str | None = None,
                settings: dict[str, Any] | None = None, messages: list[dict[str, Any]] | None = None) -> Conversation:
         """Replace what is given (title, settings, the whole message list); NotFoundError as ``get``."""
-        with self._lock:
+        with self._lock, writing(self.path, "the conversation"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 r = self._db.execute("SELECT title, settings, messages, created FROM conversations "
@@ -122,7 +123,8 @@ class ConversationStore:
                                  "updated = ? WHERE id = ?", (*_row(c), c.updated, conversation_id))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite undoes it itself when the disk is full
+                    self._db.execute("ROLLBACK")
                 raise
         return c
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from fourwalls.errors import FourwallsError, UsageError
 from fourwalls.generate import SamplingParams
-from fourwalls.serve.common import CurrentCaller, State, anthropic_error_body
+from fourwalls.serve.common import CurrentCaller, State, anthropic_error_body, client_closed
 from fourwalls.serve.schemas import BuiltinTool, FunctionName, MaxRounds
 from fourwalls.serve.turns import Call, Finished, Ran, Runner, Text, Turn, collect, with_server_tools
 from fourwalls.tools.format import Function, ToolCall
@@ -218,7 +219,7 @@ async def create_message(body: MessagesRequest, request: Request, state: State, 
                 with_server_tools(state, [t.internal() for t in body.tools or [] if isinstance(t, BuiltinTool)]),
                 mode, not (choice and choice.disable_parallel_tool_use), None, "tools",
                 body.max_tool_rounds)
-    runner = Runner(state, caller, turn)
+    runner = Runner(state, caller, turn, request)
     await runner.start()
     message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": body.model,
                "content": [], "stop_reason": None, "stop_sequence": None,
@@ -245,7 +246,10 @@ async def create_message(body: MessagesRequest, request: Request, state: State, 
 
     if body.stream:
         return StreamingResponse(_stream(runner, message, step, done), media_type="text/event-stream")
-    for _, ev in await collect(runner.events(), request):
+    events = await collect(runner)
+    if events is None:
+        return client_closed(request.url.path)
+    for _, ev in events:
         step(ev)
     return JSONResponse(done())
 
@@ -257,9 +261,10 @@ async def _stream(runner: Runner, message: dict[str, Any], step: Any, done: Any)
     yield event({"type": "message_start", "message": dict(message)})
     yield event({"type": "ping"})
     try:
-        async for _, ev in runner.events():
-            for obj in step(ev):
-                yield event(obj)
+        async with aclosing(runner.events()) as events:  # closed early: the turn is cancelled at once
+            async for _, ev in events:
+                for obj in step(ev):
+                    yield event(obj)
         final = done()
         yield event({"type": "message_delta", "delta": {"stop_reason": final["stop_reason"],
                                                         "stop_sequence": final["stop_sequence"]},

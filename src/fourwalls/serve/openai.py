@@ -17,17 +17,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from fourwalls.engine.grammar import Constraint
 from fourwalls.errors import FourwallsError, NotFoundError, UsageError
 from fourwalls.generate import Delta, SamplingParams, TokenInfo
 from fourwalls.rag.answer import Answer, Grounded, ground
 from fourwalls.serve.caller import Caller
-from fourwalls.serve.common import DONE, CurrentCaller, State, error_from, sse
+from fourwalls.serve.common import DONE, CurrentCaller, State, client_closed, error_from, sse
 from fourwalls.serve.schemas import (
     MAX_STOP,
     AdapterLoad,
@@ -50,6 +52,7 @@ from fourwalls.serve.turns import (
     authorize,
     choice_params,
     collect,
+    neutral,
     queue,
     with_server_tools,
 )
@@ -87,12 +90,38 @@ def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
     return {"x-fourwalls-adapter-digest": state.engine.adapters[adapter].digest}
 
 
+async def _collect(batch: Batch) -> list[list[Delta]] | None:
+    """Every choice's chunks, or None if the client disconnected first (the batch is cancelled then)."""
+    out: list[list[Delta]] = [[] for _ in batch.requests]
+    try:
+        async for i, chunk in batch.events():
+            out[i].append(chunk)
+    finally:
+        batch.cancel()
+    return None if batch.disconnected else out
+
+
+async def _respond(batch: Batch, body: Sampling, request: Request, caller: Caller, frame: Any,
+                   headers: dict[str, str]) -> Response | list[list[Delta]]:
+    """A streaming response of ``frame(choice, chunk)`` events, or (not streaming) every choice's chunks."""
+    batch.watch(request)
+    if body.stream:
+        return StreamingResponse(_stream(batch, frame, _wants_usage(body), caller), media_type="text/event-stream",
+                                 headers=headers)
+    try:
+        outs = await _collect(batch)
+    finally:
+        caller.spend(batch.tokens)
+    return client_closed() if outs is None else outs
+
+
 def _wants_usage(body: Sampling) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _log(state: ServerState, kind: str, prompt: Any, outputs: list[str]) -> None:
@@ -117,26 +146,28 @@ async def list_models(state: State, caller: CurrentCaller) -> Any:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State, caller: CurrentCaller) -> Response:
     tok = state.lm.tokenizer
-    if isinstance(body.prompt, str):
-        texts, prompts = [body.prompt], [tok.encode(body.prompt)]
-    elif body.prompt and all(isinstance(x, int) for x in body.prompt):
-        vocab = state.lm.config.vocab_size
-        if any(not 0 <= t < vocab for t in body.prompt):
-            raise UsageError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        texts, prompts = [tok.decode(body.prompt)], [list(body.prompt)]
-    else:
-        texts = [str(p) for p in body.prompt]
-        prompts = [tok.encode(t) for t in texts]
-    if not prompts or any(not p for p in prompts):
-        raise UsageError("the prompt is empty", param="prompt")
     if body.echo and body.stream:
         raise UsageError("echo is not supported with stream", param="echo")
+
+    def encode() -> tuple[list[str], list[list[int]]]:  # a long prompt takes a while: off the event loop
+        if isinstance(body.prompt, str):
+            return [body.prompt], [tok.encode(body.prompt)]
+        if body.prompt and all(isinstance(x, int) for x in body.prompt):
+            vocab = state.lm.config.vocab_size
+            if any(not 0 <= t < vocab for t in body.prompt):
+                raise UsageError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return [tok.decode(body.prompt)], [list(body.prompt)]
+        texts = [str(p) for p in body.prompt]
+        return texts, [tok.encode(t) for t in texts]
+
+    texts, prompts = await asyncio.to_thread(encode)
+    if not prompts or any(not p for p in prompts):
+        raise UsageError("the prompt is empty", param="prompt")
     adapter = authorize(state, caller, body.model)
     base = sampling(body, body.logprobs)
     caller.admit(sum(map(len, prompts)) * body.n)
-    constraint = _completion_constraint(state, body)
-    batch = queue(state, prompts, lambda i, budget: choice_params(base, i, budget), body.n, body.max_tokens or 16,
-                  adapter, constraint, body.ignore_eos)
+    batch = await queue(state, prompts, lambda i, budget: choice_params(base, i, budget), body.n,
+                        body.max_tokens or 16, adapter, _completion_constraint(state, body), body.ignore_eos)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
     echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
@@ -149,33 +180,32 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
         choices = [] if c is None else [choice(i, c.text, c.tokens, c.finish_reason)]
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
 
-    if body.stream:
-        return StreamingResponse(_stream(batch, frame, _wants_usage(body), caller), media_type="text/event-stream",
-                                 headers=headers)
-    try:
-        events = await collect(batch.events(), request)
-    finally:
-        batch.cancel()
-        caller.spend(batch.tokens)
-    outs: list[list[Delta]] = [[] for _ in batch.requests]
-    for i, chunk in events:
-        outs[i].append(chunk)
+    outs = await _respond(batch, body, request, caller, frame, headers)
+    if isinstance(outs, Response):
+        return outs
     choices = [choice(i, echo[i] + "".join(c.text for c in cs), [t for c in cs for t in c.tokens],
                       cs[-1].finish_reason) for i, cs in enumerate(outs)]
     _log(state, "completion", texts, [c["text"] for c in choices])
     return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                         "choices": choices, "usage": _usage(batch.prompt_tokens, batch.completion_tokens)},
-                        headers=headers)
+                         "choices": choices, "usage": _batch_usage(batch)}, headers=headers)
 
 
-def _completion_constraint(state: ServerState, body: CompletionRequest) -> Any:
+def _completion_constraint(state: ServerState, body: CompletionRequest) -> Callable[[], Constraint | None]:
     schema = _output_schema(body)
-    if schema is None:
-        return lambda: None
-    error = state.grammars.check_schema(schema)
-    if error:
-        raise UsageError(f"invalid JSON schema: {error}", param="response_format")
-    return lambda: state.grammars.json(schema)
+
+    def compile() -> Constraint | None:
+        if schema is None:
+            return None
+        try:
+            return state.grammars.json(schema)
+        except UsageError as e:
+            raise UsageError(str(e), param="response_format") from None
+
+    return compile
+
+
+def _batch_usage(batch: Batch) -> dict[str, Any]:
+    return _usage(batch.prompt_tokens, batch.completion_tokens, batch.cached_tokens)
 
 
 async def _stream(batch: Batch, frame: Any, usage: bool, caller: Caller) -> AsyncIterator[str]:
@@ -184,8 +214,7 @@ async def _stream(batch: Batch, frame: Any, usage: bool, caller: Caller) -> Asyn
         async for i, chunk in batch.events():
             yield sse(frame(i, chunk))
         if usage:
-            yield sse({**frame(0, None), "choices": [], "usage": _usage(batch.prompt_tokens,
-                                                                        batch.completion_tokens)})
+            yield sse({**frame(0, None), "choices": [], "usage": _batch_usage(batch)})
     except FourwallsError as e:
         yield sse(json.loads(error_from(e).body))
     finally:
@@ -213,7 +242,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     messages = [m.internal() for m in body.messages]
     grounded = None
     if body.rag is not None:
-        adapter = authorize(state, caller, body.model)  # before any retrieval
+        adapter = authorize(state, caller, body.model)  # the model and the budgets before any retrieval
+        caller.admit(0, count=False)
+        if not body.raw_control_tokens:  # rag quotes the question in a prompt of its own (the turn does the rest)
+            messages = neutral(messages, state.lm.tokenizer.control_tokens)
         grounded = await _ground(state, caller, body.rag, messages)
         if isinstance(grounded, Answer):
             caller.admit(0)
@@ -228,8 +260,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                 body.n, functions, with_server_tools(state, builtins),
                 choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto",
                 body.parallel_tool_calls, _output_schema(body), "response_format", body.max_tool_rounds,
-                body.ignore_eos)
-    runner = Runner(state, caller, turn)
+                body.ignore_eos, body.raw_control_tokens)
+    runner = Runner(state, caller, turn, request)
     await runner.start()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, runner.adapter)
@@ -242,8 +274,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         return StreamingResponse(_chat_stream(runner, head, lp, logprobs is not None, grounded,
                                               _wants_usage(body)),
                                  media_type="text/event-stream", headers=headers)
+    events = await collect(runner)
+    if events is None:
+        return client_closed()
     choices = [_ChatChoice() for _ in range(body.n)]
-    for i, ev in await collect(runner.events(), request):
+    for i, ev in events:
         choices[i].add(ev)
     texts = [c.content for c in choices]
     _log(state, "chat", messages, texts)
@@ -255,7 +290,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         extra["citations"] = (grounded.citations(texts) if grounded is not None else []) + (citations or [])
     return JSONResponse({**head, "object": "chat.completion",
                          "choices": [c.json(i, lp) for i, c in enumerate(choices)],
-                         "usage": _usage(*runner.usage()), **extra}, headers=headers)
+                         "usage": _runner_usage(runner), **extra}, headers=headers)
 
 
 class _ChatChoice:
@@ -292,6 +327,10 @@ class _ChatChoice:
         return {"index": i, "message": message, "logprobs": lp(self.tokens), "finish_reason": self.finish}
 
 
+def _runner_usage(runner: Runner) -> dict[str, Any]:
+    return _usage(runner.prompt_tokens, runner.completion_tokens, runner.cached_tokens)
+
+
 def _round(r: Round) -> dict[str, Any]:
     """A round of built-in calls as the response shows it (the fourwalls extension ``tool_rounds``)."""
     return {"tool_calls": [c.openai() for c in r.calls],
@@ -316,24 +355,25 @@ async def _chat_stream(runner: Runner, head: dict[str, Any], lp: Any, logprobs: 
     try:
         if grounded is not None:
             yield sse({**chunk, "choices": [], "citations": grounded.citations()})
-        async for i, ev in runner.events():
-            c = choices.setdefault(i, _ChatChoice())
-            if isinstance(ev, Text):
-                text = c.text(ev.text)
-                if text or (ev.tokens and logprobs):
-                    yield frame(i, {"content": text}, ev.tokens)
-            elif isinstance(ev, Call):
-                yield frame(i, {"tool_calls": [{"index": len(c.calls), **ev.call.openai()}]})
-                c.calls.append(ev.call.openai())
-            elif isinstance(ev, Ran):
-                c.ran = True
-                found = runner.toolbox.citations([]) if runner.toolbox else None
-                yield sse({**chunk, "choices": [], "tool_round": _round(ev.round),
-                           **({"citations": found} if found else {})})
-            elif isinstance(ev, Finished):
-                yield frame(i, {}, finish=ev.reason)
+        async with aclosing(runner.events()) as events:  # closed early: the turn is cancelled at once
+            async for i, ev in events:
+                c = choices.setdefault(i, _ChatChoice())
+                if isinstance(ev, Text):
+                    text = c.text(ev.text)
+                    if text or (ev.tokens and logprobs):
+                        yield frame(i, {"content": text}, ev.tokens)
+                elif isinstance(ev, Call):
+                    yield frame(i, {"tool_calls": [{"index": len(c.calls), **ev.call.openai()}]})
+                    c.calls.append(ev.call.openai())
+                elif isinstance(ev, Ran):
+                    c.ran = True
+                    found = runner.toolbox.citations([]) if runner.toolbox else None
+                    yield sse({**chunk, "choices": [], "tool_round": _round(ev.round),
+                               **({"citations": found} if found else {})})
+                elif isinstance(ev, Finished):
+                    yield frame(i, {}, finish=ev.reason)
         if usage:
-            yield sse({**chunk, "choices": [], "usage": _usage(*runner.usage())})
+            yield sse({**chunk, "choices": [], "usage": _runner_usage(runner)})
     except FourwallsError as e:
         yield sse(json.loads(error_from(e).body))
     yield DONE
@@ -350,8 +390,8 @@ async def _ground(state: ServerState, caller: Caller, options: RagOptions,
     rag = state.rag
 
     def work() -> Grounded | Answer:
-        rag.collection(options.collection)
-        return ground(rag.retriever(), options.collection, question, state.lm.tokenizer, history=messages[:-1],
+        rag.collection(options.collection, caller.groups)
+        return ground(rag.retriever(caller), options.collection, question, state.lm.tokenizer, history=messages[:-1],
                       k=options.top_k, mode=options.mode, groups=caller.groups, where=options.where,
                       min_similarity=options.min_similarity)
 
@@ -363,7 +403,7 @@ def _no_answer(body: ChatCompletionRequest, text: str, headers: dict[str, str]) 
     choice, no citations, zero usage."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": body.model}
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = _usage(0, 0, 0)
     if not body.stream:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": "stop"} for i in range(body.n)]

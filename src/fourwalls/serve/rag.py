@@ -4,8 +4,9 @@ Routes (JSON; errors are OpenAI error objects):
 
 - ``GET /v1/collections``, ``POST /v1/collections`` ``{"name"}``, ``GET|DELETE /v1/collections/{name}``;
 - ``POST /v1/collections/{name}/documents`` ``{"source", "text" | "content_base64", "title", "groups", "meta",
-  "chunk_tokens", "overlap"}``: add or replace one document (identical content, groups and metadata: nothing is
-  written and the status is ``unchanged``), ``DELETE /v1/collections/{name}/documents/{source}``;
+  "chunk_tokens", "overlap", "regroup"}``: add or replace one document (identical content, groups and metadata:
+  nothing is written and the status is ``unchanged``; other groups than the stored document's: 400 unless
+  ``regroup``), ``DELETE /v1/collections/{name}/documents/{source}``;
 - ``POST /v1/collections/{name}/search`` ``{"query", "top_k", "mode", "where"}``: ranked chunks with citations.
 
 Chat completions answer from a collection with their ``rag`` field (see ``openai``); /v1/embeddings serves the
@@ -13,7 +14,9 @@ collections' embedder (see ``embeddings``).
 
 Access: with API keys on, writes need an admin key, and every read (search, a collection's document list and
 counts) sees only the documents of the caller's groups plus those with no groups; the groups go into the searches
-themselves, so the top k is cut after them (see ``caller``). Blocking work runs in worker threads; the store is
+themselves, so the top k is cut after them, and so do the term statistics of BM25 (see ``caller``). A collection in
+which the caller may read no document is neither listed nor found (404). Searching runs the embedder: the key must
+be allowed to use it, as for /v1/embeddings. Blocking work runs in worker threads; the store is
 shared by them under ``RagService.lock``, and ``RagService.writes`` keeps whole writes from interleaving.
 """
 
@@ -32,7 +35,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from fourwalls.errors import FormatError, FourwallsError, NotFoundError, UsageError
-from fourwalls.rag.ingest import Item, ingest
+from fourwalls.files import writing
+from fourwalls.rag.ingest import Item, ingest, readers
 from fourwalls.rag.loaders import SUFFIXES, Document, load, load_text
 from fourwalls.rag.stores import Collection, DocumentStore
 from fourwalls.serve.common import CurrentCaller, State
@@ -67,12 +71,14 @@ def _collection_object(store: DocumentStore, c: Collection, groups: set[str] | N
 
 @router.get("/v1/collections")
 async def list_collections(state: State, caller: CurrentCaller) -> Any:
-    """Every collection, with the number of documents and chunks the API key may read."""
+    """The collections in which the API key may read a document, with the number of documents and chunks it may
+    read."""
     rag, groups = state.rag, caller.groups
 
     def work() -> list[dict]:
         store = rag.store
-        return [_collection_object(store, c, groups) for c in store.collections()]
+        found = [_collection_object(store, c, groups) for c in store.collections()]
+        return [c for c in found if groups is None or c["documents"]]
 
     return {"object": "list", "data": await asyncio.to_thread(work)}
 
@@ -103,7 +109,7 @@ async def get_collection(name: str, state: State, caller: CurrentCaller) -> Any:
     rag, groups = state.rag, caller.groups
 
     def work() -> dict:
-        return _collection_object(rag.store, rag.collection(name), groups, with_documents=True)
+        return _collection_object(rag.store, rag.collection(name, groups), groups, with_documents=True)
 
     return await asyncio.to_thread(work)
 
@@ -129,7 +135,8 @@ async def delete_collection(name: str, state: State, caller: CurrentCaller) -> A
 def _load_file(source: str, data: bytes, title: str | None) -> Document:
     """Parse an upload with the loader of its source's suffix, from a private temporary file."""
     stem = f"upload-{uuid.uuid4().hex}"
-    with tempfile.TemporaryDirectory(prefix="fourwalls-upload-") as tmp:
+    with writing(Path(tempfile.gettempdir()), "the uploaded file", len(data)), \
+            tempfile.TemporaryDirectory(prefix="fourwalls-upload-") as tmp:
         path = Path(tmp) / (stem + Path(source).suffix.lower())
         path.write_bytes(data)
         try:
@@ -185,15 +192,23 @@ async def upload_document(name: str, body: DocumentUpload, state: State, caller:
         embedder, store = rag.embedder, rag.store
         with rag.writes:
             rag.collection(name)
-            report = ingest(store, embedder, [item], name, groups=body.groups, meta=body.meta,
+            old = store.document(name, source)
+            if old is not None and old.groups != sorted(set(body.groups)) and not body.regroup:
+                raise UsageError(f"'{source}' may be read by {readers(old.groups)}; this upload is for "
+                                 f"{readers(sorted(set(body.groups)))}: send \"regroup\": true to change who may "
+                                 "read it", param="groups", code="groups_changed")
+            report = ingest(store, embedder, [item], name, groups=body.groups, meta=body.meta, regroup=True,
                             max_tokens=body.chunk_tokens, overlap=body.overlap, progress=False)
             if report.failed:
                 raise FormatError(report.failed[0][1], param="content_base64" if body.text is None else "text",
                                   code="unreadable_document")
             doc = store.document(name, source)
         status = "added" if report.added else "replaced" if report.replaced else "unchanged"
-        return {"object": "collection.document", "source": source, "status": status, "chunks": doc.chunks,
-                "title": doc.title, "digest": doc.digest}
+        out = {"object": "collection.document", "source": source, "status": status, "chunks": doc.chunks,
+               "title": doc.title, "digest": doc.digest, "groups": doc.groups}
+        if report.regrouped:
+            out["previous_groups"] = report.regrouped[0][1]
+        return out
 
     return await asyncio.to_thread(work)
 
@@ -225,8 +240,8 @@ async def search(name: str, body: SearchRequest, state: State, caller: CurrentCa
     rag, groups = state.rag, caller.groups
 
     def work() -> list[dict]:
-        rag.collection(name)
-        hits = rag.retriever().search(name, body.query, body.top_k, body.mode, groups, body.where)
+        rag.collection(name, groups)
+        hits = rag.retriever(caller).search(name, body.query, body.top_k, body.mode, groups, body.where)
         return [h.citation() | {"text": h.text} for h in hits]
 
     return {"object": "list", "data": await asyncio.to_thread(work)}

@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fourwalls.errors import FourwallsError, UsageError
 from fourwalls.generate import SamplingParams
-from fourwalls.serve.common import CurrentCaller, State, error_body
+from fourwalls.serve.common import CurrentCaller, State, client_closed, error_body
 from fourwalls.serve.schemas import BuiltinTool, FlatFunctionTool, NamedFunctionChoice, ResponsesRequest
 from fourwalls.serve.turns import Call, Finished, Ran, Runner, Text, Turn, collect, with_server_tools
 from fourwalls.tools.format import ToolCall
@@ -158,7 +159,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
                 with_server_tools(state, [t.internal() for t in body.tools or [] if isinstance(t, BuiltinTool)]),
                 choice.name if isinstance(choice, NamedFunctionChoice) else choice or "auto",
                 body.parallel_tool_calls, schema, "text.format", body.max_tool_rounds)
-    runner = Runner(state, caller, turn)
+    runner = Runner(state, caller, turn, request)
     await runner.start()
     response = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
                 "status": "in_progress", "model": body.model, "output": [], "instructions": body.instructions,
@@ -186,7 +187,8 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         prompt, completion = runner.usage()
         response.update(status=out.status, incomplete_details=out.incomplete, output=out.items,
                         usage={"input_tokens": prompt, "output_tokens": completion,
-                               "total_tokens": prompt + completion, "input_tokens_details": {"cached_tokens": 0},
+                               "total_tokens": prompt + completion,
+                               "input_tokens_details": {"cached_tokens": runner.cached_tokens},
                                "output_tokens_details": {"reasoning_tokens": 0}})
         if body.store:
             await asyncio.to_thread(state.responses.put, _owner(caller), response, earlier + items + out.items)
@@ -194,7 +196,10 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
 
     if body.stream:
         return StreamingResponse(_stream(runner, response, step, done), media_type="text/event-stream")
-    for _, ev in await collect(runner.events(), request):
+    events = await collect(runner)
+    if events is None:
+        return client_closed()
+    for _, ev in events:
         step(ev)
     return JSONResponse(await done())
 
@@ -211,9 +216,10 @@ async def _stream(runner: Runner, response: dict[str, Any], step: Any, done: Any
     yield event({"type": "response.created", "response": dict(response)})
     yield event({"type": "response.in_progress", "response": dict(response)})
     try:
-        async for _, ev in runner.events():
-            for obj in step(ev):
-                yield event(obj)
+        async with aclosing(runner.events()) as events:  # closed early: the turn is cancelled at once
+            async for _, ev in events:
+                for obj in step(ev):
+                    yield event(obj)
         final = await done()
         yield event({"type": "response.completed" if final["status"] == "completed" else "response.incomplete",
                      "response": final})

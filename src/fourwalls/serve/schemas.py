@@ -5,6 +5,7 @@ who reads a document or what a search returns)."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,9 +16,11 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    field_validator,
     model_validator,
 )
 
+from fourwalls.errors import UsageError
 from fourwalls.tools import BUILTINS, DEFAULT_ROUNDS, MAX_ROUNDS, ToolSpec
 from fourwalls.tools.format import Function, ToolCall
 
@@ -75,8 +78,16 @@ class CompletionRequest(Sampling):
 
 
 class ContentPart(BaseModel):
-    type: Literal["text"] = "text"
-    text: str
+    """A part of a message's content. Any type parses, so that a part the model cannot read (an image) gets an
+    error that says so rather than a schema mismatch."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field("text", description="only text parts are supported")
+    text: str | None = None
+
+
+IMAGE_PARTS = ("image_url", "input_image", "image")
 
 
 FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -121,9 +132,19 @@ class Message(BaseModel):
     tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        """The content as one text; UsageError for a part that is not text."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for p in self.content:
+            if p.type in IMAGE_PARTS:
+                raise UsageError("images are not supported by this model: send text content parts only",
+                                 param="messages", code="unsupported_content")
+            if p.type != "text":
+                raise UsageError(f"content parts of type {p.type!r} are not supported: send text parts "
+                                 '({"type": "text", "text": ...})', param="messages", code="unsupported_content")
+            if p.text is None:
+                raise UsageError("a text content part needs its text", param="messages")
+        return "".join(p.text or "" for p in self.content)
 
     def internal(self) -> dict[str, Any]:
         """The message as a Turn reads it."""
@@ -215,6 +236,10 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     rag: RagOptions | None = Field(None, description="fourwalls extension: answer the last user message from a "
                                    "document collection, citing its sources (see the top-level citations field)")
+    raw_control_tokens: bool = Field(False, description="fourwalls extension: true passes control-token strings "
+                                     "typed in message content (<|im_start|>, </s>, ...) to the model as control "
+                                     "tokens; by default each is broken apart and read as plain text, so that no "
+                                     "message can open a turn of its own")
     tools: list[ChatTool] | None = Field(None, description='functions, and fourwalls\' built-in tools: '
                                          '{"type": "fourwalls", "name": "calculator"} (or "documents")')
     tool_choice: ToolChoiceMode | NamedToolChoice | None = None
@@ -234,19 +259,32 @@ class CollectionCreate(BaseModel):
 class DocumentUpload(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(..., min_length=1, max_length=1024, pattern=r"^[^\x00]*$",
+    source: str = Field(..., min_length=1, max_length=1024,
                         description="the document's key in the collection, e.g. handbook.md; its suffix picks the "
-                        "parser of content_base64 (.txt .md .markdown .html .htm .pdf .docx)")
+                        "parser of content_base64 (.txt .md .markdown .html .htm .pdf .docx); no control or "
+                        "format characters (newlines, bidirectional overrides, ...)")
     text: str | None = Field(None, description="the document as text (read as Markdown); or content_base64")
     content_base64: str | None = Field(None, description="the file's bytes, base64-encoded; or text")
     title: str | None = Field(None, max_length=1024, description="default: the document's own title (first "
                               "heading, PDF/DOCX metadata), else the source's file name")
     groups: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
         default_factory=list, description="only API keys of these groups may read it (default: every key)")
+    regroup: bool = Field(False, description="replace a stored document whose groups differ from these (without it "
+                          "such an upload is refused: changing who may read a document must be explicit)")
     meta: dict[Annotated[str, StringConstraints(pattern=META_KEY)], str] = Field(
         default_factory=dict, description="metadata to filter searches on (where)")
     chunk_tokens: int = Field(192, ge=16, le=1024, description="largest chunk in embedder tokens")
     overlap: int = Field(32, ge=0, le=512, description="tokens shared by consecutive pieces of a long paragraph")
+
+
+    @field_validator("source", "title")
+    @classmethod
+    def _visible(cls, value: str | None) -> str | None:
+        # A newline, an RTL override, a zero-width space...: names that list as another, or that no URL deletes.
+        bad = next((c for c in value or "" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+        if bad is not None:
+            raise ValueError(f"control and format characters such as U+{ord(bad):04X} are not allowed")
+        return value
 
 
 class SearchRequest(Retrieval):

@@ -15,14 +15,17 @@ from fourwalls.engine import Engine, Request
 from fourwalls.engine.grammar import Grammars
 from fourwalls.errors import FourwallsError, NotFoundError
 from fourwalls.generate import Delta
-from fourwalls.serve.caller import KeyRing
+from fourwalls.serve.caller import Caller, KeyRing
 from fourwalls.serve.conversation_store import ConversationStore
 from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.stored import ResponseStore
 from fourwalls.store import LoadedModel, Store, home
+from fourwalls.templates import TemplateSandbox
 from fourwalls.tools import ToolSpec
 
 if TYPE_CHECKING:
+    from starlette.requests import Request as StarletteRequest
+
     from fourwalls.rag.embed import Embedder
     from fourwalls.rag.retrieve import Retriever
     from fourwalls.rag.stores import Collection, DocumentStore
@@ -77,15 +80,23 @@ class RagService:
                 self._embedder = embedder(self.embedder_folder)
             return self._embedder
 
-    def retriever(self) -> Retriever:
+    def retriever(self, caller: Caller) -> Retriever:
+        """A retriever for ``caller``, who must be allowed to use the embedder: searching runs it, as
+        /v1/embeddings does, so one rule covers both (ForbiddenError otherwise)."""
         from fourwalls.rag.retrieve import Retriever
 
-        return Retriever(self.store, self.embedder)
+        embedder = self.embedder
+        caller.require_model(embedder.name)
+        return Retriever(self.store, embedder)
 
-    def collection(self, name: str) -> Collection:
-        """The collection, or a 404 that says where the collections are listed."""
+    def collection(self, name: str, groups: set[str] | None = None) -> Collection:
+        """The collection, or a 404 that says where the collections are listed. With ``groups`` (a caller's), a
+        collection in which they may read no document is a 404 too: its name is not theirs to know."""
         try:
-            return self.store.collection(name)
+            c = self.store.collection(name)
+            if groups is not None and not any(d.readable(groups) for d in self.store.documents(name)):
+                raise NotFoundError(name)
+            return c
         except NotFoundError:
             raise NotFoundError(f"collection '{name}' does not exist; GET /v1/collections lists them",
                                 param="collection", code="collection_not_found") from None
@@ -109,9 +120,11 @@ class ServerState:
     log_requests: bool = False
     stall_timeout: float = 30.0
     draining: bool = False
+    in_flight: int = 0  # HTTP requests whose response is not yet sent (a drain waits for them)
     created: int = field(default_factory=lambda: int(time.time()))
     rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
     embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    templates: TemplateSandbox = field(default_factory=TemplateSandbox)  # renders the model's chat template
     tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
     conversations_path: Path = field(default_factory=lambda: home() / "conversations.db")
     responses_path: Path = field(default_factory=lambda: home() / "responses.db")  # stored responses (SQLite)
@@ -145,7 +158,8 @@ class ServerState:
             return self._conversations
 
     def close(self) -> None:
-        """Close the stores that were opened."""
+        """Close the stores that were opened and the template sandbox's children."""
+        self.templates.close()
         with self._opening:
             if self._rag is not None:
                 self._rag.close()
@@ -171,20 +185,17 @@ class Batch:
 
     def __init__(self, state: ServerState, requests: list[Request], adapter: str | None) -> None:
         self.state, self.requests, self.adapter = state, requests, adapter
-        self.queue: asyncio.Queue[tuple[int, Delta | FourwallsError]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Delta | FourwallsError | None]] = asyncio.Queue()
         self.open = len(requests)
         self.start = time.monotonic()
         self.last: list[float | None] = [None] * len(requests)
         self.completion_tokens = 0
+        self.disconnected = False
+        self.watcher: asyncio.Task | None = None
         loop = asyncio.get_running_loop()
         for i, r in enumerate(requests):
             r.emit = lambda ev, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
-        try:
-            for r in requests:
-                state.engine.submit(r)
-        except FourwallsError:
-            self.cancel()
-            raise
+        state.engine.submit(*requests)
         m = state.metrics
         m.prompt_tokens.inc(self.prompt_tokens)
         m.adapter_requests.labels(adapter or "").inc(len(requests))
@@ -194,15 +205,23 @@ class Batch:
         return sum(len(r.prompt) for r in self.requests)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache."""
+        return sum(r.cached_tokens or 0 for r in self.requests)
+
+    @property
     def tokens(self) -> int:
         """Prompt and completion tokens so far: what the caller is charged."""
         return self.prompt_tokens + self.completion_tokens
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
-        """Yield (index, chunk) until every request has finished; a failed request raises its error."""
+        """Yield (index, chunk) until every request has finished or the batch is cancelled; a failed request
+        raises its error."""
         m = self.state.metrics
         while self.open:
             i, ev = await self.queue.get()
+            if ev is None:  # cancelled
+                return
             now = time.monotonic()
             if isinstance(ev, FourwallsError):
                 self.open -= 1
@@ -222,9 +241,27 @@ class Batch:
             if ev.finish_reason:
                 self.open -= 1
                 m.finished.labels(ev.finish_reason).inc()
+                m.cached_tokens.inc(self.requests[i].cached_tokens or 0)
                 m.e2e.observe(now - self.start)
             yield i, ev
 
+    def watch(self, request: StarletteRequest) -> None:
+        """Cancel the batch as soon as the client disconnects, whether or not a chunk is being sent to it (a
+        response that is not streamed sends nothing until the end)."""
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.disconnected = True
+            self.cancel()
+
+        self.watcher = asyncio.ensure_future(watch())
+
     def cancel(self) -> None:
+        """Stop generating (idempotent): the requests leave the engine's queue now and their rows at its next
+        step, and ``events()`` ends."""
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
         for r in self.requests:
-            r.cancel()
+            self.state.engine.cancel(r)
+        self.queue.put_nowait((-1, None))

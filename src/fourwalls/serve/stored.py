@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fourwalls.errors import NotFoundError
+from fourwalls.files import writing
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, created INTEGER NOT NULL, response TEXT NOT NULL, items TEXT NOT NULL)"""
@@ -24,7 +25,7 @@ class ResponseStore:
         self.path = path
         self.lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with writing(path, "the responses' database"), self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
 
@@ -33,7 +34,7 @@ class ResponseStore:
 
     def put(self, owner: str, response: dict[str, Any], items: list[dict[str, Any]]) -> None:
         """Keep ``response`` and the conversation ``items`` it ends (input and output, oldest first)."""
-        with self.lock, self._connect() as db:
+        with self.lock, writing(self.path, "the response"), self._connect() as db:
             db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
                        (response["id"], owner, int(time.time()), json.dumps(response), json.dumps(items)))
 

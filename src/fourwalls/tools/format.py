@@ -25,7 +25,8 @@ from typing import Any
 
 import jinja2.meta
 
-from fourwalls.tokenizer import Tokenizer, _jinja_env
+from fourwalls.templates import TemplateSandbox, environment
+from fourwalls.tokenizer import Tokenizer
 
 HERMES, LLAMA3 = "hermes", "llama3"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -95,7 +96,7 @@ def renders_tools(tokenizer: Tokenizer) -> bool:
     if not tokenizer.chat_template:
         return False
     try:
-        names = jinja2.meta.find_undeclared_variables(_jinja_env().parse(tokenizer.chat_template))
+        names = jinja2.meta.find_undeclared_variables(environment().parse(tokenizer.chat_template))
     except jinja2.TemplateError:
         return False
     return "tools" in names or "custom_tools" in names
@@ -110,13 +111,15 @@ def dialect(tokenizer: Tokenizer) -> str:
 # --- prompts ----------------------------------------------------------------------------------------------------
 
 
-def render(tokenizer: Tokenizer, messages: list[dict[str, Any]], functions: list[Function]) -> str:
+def render(tokenizer: Tokenizer, messages: list[dict[str, Any]], functions: list[Function],
+           sandbox: TemplateSandbox | None = None) -> str:
     """The prompt for ``messages`` (OpenAI chat shape: assistant ``tool_calls`` as ToolCall, ``role: tool`` with
-    ``tool_call_id``) offering ``functions``, ready for the assistant's turn."""
+    ``tool_call_id``) offering ``functions``, ready for the assistant's turn; the template runs in ``sandbox``'s
+    child processes within its budgets if given (the server), else in this process."""
     if renders_tools(tokenizer):
         turns = [_template_message(m) for m in messages]
-        return tokenizer.apply_chat_template(turns, tools=[f.spec() for f in functions] or None)
-    return tokenizer.apply_chat_template(fallback_messages(messages, functions))
+        return tokenizer.apply_chat_template(turns, sandbox=sandbox, tools=[f.spec() for f in functions] or None)
+    return tokenizer.apply_chat_template(fallback_messages(messages, functions), sandbox=sandbox)
 
 
 def _template_message(m: dict[str, Any]) -> dict[str, Any]:

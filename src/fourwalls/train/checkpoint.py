@@ -31,7 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from fourwalls.errors import FormatError, FourwallsError, UsageError
+from fourwalls.errors import DiskFullError, FormatError, FourwallsError, UsageError
+from fourwalls.files import disk_full, full_message
 
 _STEP = re.compile(r"step-(\d{8})")
 
@@ -102,12 +103,18 @@ def save(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer_st
             shutil.rmtree(target)
         os.rename(tmp, target)
         _fsync_dir(folder)
-    except OSError as e:
+    except Exception as e:
+        if not (isinstance(e, OSError) or disk_full(e)):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest(folder)
-        raise FourwallsError(f"could not write the checkpoint at step {step} ({e.strerror or e}); "
-                             + (f"the checkpoint at step {prev[1]} is intact" if prev else "no earlier checkpoint")
-                             + ": free space, then resume with --resume") from None
+        kept = f"the checkpoint at step {prev[1]} is intact" if prev else "no earlier checkpoint"
+        if disk_full(e):  # safetensors wraps the OSError in its own error
+            size = sum(t.numel() * t.element_size() for t in weights.values())
+            raise DiskFullError(f"{full_message(folder, f'the checkpoint at step {step}', size)}; {kept}: resume "
+                                "with --resume") from None
+        raise FourwallsError(f"could not write the checkpoint at step {step} ({e.strerror or e}); {kept}: free "
+                             "space, then resume with --resume") from None
     for old in sorted(_steps(folder))[:-keep]:
         shutil.rmtree(folder / f"step-{old:08d}", ignore_errors=True)
     return target

@@ -1,4 +1,5 @@
-"""The one training loop. Pretraining, fine-tuning, distillation and unlearning differ only in data and objective.
+"""The one training loop. Pretraining, fine-tuning, preference tuning, distillation and unlearning differ only in
+data and objective.
 
 Under ``torchrun --nproc-per-node N`` the same loop runs data-parallel (gloo on CPU, NCCL on GPU): every rank takes
 its share of each global batch and only rank 0 writes checkpoints, metrics and plots. The model is replicated (DDP),
@@ -13,7 +14,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,9 +28,9 @@ from fourwalls.errors import FourwallsError, UsageError
 from fourwalls.model.native import keep_freed_memory
 from fourwalls.train import checkpoint
 from fourwalls.train.data import Dataset, batches, collate
-from fourwalls.train.objectives import causal_lm
+from fourwalls.train.objectives import Objective, causal_lm
 
-Objective = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+_COUNTS = ("tokens", "examples", "processed")  # what an objective's metrics count, not measure: not logged as curves
 
 
 class TrainingInterrupted(FourwallsError):
@@ -92,14 +92,28 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 
 
 def evaluate(model: nn.Module, ds: Dataset, objective: Objective, batch_size: int, pad_id: int) -> float:
-    """Mean loss over a whole dataset, weighted by the tokens each batch scores."""
-    total, count = 0.0, 0.0
+    """Mean loss over a whole dataset, weighted by the tokens (or examples) each batch's loss is a mean over."""
+    return evaluate_metrics(model, ds, objective, batch_size, pad_id)["loss"]
+
+
+def evaluate_metrics(model: nn.Module, ds: Dataset, objective: Objective, batch_size: int,
+                     pad_id: int) -> dict[str, float]:
+    """Mean loss and the objective's other metrics over a whole dataset, each batch weighted by what its loss is a
+    mean over (``examples`` where the objective counts them, else ``tokens``); a metric a batch could not measure
+    (NaN) is left out of that metric's mean. The counts (``tokens``, ``examples``) come back as totals."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
             loss, m = objective(model, collate(ds.examples[i : i + batch_size], pad_id))
-            total += loss.item() * m["tokens"]
-            count += m["tokens"]
-    return total / max(count, 1.0)
+            w = m.get("examples", m["tokens"])
+            for key, value in {"loss": loss.item(), **m}.items():
+                if key in _COUNTS:
+                    sums[key], weights[key] = sums.get(key, 0.0) + value, 1.0
+                elif math.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + value * w
+                    weights[key] = weights.get(key, 0.0) + w
+    return {key: sums[key] / max(weights[key], 1.0) for key in sums}
 
 
 def rank() -> int:
@@ -158,14 +172,16 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
     stream = batches(train_ds, cfg.batch_size, cfg.seed, pad_id, start=step * cfg.grad_accum)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
-    tokens_seen, tick = 0.0, time.perf_counter()
+    # Throughput counts every token the model processed (prompts included, padding not); the share of them that
+    # carries loss (an assistant's turns, say) is reported beside it.
+    processed_seen, trained_seen, tick = 0.0, 0.0, time.perf_counter()
     model.train()
     try:
         while step < cfg.steps:
             lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, tokens = 0.0, 0.0
+            loss_sum, tokens, processed, measured = 0.0, 0.0, 0.0, []
             for _ in range(cfg.grad_accum):
                 batch = {k: v[rank::world] for k, v in next(stream).items()}
                 with autocast:
@@ -173,24 +189,30 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += m["tokens"]
+                measured.append({k: v for k, v in m.items() if k not in _COUNTS})
+                processed += m.get("processed", float(batch["lengths"].sum()))
             if world > 1:  # the loss of the whole global batch, not this rank's share; a signal on any rank stops all
                 t = torch.tensor([loss_sum, 1.0 if stop["signal"] else 0.0])
                 dist.all_reduce(t)
                 loss_sum = t[0].item() / world
                 if t[1] > 0 and not stop["signal"]:
                     stop["signal"] = signal.SIGTERM
+            step_metrics = _mean_metrics(measured, world)
             grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tokens * world
+            processed_seen += processed * world
+            trained_seen += tokens * world
             elapsed = time.perf_counter() - tick
             rec = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens_per_s": round(tokens_seen / elapsed, 1)}
+                   "tokens_per_s": round(processed_seen / elapsed, 1),
+                   "trained_share": round(trained_seen / max(processed_seen, 1.0), 4), **step_metrics}
             if cfg.eval_every and step % cfg.eval_every == 0 and val_ds is not None and step < cfg.steps:
                 rec.update(_validation(model, val_ds, objective, cfg, pad_id))
             records.append(rec)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix_str(f"loss={loss_sum:.4f}, {rec['tokens_per_s']:.0f} tok/s "
+                                f"({rec['trained_share']:.0%} trained on)")
             bar.update(1)
             if rank == 0:
                 _append_metric(metrics_path, rec)
@@ -210,6 +232,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
     model.eval()
     final = {"step": step, "train_loss": records[-1]["loss"] if records else None,
              "seconds": round(time.time() - start_time, 1)}
+    if records:
+        final.update(tokens_per_s=records[-1]["tokens_per_s"], trained_share=records[-1]["trained_share"])
     if val_ds is not None:
         final.update(_validation(model, val_ds, objective, cfg, pad_id))
     if rank == 0:
@@ -232,12 +256,31 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _mean_metrics(measured: list[dict[str, float]], world: int) -> dict[str, float]:
+    """A step's metrics: each one's mean over its micro-batches and ranks, leaving out those that could not measure
+    it (NaN: a KTO share with no desirable answer, say); rounded for metrics.jsonl, and absent where none could."""
+    if not measured[0]:
+        return {}
+    keys = list(measured[0])
+    t = torch.tensor([[m[k], 1.0] if math.isfinite(m[k]) else [0.0, 0.0] for m in measured for k in keys],
+                     dtype=torch.float64).view(len(measured), len(keys), 2).sum(0)
+    if world > 1:
+        dist.all_reduce(t)
+    return {k: round(total / n, 6) for k, (total, n) in zip(keys, t.tolist()) if n}
+
+
 def _validation(model: nn.Module, ds: Dataset, objective: Objective, cfg: TrainConfig, pad_id: int) -> dict:
+    """``val_loss``, the objective's metrics as ``val_<name>``, and ``val_ppl`` where the objective reports the
+    data's cross-entropy (``ce``): the exp of a mixed loss (distillation's CE + KL, a preference loss) is no
+    perplexity."""
     was_training = model.training
     model.eval()
-    loss = evaluate(model, ds, objective, cfg.batch_size, pad_id)
+    metrics = evaluate_metrics(model, ds, objective, cfg.batch_size, pad_id)
     model.train(was_training)
-    return {"val_loss": round(loss, 6), "val_ppl": round(math.exp(min(loss, 50)), 4)}
+    out = {f"val_{key}": round(value, 6) for key, value in metrics.items() if key not in _COUNTS}
+    if "ce" in metrics:
+        out["val_ppl"] = round(math.exp(min(metrics["ce"], 50)), 4)
+    return out
 
 
 def _load_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
@@ -263,24 +306,34 @@ def _append_metric(path: Path, rec: dict[str, Any]) -> None:
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
-    """Training and validation loss against step, as a PNG."""
+    """Training and validation loss against step, as a PNG; beside it a panel for each metric the objective logs
+    (DPO's rewards, accuracy and KL estimate, say), its training curve and its validation points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    names = ["loss", *dict.fromkeys(k for r in recs for k in r if k not in _LOGGED and not k.startswith("val_"))]
+    cols = min(len(names), 3)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 if cols == 1 else 4.5 * cols, 4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        train = [(r["step"], r[name]) for r in recs if name in r]
+        val = [(r["step"], r[f"val_{name}"]) for r in recs if f"val_{name}" in r]
+        if train:
+            ax.plot(*zip(*train), label=f"train {name}", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label=f"validation {name}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)" if name == "loss" and cols == 1 else name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+_LOGGED = ("step", "loss", "lr", "grad_norm", "tokens_per_s")  # the loop's own fields of a metrics.jsonl record

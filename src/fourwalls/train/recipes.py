@@ -1,11 +1,13 @@
-"""What `fourwalls pretrain`, `finetune` and `merge` do: build model and data, run the loop, store the result."""
+"""What `fourwalls pretrain`, `finetune`, `align` and `merge` do: build model and data, run the loop, store the
+result."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 
-from fourwalls.errors import UsageError
+from fourwalls.errors import FormatError, UsageError
+from fourwalls.files import atomic_write
 from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
 from fourwalls.store import LoadedModel, ModelRef, Store
@@ -22,6 +25,7 @@ from fourwalls.tokenizer import Tokenizer
 from fourwalls.train import data as D
 from fourwalls.train.checkpoint import full_state_dict
 from fourwalls.train.loop import TrainConfig, rank, train
+from fourwalls.train.objectives import PREFERENCE_OBJECTIVES, preference, reference_logps
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -88,22 +92,31 @@ def pretrain(data: Path, preset_name: str, name: str, cfg: TrainConfig, seq_len:
 METHODS = ("full", "lora", "qlora")
 
 
-def load_trainable(store: Store, model_name: str, verb: str = "fine-tune") -> tuple[ModelRef, LoadedModel]:
-    """A stored float model to train on (an adapter or a model quantized for deployment is refused)."""
+def load_trainable(store: Store, model_name: str, name: str, method: str, max_len: int, verb: str = "fine-tune"
+                   ) -> tuple[ModelRef, LoadedModel]:
+    """A stored float model to train by ``method`` into the new name ``name`` on sequences up to ``max_len``
+    tokens (an adapter or a model quantized for deployment is refused; the method and name are checked first)."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method '{method}'; choose {', '.join(METHODS)}")
+    store.check_new_name(name)
     base_ref = store.resolve(model_name)
     if base_ref.kind == "adapter":
         raise UsageError(f"'{model_name}' is an adapter; merge it first (`fourwalls merge`) or {verb} its base")
-    lm = store.load(model_name)
+    lm = store.load(model_name, quantized=False)  # a GGUF file's blocks dequantized: weights to train
     if lm.config.quantization:
         raise UsageError(f"'{model_name}' is quantized for deployment; {verb} its float parent "
                          f"'{base_ref.manifest.get('lineage', {}).get('parent')}' (or use --method qlora on it)")
+    if max_len > lm.config.context_length:
+        raise UsageError(f"--max-len {max_len} exceeds the model's context window ({lm.config.context_length})")
     return base_ref, lm
 
 
-def make_trainable(model: nn.Module, method: str, lora: Any, seed: int) -> None:
-    """``full`` trains every weight; ``lora`` attaches an adapter; ``qlora`` first holds the base in 4-bit NF4."""
-    from fourwalls.model.lora import attach_lora
+def make_trainable(model: nn.Module, method: str, lora: Any, seed: int) -> Any:
+    """``full`` trains every weight; ``lora`` attaches an adapter (``lora``'s settings, else the defaults; its random
+    A matrices seeded by ``seed``); ``qlora`` first holds the base in 4-bit NF4. Returns the LoRA settings."""
+    from fourwalls.model.lora import LoRAConfig, attach_lora
 
+    lora = lora or LoRAConfig()
     if method == "qlora":
         from fourwalls.model.quant import quantize_nf4
 
@@ -111,6 +124,7 @@ def make_trainable(model: nn.Module, method: str, lora: Any, seed: int) -> None:
     if method != "full":
         torch.manual_seed(seed)  # LoRA's A matrices are random: the same seed gives the same run
         attach_lora(model, lora)
+    return lora
 
 
 def store_trained(store: Store, name: str, method: str, base_ref: ModelRef, lm: LoadedModel, lora: Any,
@@ -132,15 +146,8 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
              val_data: Path | None = None, skip_bad_lines: bool = False, run_dir: Path | None = None,
              resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
     """Fine-tune a stored model (full or LoRA) on JSONL data; store the new model or adapter as ``name``."""
-    from fourwalls.model.lora import LoRAConfig
-
-    if method not in METHODS:
-        raise UsageError(f"unknown method '{method}'; choose full, lora or qlora")
     store = store or Store()
-    store.check_new_name(name)
-    base_ref, lm = load_trainable(store, model_name)
-    if max_len > lm.config.context_length:
-        raise UsageError(f"--max-len {max_len} exceeds the model's context window ({lm.config.context_length})")
+    base_ref, lm = load_trainable(store, model_name, name, method, max_len)
     tok, eos = lm.tokenizer, (lm.config.eos_token_ids or (None,))[0]
     ds = D.load_jsonl(data, tok, eos, shape, max_len, skip_bad_lines)
     if val_data is not None:
@@ -149,8 +156,7 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
         train_ds, val_ds = D.split(ds, val_fraction, cfg.seed)
     if pack:
         train_ds = D.pack(train_ds, max_len)
-    lora = lora or LoRAConfig()
-    make_trainable(lm.model, method, lora, cfg.seed)
+    lora = make_trainable(lm.model, method, lora, cfg.seed)
     identity = {"method": method, "base_digest": lm.digest, "max_len": max_len, "pack": pack,
                 **({"lora": asdict(lora)} if method != "full" else {})}
     run_dir = _run_dir(store, name, run_dir)
@@ -172,8 +178,98 @@ def merge(adapter: str, name: str, store: Store | None = None) -> ModelRef:
     if ref.kind != "adapter":
         raise UsageError(f"'{adapter}' is not an adapter; `fourwalls models list` shows which are")
     store.check_new_name(name)
-    lm = store.load(adapter)
+    lm = store.load(adapter, quantized=False)  # the merged model is a float one
     merge_lora(lm.model)
     lineage = {"method": "merge", "adapter": adapter, "adapter_digest": ref.digest, "base": ref.manifest["base"],
                "base_digest": ref.manifest["base_digest"], "command": _command()}
     return store.add(name, lm.config, lm.model.state_dict(), lm.tokenizer, lineage=lineage)
+
+
+# --- preference tuning: `fourwalls align` ---------------------------------------------------------------------------
+
+
+def align(model_name: str, data: Path, objective: str, name: str, cfg: TrainConfig, method: str = "lora",
+          lora: Any = None, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+          shape: str = "auto", max_len: int = 512, val_fraction: float = 0.1, val_data: Path | None = None,
+          skip_bad_lines: bool = False, ref_cache: bool | Path = False, run_dir: Path | None = None,
+          resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
+    """Preference-tune a stored model with DPO, IPO, KTO or ORPO (``objective``) on JSONL pairs or labelled
+    answers; store the new model or adapter as ``name``.
+
+    The reference is the starting model, at no second copy in memory: with LoRA, the model with its adapter
+    switched off, in each step; with ``full`` training (or ``ref_cache`` with LoRA) its answer log-probabilities,
+    computed once before training and cached as safetensors under the store's cache/ (``ref_cache`` True) or in the
+    folder ``ref_cache`` names, reused by later runs on the same model and data and by ``resume``. ORPO has none.
+    """
+    objective_fn = preference(objective, beta, desirable_weight, undesirable_weight)  # settings checked first
+    cfg.validate()
+    wanted = PREFERENCE_OBJECTIVES[objective]
+    if shape not in ("auto", wanted):
+        raise UsageError(f"--objective {objective} reads {wanted} data, not {shape}")
+    if objective == "orpo" and ref_cache is not False:
+        raise UsageError("ORPO has no reference model, so nothing to cache; drop --ref-cache")
+    store = store or Store()
+    base_ref, lm = load_trainable(store, model_name, name, method, max_len, "align")
+    ds = D.load_preferences(data, lm.tokenizer, shape, max_len, skip_bad_lines)
+    if ds.shape != wanted:
+        hint = "--objective kto" if ds.shape == "kto" else "--objective dpo, ipo or orpo"
+        raise UsageError(f"{data} holds {ds.shape} data, which --objective {objective} cannot read; use {hint}")
+    val_ds = D.load_preferences(val_data, lm.tokenizer, ds.shape, max_len, skip_bad_lines) if val_data else None
+    lora = make_trainable(lm.model, method, lora, cfg.seed)  # before the reference: qlora's is the NF4 base
+    eos = (lm.config.eos_token_ids or (None,))[0]
+    pad = eos if eos is not None else 0
+    settings: dict[str, Any] = {"objective": objective, "beta": beta, "max_len": max_len}
+    if objective == "kto":
+        settings.update(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    reference: dict[str, Any] = {"reference": "none (ORPO)" if objective == "orpo" else "the base, adapter off"}
+    reused = None
+    if objective != "orpo" and (method == "full" or ref_cache is not False):
+        folder = Path(ref_cache) if isinstance(ref_cache, str | Path) else store.root / "cache" / "ref-logprobs"
+        key = [lm.digest, method == "qlora", ds.shape, max_len]
+        ds, reference, reused = _with_reference(lm.model, ds, folder, key, pad, cfg.batch_size)
+        if val_ds is not None:
+            val_ds, val_reference, _ = _with_reference(lm.model, val_ds, folder, key, pad, cfg.batch_size)
+            reference.update({f"val_{k}": v for k, v in val_reference.items() if k != "reference"})
+    train_ds, val_ds = (ds, val_ds) if val_ds is not None else D.split(ds, val_fraction, cfg.seed)
+    identity = {"method": method, "base_digest": lm.digest, **settings,
+                **{k: v for k, v in reference.items() if k.endswith("digest")},
+                **({"lora": asdict(lora)} if method != "full" else {})}
+    result = train(lm.model, train_ds, val_ds, cfg, _run_dir(store, name, run_dir), objective=objective_fn,
+                   resume=resume, identity=json.loads(json.dumps(identity)), pad_id=pad)
+    result.update(reference=reference, ref_cache_reused=reused)
+    lineage = {"method": method, **settings, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
+               "data_digest": ds.digest, "data_stats": ds.stats, **reference, "hyperparameters": asdict(cfg),
+               **{k: v for k, v in result.items() if k.startswith("val_")}, "command": _command()}
+    return store_trained(store, name, method, base_ref, lm, lora, lineage), result
+
+
+def _with_reference(model: torch.nn.Module, ds: D.Dataset, folder: Path, key: list[Any], pad_id: int,
+                    batch_size: int) -> tuple[D.Dataset, dict[str, Any], bool]:
+    """``ds`` with the reference's answer log-probabilities on every example: read from the cache file for this
+    model, data and settings, or computed with ``model`` now and written there (atomically) for the next run.
+    Also returns where they are and their digest (for the lineage), and whether the file was reused."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    digest = hashlib.sha256(json.dumps([*key, ds.digest]).encode()).hexdigest()
+    path = folder / f"{digest[:32]}.safetensors"
+    reused = path.is_file()
+    if reused:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                values = f.get_tensor("logps")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FormatError(f"reference cache {path} is unreadable ({e}); delete it to rebuild") from None
+        if tuple(values.shape) != (len(ds), 2):
+            raise FormatError(f"reference cache {path} holds {tuple(values.shape)} log-probabilities for "
+                              f"{len(ds)} examples; delete it to rebuild")
+    else:
+        values = reference_logps(model, ds, pad_id, batch_size)
+        if rank() == 0:
+            meta = {"base_digest": str(key[0]), "data_digest": ds.digest, "shape": ds.shape}
+            atomic_write(path, lambda tmp: save_file({"logps": values.contiguous()}, str(tmp), metadata=meta))
+    examples = [replace(e, values={**e.values, "ref_logp": a, "paired_ref_logp": b})
+                for e, (a, b) in zip(ds.examples, values.tolist())]
+    info = {"reference": "the base's log-probabilities, cached", "ref_cache": str(path),
+            "ref_logps_digest": "sha256-" + hashlib.sha256(values.numpy().tobytes()).hexdigest()}
+    return replace(ds, examples=examples), info, reused

@@ -27,8 +27,8 @@ from fourwalls.store import ModelRef, Store
 from fourwalls.tokenizer import Tokenizer
 from fourwalls.train import data as D
 from fourwalls.train.loop import TrainConfig, evaluate, rank, train
-from fourwalls.train.objectives import causal_lm, row_nll, unlearning
-from fourwalls.train.recipes import METHODS, _run_dir, load_trainable, make_trainable, store_trained
+from fourwalls.train.objectives import answer_logps, causal_lm, unlearning
+from fourwalls.train.recipes import _run_dir, load_trainable, make_trainable, store_trained
 
 MAX_PROBES = 256  # forget sentences checked for verbatim completion (the first ones)
 MIN_WORDS = 4  # a shorter sentence has no meaningful first half
@@ -132,7 +132,7 @@ def reference_nll(model: nn.Module, ds: D.Dataset, batch_size: int, pad: int) ->
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
             batch = D.collate(ds.examples[i : i + batch_size], pad)
-            out.extend(row_nll(model, batch["input_ids"], batch["labels"])[0].tolist())
+            out.extend((-answer_logps(model, batch["input_ids"], batch["labels"])[0]).tolist())
     return out
 
 
@@ -157,19 +157,12 @@ def unlearn(model_name: str, forget: Path, retain: Path, name: str, cfg: TrainCo
 
     ``force`` trains even when the model does not appear to know the forget set (``knows``).
     """
-    from fourwalls.model.lora import LoRAConfig
-
-    if method not in METHODS:
-        raise UsageError(f"unknown method '{method}'; choose full, lora or qlora")
     loss = unlearning(objective, beta, retain_weight)  # settings checked before anything is loaded
     cfg.validate()
     store = store or Store()
-    store.check_new_name(name)
     check_not_empty(forget, "forget")  # before the model loads: bad input fails fast
     check_not_empty(retain, "retain")
-    base_ref, lm = load_trainable(store, model_name, "unlearn")
-    if max_len > lm.config.context_length:
-        raise UsageError(f"--max-len {max_len} exceeds the model's context window ({lm.config.context_length})")
+    base_ref, lm = load_trainable(store, model_name, name, method, max_len, "unlearn")
     tok, eos_ids = lm.tokenizer, tuple(lm.config.eos_token_ids or ())
     eos = eos_ids[0] if eos_ids else None
     pad = eos if eos is not None else 0
@@ -182,8 +175,7 @@ def unlearn(model_name: str, forget: Path, retain: Path, name: str, cfg: TrainCo
                          f"{before['forget_perplexity']:.2f} against {before['retain_perplexity']:.2f} on the retain "
                          f"set, and it completes none of {len(items)} forget sentences word for word; nothing was "
                          "trained (--force unlearns anyway)")
-    lora = lora or LoRAConfig()
-    make_trainable(lm.model, method, lora, cfg.seed)
+    lora = make_trainable(lm.model, method, lora, cfg.seed)
     train_ds = pairs(forget_ds, retain_ds, reference_nll(lm.model, forget_ds, cfg.batch_size, pad))
     settings = {"objective": objective, "beta": beta, "retain_weight": retain_weight, "max_len": max_len}
     identity = {"method": method, "base_digest": lm.digest, **settings,

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import numpy as np
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from fourwalls.errors import NotFoundError, UsageError
+from fourwalls.errors import DiskFullError, NotFoundError, UsageError
 from fourwalls.rag.stores.base import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
 
 SCHEMA = """
@@ -107,6 +109,16 @@ class PostgresStore:
             raise UsageError(f"pgvector is not installed on the PostgreSQL server at {self.where} "
                              "(see https://github.com/pgvector/pgvector#installation)") from None
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction; a full disk on the server is a DiskFullError (and PostgreSQL undoes the rest)."""
+        try:
+            with self.conn.transaction():
+                yield
+        except psycopg.errors.DiskFull as e:
+            raise DiskFullError(f"the disk is full on the PostgreSQL server at {self.where} ({self._clean(e)}); "
+                                "free some space there and try again") from None
+
     def _clean(self, e: Exception) -> str:
         msg = _line(e)
         return msg.replace(self._password, "***") if self._password else msg
@@ -126,7 +138,7 @@ class PostgresStore:
     def create_collection(self, name: str, embedder: str, dim: int) -> Collection:
         check_name(name)
         _check_dim(dim)
-        with self.conn.transaction():
+        with self._writing():
             row = self.conn.execute(
                 "INSERT INTO fw_collections(name, embedder, dim, created) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (name) DO NOTHING RETURNING id", (name, embedder, dim, now())).fetchone()
@@ -163,7 +175,7 @@ class PostgresStore:
         return [Collection(*r) for r in rows]
 
     def drop_collection(self, name: str) -> None:
-        with self.conn.transaction():
+        with self._writing():
             cid = self._row(name, "FOR UPDATE")[0]
             self.conn.execute(f"DROP TABLE fw_vec_{cid}")
             self.conn.execute("DELETE FROM fw_collections WHERE id = %s", (cid,))  # cascades to documents, chunks
@@ -181,7 +193,7 @@ class PostgresStore:
         return DocumentInfo(*row) if row else None
 
     def put_document(self, collection: str, doc: DocumentInfo, chunks: list, vectors: np.ndarray) -> None:
-        with self.conn.transaction():
+        with self._writing():
             cid, _, dim = self._row(collection, "FOR SHARE")  # no replace_vectors or drop meanwhile
             if vectors.shape != (len(chunks), dim):
                 raise UsageError(f"{doc.source}: {vectors.shape} vectors for {len(chunks)} chunks of dimension {dim}")
@@ -208,7 +220,7 @@ class PostgresStore:
         return cur.rowcount > 0
 
     def delete_document(self, collection: str, source: str) -> bool:
-        with self.conn.transaction():
+        with self._writing():
             return self._delete(self._row(collection, "FOR SHARE")[0], source)
 
     def chunks(self, collection: str, source: str) -> list[Hit]:
@@ -224,7 +236,7 @@ class PostgresStore:
         _check_dim(dim)
         if vectors.shape != (len(ids), dim):
             raise UsageError(f"{vectors.shape} vectors for {len(ids)} chunks of dimension {dim}")
-        with self.conn.transaction():
+        with self._writing():
             cid = self._row(collection, "FOR UPDATE")[0]
             rows = {r[0]: r[1:] for r in self.conn.execute(
                 "SELECT c.id, c.doc, d.title, c.heading, c.text FROM fw_chunks c JOIN fw_documents d ON d.id = c.doc "
@@ -259,7 +271,8 @@ class PostgresStore:
         allowed = self._allowed(cid, groups, where)
         if tsquery is None or allowed == []:
             return []
-        common = self._common(cid, terms) if len(terms) > 1 else set()
+        common = set() if len(terms) < 2 else self._common(cid, terms) if groups is None else \
+            self._common_among(cid, terms, self._allowed(cid, groups, None) or [])
         rare = self.conn.execute(TSQUERY, ([t for t in terms if t not in common],)).fetchone()[0] if common else None
         only = "" if allowed is None else "AND doc = ANY(%(allowed)s::bigint[])"
         rows = self.conn.execute(
@@ -285,6 +298,18 @@ class PostgresStore:
         rows = self.conn.execute("SELECT t, tsvector_to_array(to_tsvector('english', t)) FROM unnest(%s::text[]) t",
                                  (terms,))
         return {t for t, lex in rows if lex and set(lex) <= lexemes}
+
+    def _common_among(self, cid: int, terms: list[str], readable: list[int]) -> set[str]:
+        """The common terms for a caller who reads only the ``readable`` documents, counted among their chunks: the
+        planner's statistics cover the documents it cannot read too, and would let them change its matches."""
+        chunks = self.conn.execute("SELECT coalesce(sum(chunks), 0) FROM fw_documents WHERE id = ANY(%s::bigint[])",
+                                   (readable,)).fetchone()[0]
+        if chunks < 1000:  # as in the SQLite store: matching every term is cheap in a small collection
+            return set()
+        rows = self.conn.execute(
+            f"SELECT t, (SELECT count(*) FROM fw_vec_{cid} WHERE tsv @@ plainto_tsquery('english', t) AND "
+            "doc = ANY(%s::bigint[])) FROM unnest(%s::text[]) t", (readable, terms))
+        return {t for t, n in rows if n > chunks * COMMON}
 
     def search_vector(self, collection: str, vector: np.ndarray, k: int, groups: set[str] | None = None,
                       where: dict[str, str] | None = None) -> list[Hit]:

@@ -10,6 +10,7 @@ thread with its own connection: an exact scan of 100k vectors takes about 70 ms 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -22,7 +23,8 @@ import apsw
 import numpy as np
 import sqlite_vec
 
-from fourwalls.errors import FormatError, NotFoundError, OverloadedError, UsageError
+from fourwalls.errors import DiskFullError, FormatError, NotFoundError, OverloadedError, UsageError
+from fourwalls.files import full_message
 from fourwalls.rag.stores.base import Collection, DocumentInfo, Hit, check_name, indexed_text, query_terms
 
 SCHEMA = """
@@ -32,7 +34,7 @@ CREATE TABLE IF NOT EXISTS collections(
 CREATE TABLE IF NOT EXISTS documents(
     id INTEGER PRIMARY KEY, collection INTEGER NOT NULL REFERENCES collections(id), source TEXT NOT NULL,
     digest TEXT NOT NULL, title TEXT NOT NULL, groups TEXT NOT NULL, meta TEXT NOT NULL, chunks INTEGER NOT NULL,
-    ingested TEXT NOT NULL, UNIQUE(collection, source));
+    ingested TEXT NOT NULL, tokens INTEGER, UNIQUE(collection, source));
 CREATE TABLE IF NOT EXISTS doc_groups(
     grp TEXT NOT NULL, doc INTEGER NOT NULL REFERENCES documents(id), PRIMARY KEY(grp, doc)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks(
@@ -49,6 +51,7 @@ HIT = """SELECT c.id, c.text, d.source, d.title, c.heading, c.page, c.start, c."
 
 TOKENIZER = "porter unicode61 remove_diacritics 2"  # FTS5's: Porter stemming over unicode61 words
 COMMON = 0.05  # a term in more than this share of a collection's chunks is common (see SqliteStore._common)
+K1, B = 1.2, 0.75  # FTS5's bm25() parameters, which SqliteStore._scoped_bm25 computes again
 PARTS = 4  # vectors are scanned in this many partitions at once, each by its own connection and thread
 
 
@@ -64,7 +67,7 @@ def now() -> str:
 class SqliteStore:
     def __init__(self, path: Path | str | None = None) -> None:
         if path is None:
-            from fourwalls.store import home
+            from fourwalls.files import home
 
             path = home() / "rag.db"
         self.path = Path(path)
@@ -76,6 +79,12 @@ class SqliteStore:
             self.db.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON")
             with self._write():
                 self.db.execute(SCHEMA)
+                if "tokens" not in {r[1] for r in self.db.execute("PRAGMA table_info(documents)")}:
+                    self.db.execute("ALTER TABLE documents ADD COLUMN tokens INTEGER")  # a store from before it
+                for cid, did in self.db.execute("SELECT collection, id FROM documents WHERE tokens IS NULL").fetchall():
+                    self._count_tokens(cid, did)
+        except apsw.FullError:
+            raise DiskFullError(full_message(self.path.parent, f"the document store {self.path.name}")) from None
         except apsw.Error as e:
             raise FormatError(f"cannot open the document store {self.path}: {e}") from None
 
@@ -87,6 +96,8 @@ class SqliteStore:
         db.enable_load_extension(False)
         # mmap: a kNN scan reads every vector; through the page cache it costs a third more (100k chunks).
         db.execute("PRAGMA mmap_size=4294967296")
+        db.create_scalar_function("fw_varint", _varint, 1, deterministic=True)
+        db.register_fts5_function("fw_bm25_terms", _bm25_terms)
         return db
 
     def _reader(self) -> apsw.Connection:
@@ -102,17 +113,24 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        """One write transaction, taking the write lock up front (a deferred one could not upgrade under WAL)."""
+        """One write transaction, taking the write lock up front (a deferred one could not upgrade under WAL). A
+        full disk is a DiskFullError, and the transaction is undone."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except apsw.BusyError:
             raise OverloadedError(f"the document store {self.path} is locked by another writer; retry") from None
+        except apsw.FullError:
+            raise DiskFullError(full_message(self.path.parent, f"the document store {self.path.name}")) from None
         try:
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as e:
+            if self.db.in_transaction:  # SQLite has already rolled back after some errors, a full disk among them
+                self.db.execute("ROLLBACK")
+            if isinstance(e, apsw.FullError):
+                raise DiskFullError(full_message(self.path.parent, f"the document store {self.path.name}")) \
+                    from None
             raise
-        self.db.execute("COMMIT")
 
     # collections
 
@@ -201,6 +219,13 @@ class SqliteStore:
                                 (rowid, indexed_text(doc.title, c.heading, c.text)))
                 self.db.execute(f"INSERT INTO vec_{cid}(rowid, embedding, part, acl, doc) VALUES (?, ?, ?, ?, ?)",
                                 (rowid, v.tobytes(), rowid % PARTS, acl, did))
+            self._count_tokens(cid, did)
+
+    def _count_tokens(self, cid: int, did: int) -> None:
+        """Store how many tokens the text index holds for a document (its chunks' sizes, as FTS5 counted them):
+        BM25 over the documents a key may read needs their total (see _scoped_bm25)."""
+        self.db.execute(f"UPDATE documents SET tokens = (SELECT coalesce(sum(fw_varint(s.sz)), 0) FROM "
+                        f"fts_{cid}_docsize s JOIN chunks c ON c.id = s.id WHERE c.doc = ?1) WHERE id = ?1", (did,))
 
     def _delete(self, cid: int, source: str) -> bool:
         row = self.db.execute("SELECT id FROM documents WHERE collection = ? AND source = ?", (cid, source)).fetchone()
@@ -278,24 +303,47 @@ class SqliteStore:
                     where: dict[str, str] | None = None) -> list[Hit]:
         cid = self._row(collection)[0]
         terms = query_terms(query)
-        common = self._common(cid, terms) if len(terms) > 1 else set()
-        rare = " OR ".join(f'"{t}"' for t in terms if t not in common)
-        match = " OR ".join(f'"{t}"' for t in terms)
+        # A caller with groups gets term statistics over what it may read, always (even when that is everything,
+        # which would otherwise show as a change): documents it cannot read must not change its scores, nor which
+        # of its terms are common, and so show what they contain.
+        stats = None if groups is None else self._stats(cid, self._allowed(cid, groups, None), terms)
+        common = set() if len(terms) < 2 else self._common(cid, terms) if stats is None else \
+            {t for t in terms if stats[0] >= 1000 and stats[2][t] > stats[0] * COMMON}
+        rare = [t for t in terms if t not in common]
+        match, phrases = " OR ".join(f'"{t}"' for t in terms), terms
         if rare and common:  # match on the rare terms only; the common ones still count in those matches' scores
-            match = f"{rare} OR (({match}) AND ({rare}))"
+            either = " OR ".join(f'"{t}"' for t in rare)
+            match, phrases = f"{either} OR (({match}) AND ({either}))", [*rare, *terms, *rare]
         allowed = self._allowed(cid, groups, where)
         if allowed == []:
             return []
         # The text index is searched first and its matches filtered by a join: "rowid IN (subquery)" would make
         # FTS5 look every allowed chunk up on its own (seconds at 10k chunks).
         only = "" if allowed is None else f"AND +c.doc IN ({','.join(map(str, allowed))})"
-        rows = self.db.execute(f"SELECT f.rowid, -bm25(fts_{cid}) FROM fts_{cid} f CROSS JOIN chunks c "
-                               f"ON c.id = f.rowid WHERE fts_{cid} MATCH ? {only} ORDER BY bm25(fts_{cid}) LIMIT ?",
-                               (match, k)).fetchall()
+        if stats is None:
+            rows = self.db.execute(f"SELECT f.rowid, -bm25(fts_{cid}) FROM fts_{cid} f CROSS JOIN chunks c ON c.id = "
+                                   f"f.rowid WHERE fts_{cid} MATCH ? {only} ORDER BY bm25(fts_{cid}) LIMIT ?",
+                                   (match, k)).fetchall()
+        else:
+            found = self.db.execute(f"SELECT f.rowid, fw_bm25_terms(fts_{cid}) FROM fts_{cid} f CROSS JOIN chunks c "
+                                    f"ON c.id = f.rowid WHERE fts_{cid} MATCH ? {only}", (match,))
+            rows = sorted(((i, _bm25(json.loads(row), phrases, stats)) for i, row in found),
+                          key=lambda r: (-r[1], r[0]))[:k]
         hits, score = self._hits([r[0] for r in rows]), dict(rows)
         for h in hits:
             h.bm25 = h.score = score[h.id]
         return hits
+
+    def _stats(self, cid: int, readable: list[int], terms: list[str]) -> tuple[int, float, dict[str, int]]:
+        """BM25's statistics over the ``readable`` documents: their chunks, the chunks' mean length in tokens, and
+        for each term the chunks that hold it."""
+        only = ",".join(map(str, readable)) or "NULL"
+        chunks, tokens = self.db.execute(f"SELECT coalesce(sum(chunks), 0), coalesce(sum(tokens), 0) FROM documents "
+                                         f"WHERE id IN ({only})").fetchone()
+        df = {t: self.db.execute(f"SELECT count(*) FROM fts_{cid} f CROSS JOIN chunks c ON c.id = f.rowid "
+                                 f"WHERE fts_{cid} MATCH ? AND +c.doc IN ({only})", (f'"{t}"',)).fetchone()[0]
+              for t in terms}
+        return chunks, tokens / chunks if chunks else 0.0, df
 
     def _common(self, cid: int, terms: list[str]) -> set[str]:
         """The terms found in more than 5% of the collection's chunks. Every chunk that a query matches is scored,
@@ -359,3 +407,32 @@ def _info(r: tuple) -> DocumentInfo:
 def _hit(r: tuple) -> Hit:
     return Hit(id=r[0], text=r[1], source=r[2], title=r[3], heading=r[4], page=r[5], start=r[6], end=r[7],
                groups=json.loads(r[8]))
+
+
+def _varint(blob: bytes | None) -> int:
+    """The first number of a blob of SQLite varints (FTS5 stores a chunk's length in tokens as one)."""
+    value = 0
+    for i, byte in enumerate(blob or b""):
+        if i == 8:
+            return (value << 8) | byte
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            break
+    return value
+
+
+def _bm25_terms(api: apsw.FTS5ExtensionApi) -> str:
+    """An FTS5 function: the matched chunk's length in tokens and how often each phrase of the query occurs in it,
+    which with the caller's own statistics give its BM25 score (``_bm25``)."""
+    return json.dumps([api.column_size(0), *(len(api.phrase_locations(i)[0]) for i in range(api.phrase_count))])
+
+
+def _bm25(row: list[int], phrases: list[str], stats: tuple[int, float, dict[str, int]]) -> float:
+    """FTS5's bm25() of one chunk (``row``: its length, then each phrase's count) over the given statistics."""
+    chunks, mean, df = stats
+    length, *counts = row
+    score = 0.0
+    for term, f in zip(phrases, counts, strict=True):
+        idf = max(math.log((chunks - df[term] + 0.5) / (df[term] + 0.5)), 1e-6)
+        score += idf * f * (K1 + 1) / (f + K1 * (1 - B + B * length / mean))
+    return score
