@@ -204,7 +204,7 @@ def cmd_models_du(args: argparse.Namespace) -> None:
     rows.append(("total", "", megabytes(sum(b for _, b, _ in usage.values())), ""))
     _table(("KIND", "ENTRIES", "SIZE", "WHERE"), rows, right=(1, 2))
     if usage["cache"][1]:
-        print("the cache holds float32 copies of GGUF files and teacher logits, rebuilt when needed: "
+        print("the cache holds GGUF files in fourwalls' format and teacher logits, rebuilt when needed: "
               "`fourwalls models prune-cache` frees it")
 
 
@@ -763,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("du", help="disk use of the store by kind: models, adapters, cache, runs, documents")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_du)
-    p = msub.add_parser("prune-cache", help="delete the cache (float32 copies of GGUF files, teacher logits), "
+    p = msub.add_parser("prune-cache", help="delete the cache (GGUF files in fourwalls' format, teacher logits), "
                         "which is rebuilt when needed")
     p.set_defaults(func=cmd_models_prune_cache)
     p = msub.add_parser("show", help="architecture, size, digest and lineage of a model")

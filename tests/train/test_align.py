@@ -143,6 +143,7 @@ def test_a_short_lora_run_raises_held_out_reward_accuracy_above_chance(tiny_base
     assert result["val_loss"] < recs[0]["val_loss"]
     steps = [r for r in recs if "loss" in r]
     assert len(steps) == 30 and all("reward_accuracy" in r for r in steps)
+    assert all(0 < r["trained_share"] < 1 for r in steps), [r["trained_share"] for r in steps]  # both answers count
     assert sum("reward_margin" in r for r in steps) >= 20  # a KTO batch with answers of one label has no margin
     assert ("kl" in steps[0]) == (objective != "orpo") and "val_ppl" not in result
     assert [r["step"] for r in recs if "val_reward_accuracy" in r] == [0, 10, 20, 30]

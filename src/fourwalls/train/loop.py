@@ -190,7 +190,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, cfg: Trai
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += m["tokens"]
                 measured.append({k: v for k, v in m.items() if k not in _COUNTS})
-                processed += m.get("processed", float(batch["lengths"].sum()))
+                processed += m.get("processed", _processed(batch))
             if world > 1:  # the loss of the whole global batch, not this rank's share; a signal on any rank stops all
                 t = torch.tensor([loss_sum, 1.0 if stop["signal"] else 0.0])
                 dist.all_reduce(t)
@@ -254,6 +254,12 @@ def _shard(model: nn.Module) -> None:
 def _full(t: Tensor) -> Tensor:
     """A DTensor (a sharded model's gradient norm, say) as a whole tensor; any other tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _processed(batch: dict[str, Tensor]) -> float:
+    """The tokens a batch ran through the model: its rows and their paired rows (a preference pair's rejected
+    answer, KTO's mismatched one), for tokens/s; an objective that runs only some of them reports ``processed``."""
+    return float(batch["lengths"].sum()) + float(batch["paired_lengths"].sum() if "paired_lengths" in batch else 0)
 
 
 def _mean_metrics(measured: list[dict[str, float]], world: int) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """Training objectives: ``objective(model, batch) -> (loss, metrics)``; the one training loop calls any of them.
 
-``metrics`` holds ``tokens`` (the tokens the batch ran, for throughput), ``examples`` where the loss is a mean over
-examples rather than tokens (validation weighs batches by it), and whatever else the objective measures: the loop
-logs it per step and on validation, and plots it beside the loss. Every call returns the same keys (NaN where a
-batch cannot measure one), since under torchrun the ranks average them together.
+``metrics`` holds ``tokens`` (the tokens the loss scores), ``processed`` where the batch ran more than its rows'
+tokens (padding excluded; the loop's tokens/s counts it, else the rows' lengths), ``examples`` where the loss is a
+mean over examples rather than tokens (validation weighs batches by it), and whatever else the objective measures:
+the loop logs it per step and on validation, and plots it beside the loss. Every call returns the same keys (NaN
+where a batch cannot measure one), since under torchrun the ranks average them together.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
         ids, labels = with_paired(batch)
         b = ids.shape[0] // 2
         logps, counts = answer_logps(model, ids, labels)
-        metrics = {"examples": float(b), "tokens": _tokens(labels)}
+        metrics = {"examples": float(b), "tokens": float(counts.sum()), "processed": _tokens(labels)}
         if kind == "orpo":
             mean = logps / counts.clamp(min=1)
             ratio = orpo_log_odds_ratio(mean[:b], mean[b:])
@@ -216,7 +217,7 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
         ids, labels = with_paired(batch)  # each answer, then the mismatched answers
         b = ids.shape[0] // 2
         ref = _reference(model, batch, ids, labels)
-        logps, _ = answer_logps(model, ids[:b], labels[:b])
+        logps, counts = answer_logps(model, ids[:b], labels[:b])
         training = torch.is_grad_enabled()  # validation: each rank that runs it sees the whole set
         with torch.no_grad():  # the reference point: no gradient flows through it
             inner = getattr(model, "module", model)
@@ -230,7 +231,7 @@ def preference(kind: str, beta: float = 0.1, desirable_weight: float = 1.0, unde
         rewards = beta * (logps - ref[:b]).detach()
         chosen, rejected = rewards[desirable], rewards[~desirable]
         nan = float("nan")
-        metrics = {"examples": float(b), "tokens": _tokens(labels[:b]),
+        metrics = {"examples": float(b), "tokens": float(counts.sum()), "processed": _tokens(labels),
                    "reward_accuracy": ((rewards > 0) & desirable | (rewards < 0) & ~desirable).float().mean().item(),
                    "reward_chosen": chosen.mean().item() if len(chosen) else nan,
                    "reward_rejected": rejected.mean().item() if len(rejected) else nan,
