@@ -193,7 +193,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
 def _completion_constraint(state: ServerState, body: CompletionRequest) -> Callable[[], Constraint | None]:
     schema = _output_schema(body)
 
-    def compile() -> Constraint | None:
+    def constraint() -> Constraint | None:
         if schema is None:
             return None
         try:
@@ -201,7 +201,7 @@ def _completion_constraint(state: ServerState, body: CompletionRequest) -> Calla
         except UsageError as e:
             raise UsageError(str(e), param="response_format") from None
 
-    return compile
+    return constraint
 
 
 def _batch_usage(batch: Batch) -> dict[str, Any]:
