@@ -73,7 +73,7 @@ def worker(impl: str, steps: int) -> dict:
         def step(i: int) -> float:
             loss, m = objective(model, batches[i])
             loss.backward()
-            return m["tokens"]
+            return m["processed"]  # both sequences run, padding excluded (tokens: the scored ones)
     else:
         from datasets import Dataset
         from peft import LoraConfig

@@ -166,7 +166,9 @@ def test_ask_answers_with_citations_and_says_when_it_does_not_know(tmp_path, emb
     store = SqliteStore(tmp_path / "rag.db")
     write(tmp_path / "docs", HANDBOOK)
     ingest(store, emb, file_items([tmp_path / "docs"])[0], "hb", groups=["staff"], progress=False)
-    lm = Store().load("smollm2-135m-instruct")
+    # fp32 (the GGUF's blocks dequantized): the 135M model's greedy answer to this prompt is at the edge between
+    # answering and echoing its sources, and int8-rounded inputs (as llama.cpp computes the blocks) tip it over
+    lm = Store().load("smollm2-135m-instruct", quantized=False)
     params = SamplingParams(max_new_tokens=40, temperature=0.0)
     r = Retriever(store, emb)
     a = ask(lm, r, "hb", "How many weeks of parental leave do employees get?", params, k=2)

@@ -49,8 +49,8 @@ def test_sigterm_drains_then_exits_0(session_store):
     url = f"http://127.0.0.1:{port}"
     proc = start(port, session_store.root, "--drain-timeout", "60")
     try:
-        stream_lines: list[str] = []
-        body = {"model": DEFAULT_MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 60, "temperature": 0,
+        stream_lines: list[str] = []  # the stream below is still running when the checks after SIGTERM are made
+        body = {"model": DEFAULT_MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 300, "temperature": 0,
                 "stream": True}
         reader = threading.Thread(target=read_stream, args=(url, body, stream_lines))
         reader.start()

@@ -25,12 +25,10 @@ class Metrics:
         self.e2e = Histogram("fourwalls_e2e_request_latency_seconds", "Time from arrival to the last token",
                              buckets=_LATENCY, registry=r)
         self.prompt_tokens = Counter("fourwalls_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.cached_tokens = Counter("fourwalls_prompt_tokens_cached", "Prompt tokens found in the prefix cache",
-                                     registry=r)
         self.generation_tokens = Counter("fourwalls_generation_tokens", "Tokens generated", registry=r)
-        Gauge("fourwalls_num_requests_waiting", "Requests queued for the batch and KV-cache blocks",
+        Gauge("fourwalls_num_requests_waiting", "Requests queued for a KV-cache row",
               registry=r).set_function(lambda: engine.num_waiting)
         Gauge("fourwalls_num_requests_running", "Requests in the running batch",
               registry=r).set_function(lambda: engine.num_running)
-        Gauge("fourwalls_kv_cache_usage_ratio", "Fraction of the KV cache's blocks held by requests",
+        Gauge("fourwalls_kv_cache_usage_ratio", "Fraction of the KV-cache pool in use",
               registry=r).set_function(lambda: engine.kv_usage)

@@ -161,7 +161,7 @@ class Runner:
         self.adapter: str | None = None
         self.toolbox: Toolbox | None = None
         self.dialect = dialect(state.lm.tokenizer)
-        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        self.prompt_tokens = self.completion_tokens = 0
         self.rounds: list[Round] = []
         self.disconnected = False
         self._prompt: list[int] = []
@@ -292,7 +292,6 @@ class Runner:
                             finish[i] = (delta.finish_reason, delta.stop)
                 finally:
                     self.prompt_tokens += batch.prompt_tokens
-                    self.cached_tokens += batch.cached_tokens
                     self.completion_tokens += batch.completion_tokens
                     self.caller.spend(batch.tokens)
                     batch.cancel()
