@@ -83,11 +83,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from fourwalls.generate import Session, stream
+    from fourwalls.generate import Session
 
     params = _params(args)
     params.validate()
+    specs = _tool_specs(args)
     lm = _load(args.model)
+    toolbox = _toolbox(lm, specs) if specs else None
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -112,24 +114,64 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         if not interactive:
             print(f"> {line}")
-        messages.append({"role": "user", "content": line})
-        reply = []
+        turn = [*messages, {"role": "user", "content": line}]
         try:
-            ids = lm.tokenizer.encode_chat(messages)
-            for chunk in stream(lm.model, lm.tokenizer, ids, params, lm.config.eos_token_ids, session):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-                reply.append(chunk.text)
+            turn += _chat_turn(lm, turn, params, session, toolbox, args.max_tool_rounds, args.tool_choice)
         except FourwallsError as e:
             if not interactive:
                 raise
-            messages.pop()
             print(f"error: {e}", file=sys.stderr)
             continue
         except KeyboardInterrupt:  # stop this answer, keep the conversation
-            pass
+            print()
+            continue
         print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages = turn
+
+
+def _tool_specs(args: argparse.Namespace) -> list[Any]:
+    from fourwalls.tools import MAX_ROUNDS, parse_specs
+
+    if not 1 <= args.max_tool_rounds <= MAX_ROUNDS:
+        raise UsageError(f"--max-tool-rounds must be between 1 and {MAX_ROUNDS}")
+    if args.tool_choice != "auto" and not args.tools:
+        raise UsageError("--tool-choice needs --tools")
+    return parse_specs(args.tools) if args.tools else []
+
+
+def _toolbox(lm: Any, specs: list[Any]) -> Any:
+    """The built-in tools, documents searching this machine's collections (every group: the user is local)."""
+    from fourwalls.rag.embed import embedder
+    from fourwalls.rag.retrieve import Retriever
+    from fourwalls.rag.stores import open_store
+    from fourwalls.tools import Toolbox
+
+    def retriever() -> Retriever:
+        store = open_store(os.environ.get("FOURWALLS_RAG_STORE"))
+        for spec in specs:
+            if spec.collection:
+                store.collection(spec.collection)  # a missing collection fails now, not at the first search
+        return Retriever(store, embedder())
+
+    return Toolbox(specs, retriever, lm.tokenizer.control_tokens)
+
+
+def _chat_turn(lm: Any, messages: list[dict[str, Any]], params: Any, session: Any, toolbox: Any,
+               max_rounds: int, choice: str = "auto") -> list[dict[str, Any]]:
+    """Answer the conversation, printing as it goes (each tool call shown with its result); returns the messages
+    the turn adds."""
+    from fourwalls.tools.loop import answer
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def ran(done: Any) -> None:
+        for c, result in zip(done.calls, done.results):
+            print(f"\n[{c.name}] {c.arguments} -> {result}")
+
+    # one call per round: small models, free to go on, repeat their call until the token budget ends
+    return answer(lm, messages, params, toolbox, max_rounds, choice, session, False, show, ran).messages
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
@@ -451,6 +493,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from fourwalls.engine import EngineConfig
     from fourwalls.serve.server import ServeConfig, serve
+    from fourwalls.tools import parse_specs
 
     adapters = {}
     for spec in args.adapter:
@@ -469,10 +512,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
+    tools = parse_specs(args.tools) if args.tools else []
     keys = _key_file(argparse.Namespace(file=args.api_keys))
     return serve(ServeConfig(args.model, args.host, args.port, adapters,
                              keys if args.api_keys or keys.is_file() else None, engine, args.drain_timeout,
-                             args.max_body_bytes, args.log_requests, rag_store=args.rag_store, embedder=args.embedder))
+                             args.max_body_bytes, args.log_requests, rag_store=args.rag_store, embedder=args.embedder,
+                             tools=tools))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a model (reads one message per line from stdin when not a terminal)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"stored name or path (default {DEFAULT_MODEL})")
     p.add_argument("--system", help="system message")
+    p.add_argument("--tools", metavar="LIST", help="built-in tools the model may call, run by fourwalls: "
+                   "calculator, documents or documents:COLLECTION (comma-separated)")
+    p.add_argument("--max-tool-rounds", type=int, default=4, help="most rounds of tool calls per answer "
+                   "(default 4)")
+    p.add_argument("--tool-choice", choices=["auto", "required"], default="auto", help="required: the answer "
+                   "starts with a tool call (small models seldom call one unasked)")
     _sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
@@ -661,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $FOURWALLS_RAG_STORE, else $FOURWALLS_HOME/rag.db)")
     p.add_argument("--embedder", metavar="FOLDER", help="a sentence-transformers BERT folder for /v1/embeddings "
                    "and retrieval (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--tools", metavar="LIST", help="built-in tools offered on every chat, responses and messages "
+                   "request: calculator, documents or documents:COLLECTION (comma-separated)")
     p.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="API keys for `fourwalls serve`: add, list, rm (the file keeps only hashes)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -13,6 +14,9 @@ from fourwalls.errors import ContextLengthError, UsageError
 from fourwalls.model.fused import decode_step, decoder
 from fourwalls.model.transformer import KVCache, Transformer
 from fourwalls.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fourwalls.engine.grammar import Constraint
 
 
 @dataclass
@@ -112,6 +116,7 @@ class Delta:
     text: str
     tokens: list[TokenInfo]
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    stop: str | None = None  # the stop string that ended the output
 
 
 class Session:
@@ -123,8 +128,9 @@ class Session:
 
 
 def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams, eos_ids: Sequence[int] = (),
-                    session: Session | None = None) -> Iterator[TokenInfo]:
-    """Yield sampled tokens one at a time (EOS included, then stop); the caller stops early by closing."""
+                    session: Session | None = None, constraint: Constraint | None = None) -> Iterator[TokenInfo]:
+    """Yield sampled tokens one at a time (EOS included, then stop); the caller stops early by closing.
+    ``constraint`` (a grammar) limits what may be sampled; the output ends when it is complete."""
     p.validate()
     ctx = model.config.context_length
     if not prompt:
@@ -161,10 +167,12 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
             if session is not None:
                 session.tokens.extend(fed)
             pos += len(fed)
+            if constraint is not None:
+                logits = constraint.mask(logits)
             info = pick(logits, history, p, gen)
             next_id = info.id
             yield info
-            if next_id in eos:
+            if next_id in eos or (constraint is not None and constraint.advance(next_id)):
                 return
             history = torch.cat([history, torch.tensor([next_id])])
             fed = [next_id]
@@ -198,10 +206,11 @@ class Detokenizer:
         self.text += self.decoder.step(self.tokenizer.backend, info.id) or ""
         text, safe = self.text, len(self.text)
         if self.stop:
-            hits = [i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0]
+            hits = [(i, s) for s in self.stop if (i := text.find(s, max(0, self.sent - self.hold))) >= 0]
             if hits:
-                self.text = text[:min(hits)]
-                return self.finish("stop")
+                at, stop = min(hits)
+                self.text = text[:at]
+                return self.finish("stop", stop)
             safe -= max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         if safe > self.sent:
             chunk = Delta(text[self.sent:safe], self.pending)
@@ -209,24 +218,25 @@ class Detokenizer:
             return chunk
         return None
 
-    def finish(self, reason: str) -> Delta:
-        """The last chunk: whatever was held back, and why the output ended."""
-        chunk = Delta(self.text[self.sent:], self.pending, reason)
+    def finish(self, reason: str, stop: str | None = None) -> Delta:
+        """The last chunk: whatever was held back, and why the output ended (``stop``: the stop string)."""
+        chunk = Delta(self.text[self.sent:], self.pending, reason, stop)
         self.sent, self.pending = len(self.text), []
         return chunk
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,
-           eos_ids: Sequence[int] = (), session: Session | None = None) -> Iterator[Delta]:
+           eos_ids: Sequence[int] = (), session: Session | None = None,
+           constraint: Constraint | None = None) -> Iterator[Delta]:
     """Generate and detokenize incrementally; stop strings are cut from the output and never streamed."""
     detok = Detokenizer(tokenizer, p.stop, eos_ids)
-    for info in generate_tokens(model, prompt, p, eos_ids, session):
+    for info in generate_tokens(model, prompt, p, eos_ids, session, constraint):
         chunk = detok.push(info)
         if chunk is not None:
             yield chunk
             if chunk.finish_reason:
                 return
-    yield detok.finish("length")
+    yield detok.finish("stop" if constraint is not None and constraint.finished else "length")
 
 
 def complete(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], p: SamplingParams,

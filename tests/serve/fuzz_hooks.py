@@ -56,7 +56,7 @@ def _closer_to_valid(context: Any, body: Any) -> Any:
     if "model" in body:
         path = context.operation.path if context.operation is not None else ""
         body["model"] = EMBEDDER if path == "/v1/embeddings" else os.environ.get("FUZZ_MODEL", "")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n"):
         if isinstance(body.get(key), int) and not isinstance(body[key], bool):
             body[key] = 1 + abs(body[key]) % 4
     return body

@@ -61,3 +61,6 @@ def test_no_generated_request_gets_a_server_error(tiny_live, tmp_path):
     # Valid requests were among them, and they reached the engine.
     assert counted.get(("/v1/chat/completions", "200"), 0) >= 10
     assert counted.get(("/v1/chat/completions", "400"), 0) >= 1  # and the strings that are not text were refused
+    # The Responses and Anthropic Messages routes were fuzzed as much as the others.
+    for route in ("/v1/responses", "/v1/responses/{response_id}", "/v1/messages"):
+        assert sum(n for (r, _), n in counted.items() if r == route) >= 5, (route, counted)

@@ -638,3 +638,39 @@ def test_the_page_works_without_a_key_file_and_fetches_nothing_from_elsewhere(ta
     finally:
         server.state.keys = keys
 
+
+
+def test_built_in_tools_are_a_setting_and_their_rounds_show(tab, server):
+    """The settings turn the server's tools on for the conversation (sent as fourwalls tools), and an answer's
+    rounds of tool calls show with their results above its text."""
+    calc = {"id": "call_1", "type": "function", "function": {"name": "calculator",
+                                                           "arguments": '{"expression": "1234 * 5678"}'}}
+    headers = {"Authorization": f"Bearer {ALICE}"}
+    r = httpx.post(f"{server.url}/v1/conversations", headers=headers, json={"title": "Multiplying", "messages": [
+        {"role": "user", "content": "What is 1234 * 5678?"},
+        {"role": "assistant", "content": "It is 7006652.", "tool_rounds": [
+            {"tool_calls": [calc], "results": [{"tool_call_id": "call_1", "name": "calculator",
+                                                "content": "7006652"}]}]}]})
+    r.raise_for_status()
+    t = tab()
+    t.sign_in(ALICE)
+    page = t.page
+    page.locator("#conversations a", has_text="Multiplying").first.click()
+    ran = page.locator(".message.assistant details.tool.ran")
+    ran.wait_for()
+    assert "Ran calculator" in ran.inner_text() and "1234 * 5678" in ran.inner_text()
+    ran.locator("summary").click()
+    assert "7006652" in ran.locator("pre").inner_text()
+
+    sent = []
+    page.on("request", lambda q: sent.append(q.post_data_json) if q.url.endswith("/v1/chat/completions") else None)
+    page.get_by_role("button", name="Settings").click()
+    page.get_by_label("Calculator (exact arithmetic, units)").check()
+    page.get_by_label("Max tokens per answer").fill("8")
+    page.get_by_role("button", name="Save").click()
+    t.ask("And 2 + 2?")
+    t.answered()
+    assert sent and sent[-1]["tools"] == [{"type": "fourwalls", "name": "calculator"}]
+    conv_id = page.evaluate("location.hash").split("=", 1)[1]
+    saved = httpx.get(f"{server.url}/v1/conversations/{conv_id}", headers=headers).json()
+    assert saved["settings"]["tools"] == ["calculator"]

@@ -332,4 +332,4 @@ class Engine:
 def _merge(first: Delta | None, last: Delta) -> Delta:
     if first is None:
         return last
-    return Delta(first.text + last.text, first.tokens + last.tokens, last.finish_reason)
+    return Delta(first.text + last.text, first.tokens + last.tokens, last.finish_reason, last.stop)

@@ -1,4 +1,5 @@
-"""Structured output: JSON (any object, or one that fits a JSON schema) enforced token by token with llguidance."""
+"""Structured output enforced token by token with llguidance: JSON (any object, or one that fits a JSON schema), or
+any Lark grammar (tool calls: see tools/format.py)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,33 @@ class Grammars:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as e:
             raise UsageError(f"invalid JSON schema: {e}") from None
+        return self._constraint(grammar, "invalid JSON schema")
+
+    def check_schema(self, schema: dict[str, Any]) -> str | None:
+        """Why ``schema`` cannot constrain output (None: it can). Blocking, as json() is."""
+        try:
+            self.json(schema)
+        except UsageError as e:
+            return str(e).removeprefix("invalid JSON schema: ")
+        return None
+
+    def lark(self, text: str) -> Constraint:
+        """A constraint for output that fits a Lark grammar; UsageError if it does not compile or is larger than
+        MAX_SCHEMA_BYTES (a tool call's grammar holds the schemas of every function offered). Blocking."""
+        size = len(text.encode())
+        if size > MAX_SCHEMA_BYTES:
+            raise UsageError(f"the tools' grammar has {size} bytes; this server compiles grammars of at most "
+                             f"{MAX_SCHEMA_BYTES} bytes: offer fewer or smaller tools")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"invalid grammar: {e}") from None
+        return self._constraint(grammar, "invalid grammar")
+
+    def _constraint(self, grammar: str, what: str) -> Constraint:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():  # an invalid schema, or one past llguidance's limits on grammar and lexer size
-            raise UsageError(f"invalid JSON schema: {matcher.get_error()}")
+        if matcher.is_error():  # an invalid grammar, or one past llguidance's limits on grammar and lexer size
+            raise UsageError(f"{what}: {matcher.get_error()}")
         return Constraint(matcher, self.vocab_size)
 
 
@@ -55,6 +80,10 @@ class Constraint:
         llnp.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         bits = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[: self.vocab_size]
         return logits.masked_fill(torch.from_numpy(bits == 0), float("-inf"))
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
 
     def copy(self) -> Constraint:
         """The same grammar at the same point, for another choice of the request (compiled once for all)."""

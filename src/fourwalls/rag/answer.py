@@ -69,9 +69,10 @@ def neutralise(text: str, control: list[str]) -> str:
     return neutralize(text, [*control, "<source", "</source"])
 
 
-def sources_block(hits: list[Hit], control: list[str]) -> str:
+def sources_block(hits: list[Hit], control: list[str], start: int = 1) -> str:
+    """The hits as ``<source id="n">`` blocks numbered from ``start``."""
     parts = []
-    for i, h in enumerate(hits, 1):
+    for i, h in enumerate(hits, start):
         where = h.location() + (f", page {h.page}" if h.page else "")
         parts.append(f'<source id="{i}" title="{neutralise(where, control).replace(chr(34), chr(39))}">\n'
                      f"{neutralise(h.text, control)}\n</source>")

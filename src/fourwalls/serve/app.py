@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from fourwalls.errors import FourwallsError
 from fourwalls.files import disk_full
-from fourwalls.serve import conversations, embeddings, openai, rag
+from fourwalls.serve import conversations, embeddings, messages, openai, rag, responses
 from fourwalls.serve.common import CurrentCaller, error_from, error_response
 from fourwalls.serve.state import ServerState
 
@@ -28,7 +28,8 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters
           "/metrics", "/openapi.json", "/docs", "/redoc", "/v1/adapters/{name}", "/v1/embeddings", "/v1/collections",
           "/v1/collections/{name}", "/v1/collections/{name}/documents", "/v1/collections/{name}/documents/{source}",
           "/v1/collections/{name}/search", "/v1/me", "/v1/conversations", "/v1/conversations/{id}",
-          "/v1/conversations/{id}/export", "/", "/ui/{path}")
+          "/v1/conversations/{id}/export", "/", "/ui/{path}", "/v1/responses", "/v1/responses/{response_id}",
+          "/v1/messages")
 # {source} and {path} may hold slashes; other parameters may not.
 _TEMPLATES = [(re.compile(re.sub(r"\{\w+\}", "[^/]+", re.sub(r"\{(source|path)\}", "(.+)", t))), t)
               for t in ROUTES if "{" in t]
@@ -54,7 +55,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPIOffline(title="fourwalls", version="1", description=f"OpenAI-compatible API serving {state.lm.name}",
                          swagger_ui_parameters={"validatorUrl": None})
     app.state.fourwalls = state
-    for routes in (openai, rag, embeddings, conversations):
+    for routes in (openai, responses, messages, rag, embeddings, conversations):
         app.include_router(routes.router)
     default_openapi = app.openapi
 
@@ -109,28 +110,31 @@ def create_app(state: ServerState) -> FastAPI:
     app.mount("/ui", StaticFiles(directory=UI), name="ui")
 
     @app.exception_handler(FourwallsError)
-    async def fourwalls_error(_: Request, e: FourwallsError) -> Response:
-        return error_from(e)
+    async def fourwalls_error(request: Request, e: FourwallsError) -> Response:
+        return error_from(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> Response:
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        path = request.url.path
+        # the deepest error says most: a bad field inside one member of a union, not "input is not a string"
+        first = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={})
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x)]
         if first.get("type") == "json_invalid":
-            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+            return error_response(400, "the request body is not valid JSON", code="invalid_json", path=path)
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-        return error_response(400, message, param=loc[0] if loc else None, code=first.get("type"))
+        return error_response(400, message, param=loc[0] if loc else None, code=first.get("type"), path=path)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> Response:
-        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None),
+                              path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def crash(_: Request, e: Exception) -> Response:
+    async def crash(request: Request, e: Exception) -> Response:
         if disk_full(e):  # a write that does not say so itself
             return error_response(507, "the disk is full on the server; free some space there and try again",
-                                  code="disk_full")
-        return error_response(500, f"internal error ({type(e).__name__})")
+                                  code="disk_full", path=request.url.path)
+        return error_response(500, f"internal error ({type(e).__name__})", path=request.url.path)
 
     return Gate(app, state)  # type: ignore[return-value]
 
@@ -164,20 +168,21 @@ class Gate:
         try:
             if self.state.draining and path.startswith("/v1/"):
                 await error_response(503, "the server is draining; retry on another replica",
-                                     headers={"Retry-After": "1", "Connection": "close"})(scope, receive, stamped)
+                                     headers={"Retry-After": "1", "Connection": "close"},
+                                     path=path)(scope, receive, stamped)
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await self._read_body(receive)
                 if body is None:
                     limit = self.state.max_body_bytes
                     await error_response(413, f"the request body exceeds {limit} bytes",
-                                         code="request_too_large")(scope, receive, stamped)
+                                         code="request_too_large", path=path)(scope, receive, stamped)
                     return
                 field = _lone_surrogate(body)
                 if field is not None:
                     await error_response(400, f"{field}: holds a lone surrogate (a \\ud800-\\udfff escape without "
                                               "its pair), which is not text; send valid Unicode", param=field,
-                                         code="invalid_unicode")(scope, receive, stamped)
+                                         code="invalid_unicode", path=path)(scope, receive, stamped)
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, stamped)

@@ -136,11 +136,15 @@ class KeyRing:
     def load(cls, path: Path) -> KeyRing:
         return cls(read_keys(path))
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        """The caller behind an ``Authorization: Bearer ...`` header, or AuthError."""
-        if not authorization or not authorization.lower().startswith("bearer "):
-            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> Caller:
+        """The caller behind an ``Authorization: Bearer ...`` header (or an ``x-api-key`` one), or AuthError."""
+        if authorization and authorization.lower().startswith("bearer "):
+            key = authorization[7:].strip()
+        elif api_key:
+            key = api_key.strip()
+        else:
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
+        digest = hashlib.sha256(key.encode()).hexdigest()
         for k in self.keys:
             if hmac.compare_digest(k.sha256, digest):
                 return Caller(k)

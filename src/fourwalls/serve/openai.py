@@ -17,89 +17,71 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from fourwalls.engine import Request as EngineRequest
-from fourwalls.engine.engine import QUEUE_LIMIT
 from fourwalls.engine.grammar import Constraint
 from fourwalls.errors import FourwallsError, NotFoundError, UsageError
 from fourwalls.generate import Delta, SamplingParams, TokenInfo
 from fourwalls.rag.answer import Answer, Grounded, ground
 from fourwalls.serve.caller import Caller
-from fourwalls.serve.common import DONE, CurrentCaller, State, error_from, error_response, sse
+from fourwalls.serve.common import DONE, CurrentCaller, State, client_closed, error_from, sse
 from fourwalls.serve.schemas import (
     MAX_STOP,
     AdapterLoad,
+    BuiltinTool,
     ChatCompletionRequest,
     CompletionRequest,
+    FunctionTool,
+    NamedToolChoice,
     RagOptions,
     Sampling,
 )
 from fourwalls.serve.state import Batch, ServerState
-from fourwalls.tokenizer import neutralize
+from fourwalls.serve.turns import (
+    Call,
+    Finished,
+    Ran,
+    Runner,
+    Text,
+    Turn,
+    authorize,
+    choice_params,
+    collect,
+    neutral,
+    queue,
+    with_server_tools,
+)
+from fourwalls.tools import Round
 
 log = logging.getLogger("fourwalls.requests")
 router = APIRouter()
 
 
-def _params(body: Sampling, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
-    seed = None if body.seed is None else (body.seed + index) & (2**63 - 1)  # n choices: n different seeds
-    return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
-                          top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                          seed=seed, stop=body.stop_list(), logprobs=logprobs)
-
-
-async def _start(state: ServerState, caller: Caller, body: Sampling, prompts: list[list[int]],
-                 max_tokens: int | None, default_max: int | None, logprobs: int | None) -> Batch:
-    """Check a request against the caller, the context window and the grammar, and queue its choices."""
-    adapter = _authorize(state, caller, body)
-    caller.admit(sum(map(len, prompts)) * body.n)
-    if len(body.stop_list()) > MAX_STOP or any(not s for s in body.stop_list()):
+def sampling(body: Sampling, logprobs: int | None = None) -> SamplingParams:
+    """The request's sampling controls (max_new_tokens and per-choice seeds are set when queued)."""
+    stop = body.stop_list()
+    if len(stop) > MAX_STOP or any(not s for s in stop):
         raise UsageError(f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
-    lengths = []
-    for prompt in prompts:
-        n = max_tokens or (default_max or state.engine.config.max_len - len(prompt))
-        state.engine.check(len(prompt), max(n, 1))
-        lengths.append(n)
-    constraint = await asyncio.to_thread(_constraint, state, body)  # compiling takes a while: off the event loop
-    requests = []
-    for prompt, n in zip(prompts, lengths):
-        for i in range(body.n):
-            own = constraint.copy() if constraint is not None and requests else constraint
-            requests.append(EngineRequest(prompt, _params(body, n, logprobs, i), lambda ev: None, adapter, own,
-                                          body.ignore_eos))
-    try:
-        return Batch(state, requests, adapter)
-    except UsageError as e:
-        if e.code != QUEUE_LIMIT:
-            raise
-        raise UsageError(str(e), param="prompt" if len(prompts) > 1 else "n", code=e.code) from None
+    return SamplingParams(temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
+                          min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          seed=body.seed, stop=stop, logprobs=logprobs)
 
 
-def _authorize(state: ServerState, caller: Caller, body: Sampling) -> str | None:
-    """The adapter the request's model names (None: the base model), if the caller may use it."""
-    adapter = state.resolve_model(body.model)
-    caller.require_model(body.model, adapter)
-    return adapter
-
-
-def _constraint(state: ServerState, body: Sampling) -> Constraint | None:
+def _output_schema(body: Sampling) -> dict[str, Any] | None:
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return state.grammars.json(None)
+        return {"type": "object"}
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise UsageError("response_format json_schema needs json_schema.schema", param="response_format")
-    try:
-        return state.grammars.json(fmt.json_schema.schema_)
-    except FourwallsError as e:
-        raise UsageError(str(e), param="response_format") from None
+    return fmt.json_schema.schema_
 
 
 def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
@@ -130,33 +112,15 @@ async def _respond(batch: Batch, body: Sampling, request: Request, caller: Calle
         outs = await _collect(batch)
     finally:
         caller.spend(batch.tokens)
-    if outs is None:  # nobody reads this; it is counted (499, as nginx logs a client that closed the request)
-        return error_response(499, "the client closed the connection before the response was ready")
-    return outs
+    return client_closed() if outs is None else outs
 
 
 def _wants_usage(body: Sampling) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def _stream(batch: Batch, frame: Any, usage: bool, caller: Caller) -> AsyncIterator[str]:
-    """Server-sent events: one frame per chunk, an optional usage frame, then [DONE]."""
-    try:
-        async for i, chunk in batch.events():
-            yield sse(frame(i, chunk))
-        if usage:
-            yield sse({**frame(0, None), "choices": [], "usage": _usage(batch)})
-    except FourwallsError as e:
-        yield sse(json.loads(error_from(e).body))
-    finally:
-        batch.cancel()  # the client went away (or an error): free the engine's rows now
-        caller.spend(batch.tokens)
-    yield DONE
-
-
-def _usage(batch: Batch) -> dict[str, int]:
-    p, c = batch.prompt_tokens, batch.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _log(state: ServerState, kind: str, prompt: Any, outputs: list[str]) -> None:
@@ -198,7 +162,11 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
     texts, prompts = await asyncio.to_thread(encode)
     if not prompts or any(not p for p in prompts):
         raise UsageError("the prompt is empty", param="prompt")
-    batch = await _start(state, caller, body, prompts, body.max_tokens, 16, body.logprobs)
+    adapter = authorize(state, caller, body.model)
+    base = sampling(body, body.logprobs)
+    caller.admit(sum(map(len, prompts)) * body.n)
+    batch = await queue(state, prompts, lambda i, budget: choice_params(base, i, budget), body.n,
+                        body.max_tokens or 16, adapter, _completion_constraint(state, body), body.ignore_eos)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = _headers(state, batch.adapter)
     echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
@@ -218,7 +186,40 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
                       cs[-1].finish_reason) for i, cs in enumerate(outs)]
     _log(state, "completion", texts, [c["text"] for c in choices])
     return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                         "choices": choices, "usage": _usage(batch)}, headers=headers)
+                         "choices": choices, "usage": _batch_usage(batch)}, headers=headers)
+
+
+def _completion_constraint(state: ServerState, body: CompletionRequest) -> Callable[[], Constraint | None]:
+    schema = _output_schema(body)
+
+    def constraint() -> Constraint | None:
+        if schema is None:
+            return None
+        try:
+            return state.grammars.json(schema)
+        except UsageError as e:
+            raise UsageError(str(e), param="response_format") from None
+
+    return constraint
+
+
+def _batch_usage(batch: Batch) -> dict[str, int]:
+    return _usage(batch.prompt_tokens, batch.completion_tokens)
+
+
+async def _stream(batch: Batch, frame: Any, usage: bool, caller: Caller) -> AsyncIterator[str]:
+    """Server-sent events: one frame per chunk, an optional usage frame, then [DONE]."""
+    try:
+        async for i, chunk in batch.events():
+            yield sse(frame(i, chunk))
+        if usage:
+            yield sse({**frame(0, None), "choices": [], "usage": _batch_usage(batch)})
+    except FourwallsError as e:
+        yield sse(json.loads(error_from(e).body))
+    finally:
+        batch.cancel()  # the client went away (or an error): free the engine's rows now
+        caller.spend(batch.tokens)
+    yield DONE
 
 
 CHAT_DESCRIPTION = """OpenAI chat completions.
@@ -237,62 +238,144 @@ documents do not tell, with `citations: []` and zero usage."""
 @router.post("/v1/chat/completions", description=CHAT_DESCRIPTION)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
                            caller: CurrentCaller) -> Response:
-    tok = state.lm.tokenizer
-    control = [] if body.raw_control_tokens else tok.control_tokens
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": neutralize(m.text(), control)}
-                for m in body.messages]
+    messages = [m.internal() for m in body.messages]
     grounded = None
     if body.rag is not None:
-        adapter = _authorize(state, caller, body)  # the model and the budgets before any retrieval
+        adapter = authorize(state, caller, body.model)  # the model and the budgets before any retrieval
         caller.admit(0, count=False)
+        if not body.raw_control_tokens:  # rag quotes the question in a prompt of its own (the turn does the rest)
+            messages = neutral(messages, state.lm.tokenizer.control_tokens)
         grounded = await _ground(state, caller, body.rag, messages)
         if isinstance(grounded, Answer):
             caller.admit(0)
             _log(state, "chat", messages, [grounded.text])
             return _no_answer(body, grounded.text, _headers(state, adapter))
         messages = grounded.messages
-    # The model's template runs in the sandbox's child processes, within its time and memory budgets.
-    prompt = await asyncio.to_thread(tok.encode_chat, messages, True, state.templates)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    batch = await _start(state, caller, body, [prompt], body.max_completion_tokens or body.max_tokens, None,
-                         logprobs)
+    functions = [t.function.internal() for t in body.tools or [] if isinstance(t, FunctionTool)]
+    builtins = [t.internal() for t in body.tools or [] if isinstance(t, BuiltinTool)]
+    choice = body.tool_choice
+    turn = Turn(body.model, messages, sampling(body, logprobs), body.max_completion_tokens or body.max_tokens,
+                body.n, functions, with_server_tools(state, builtins),
+                choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto",
+                body.parallel_tool_calls, _output_schema(body), "response_format", body.max_tool_rounds,
+                body.ignore_eos, body.raw_control_tokens)
+    runner = Runner(state, caller, turn, request)
+    await runner.start()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    headers = _headers(state, batch.adapter)
+    headers = _headers(state, runner.adapter)
+    head = {"id": rid, "created": created, "model": body.model}
 
     def lp(tokens: list[TokenInfo]) -> dict[str, Any] | None:
         return {"content": [_chat_logprob(state, t) for t in tokens]} if logprobs is not None else None
 
-    started: set[int] = set()
-    started_citations: list[bool] = []
-
-    def frame(i: int, c: Delta | None) -> dict[str, Any]:
-        choices = []
-        if c is not None:
-            delta: dict[str, Any] = {"content": c.text}
-            if i not in started:
-                started.add(i)
-                delta["role"] = "assistant"
-            choices = [{"index": i, "delta": delta, "logprobs": lp(c.tokens), "finish_reason": c.finish_reason}]
-        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-               "choices": choices}
-        if grounded is not None and not started_citations:
-            started_citations.append(True)
-            out["citations"] = grounded.citations()
-        return out
-
-    outs = await _respond(batch, body, request, caller, frame, headers)
-    if isinstance(outs, Response):
-        return outs
-    choices = []
-    for i, cs in enumerate(outs):
-        tokens = [t for c in cs for t in c.tokens]
-        choices.append({"index": i, "message": {"role": "assistant", "content": "".join(c.text for c in cs)},
-                        "logprobs": lp(tokens), "finish_reason": cs[-1].finish_reason})
-    texts = [c["message"]["content"] for c in choices]
+    if body.stream:
+        return StreamingResponse(_chat_stream(runner, head, lp, logprobs is not None, grounded,
+                                              _wants_usage(body)),
+                                 media_type="text/event-stream", headers=headers)
+    events = await collect(runner)
+    if events is None:
+        return client_closed()
+    choices = [_ChatChoice() for _ in range(body.n)]
+    for i, ev in events:
+        choices[i].add(ev)
+    texts = [c.content for c in choices]
     _log(state, "chat", messages, texts)
-    extra = {} if grounded is None else {"citations": grounded.citations(texts)}
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                         "choices": choices, "usage": _usage(batch), **extra}, headers=headers)
+    extra: dict[str, Any] = {}
+    if runner.rounds:
+        extra["tool_rounds"] = [_round(r) for r in runner.rounds]
+    citations = runner.toolbox.citations(texts) if runner.toolbox else None
+    if grounded is not None or citations is not None:
+        extra["citations"] = (grounded.citations(texts) if grounded is not None else []) + (citations or [])
+    return JSONResponse({**head, "object": "chat.completion",
+                         "choices": [c.json(i, lp) for i, c in enumerate(choices)],
+                         "usage": _runner_usage(runner), **extra}, headers=headers)
+
+
+class _ChatChoice:
+    """One choice's message, put together from the turn's events."""
+
+    def __init__(self) -> None:
+        self.content, self.tokens, self.calls, self.finish = "", [], [], "stop"
+        self.ran = False  # a round of built-in calls since the last text: the next text starts a paragraph
+        self.started = False  # streaming: the first chunk (which carries the role) was sent
+
+    def text(self, text: str) -> str:
+        if text and self.ran and self.content:
+            text = "\n\n" + text
+        if text:
+            self.ran = False
+        self.content += text
+        return text
+
+    def add(self, ev: Any) -> None:
+        if isinstance(ev, Text):
+            self.text(ev.text)
+            self.tokens += ev.tokens
+        elif isinstance(ev, Call):
+            self.calls.append(ev.call.openai())
+        elif isinstance(ev, Ran):
+            self.ran = True
+        elif isinstance(ev, Finished):
+            self.finish = ev.reason
+
+    def json(self, i: int, lp: Any) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.content or (None if self.calls else "")}
+        if self.calls:
+            message["tool_calls"] = self.calls
+        return {"index": i, "message": message, "logprobs": lp(self.tokens), "finish_reason": self.finish}
+
+
+def _runner_usage(runner: Runner) -> dict[str, int]:
+    return _usage(runner.prompt_tokens, runner.completion_tokens)
+
+
+def _round(r: Round) -> dict[str, Any]:
+    """A round of built-in calls as the response shows it (the fourwalls extension ``tool_rounds``)."""
+    return {"tool_calls": [c.openai() for c in r.calls],
+            "results": [{"tool_call_id": c.id, "name": c.name, "content": out} for c, out in zip(r.calls, r.results)]}
+
+
+async def _chat_stream(runner: Runner, head: dict[str, Any], lp: Any, logprobs: bool, grounded: Grounded | None,
+                       usage: bool) -> AsyncIterator[str]:
+    """Chat chunks: content and tool-call deltas per choice, a ``tool_round`` chunk (no choices) after each round
+    of built-in calls, a last chunk with the finish reason, then the usage and [DONE]."""
+    chunk = {**head, "object": "chat.completion.chunk"}
+    choices: dict[int, _ChatChoice] = {}
+
+    def frame(i: int, delta: dict[str, Any], tokens: list[TokenInfo] | None = None,
+              finish: str | None = None) -> str:
+        if not choices[i].started:
+            choices[i].started = True
+            delta = {"role": "assistant", **delta}
+        return sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": lp(tokens) if tokens else None,
+                                          "finish_reason": finish}]})
+
+    try:
+        if grounded is not None:
+            yield sse({**chunk, "choices": [], "citations": grounded.citations()})
+        async with aclosing(runner.events()) as events:  # closed early: the turn is cancelled at once
+            async for i, ev in events:
+                c = choices.setdefault(i, _ChatChoice())
+                if isinstance(ev, Text):
+                    text = c.text(ev.text)
+                    if text or (ev.tokens and logprobs):
+                        yield frame(i, {"content": text}, ev.tokens)
+                elif isinstance(ev, Call):
+                    yield frame(i, {"tool_calls": [{"index": len(c.calls), **ev.call.openai()}]})
+                    c.calls.append(ev.call.openai())
+                elif isinstance(ev, Ran):
+                    c.ran = True
+                    found = runner.toolbox.citations([]) if runner.toolbox else None
+                    yield sse({**chunk, "choices": [], "tool_round": _round(ev.round),
+                               **({"citations": found} if found else {})})
+                elif isinstance(ev, Finished):
+                    yield frame(i, {}, finish=ev.reason)
+        if usage:
+            yield sse({**chunk, "choices": [], "usage": _runner_usage(runner)})
+    except FourwallsError as e:
+        yield sse(json.loads(error_from(e).body))
+    yield DONE
 
 
 async def _ground(state: ServerState, caller: Caller, options: RagOptions,
@@ -319,7 +402,7 @@ def _no_answer(body: ChatCompletionRequest, text: str, headers: dict[str, str]) 
     choice, no citations, zero usage."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": body.model}
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = _usage(0, 0)
     if not body.stream:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": "stop"} for i in range(body.n)]

@@ -4,12 +4,25 @@ who reads a document or what a search returns)."""
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from fourwalls.errors import UsageError
+from fourwalls.tools import BUILTINS, DEFAULT_ROUNDS, MAX_ROUNDS, ToolSpec
+from fourwalls.tools.format import Function, ToolCall
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4
@@ -77,12 +90,46 @@ class ContentPart(BaseModel):
 IMAGE_PARTS = ("image_url", "input_image", "image")
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+FunctionName = Annotated[str, StringConstraints(pattern=FUNCTION_NAME)]
+ToolChoiceMode = Literal["none", "auto", "required"]
+
+
+def _json_object(v: str) -> str:
+    try:
+        ok = isinstance(json.loads(v), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("the arguments must be a JSON object, as text")
+    return v
+
+
+JsonObjectText = Annotated[str, AfterValidator(_json_object)]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: JsonObjectText = Field(..., description="a JSON object, as text")
+
+
+class ToolCallIn(BaseModel):
+    id: str = Field(..., min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def internal(self) -> ToolCall:
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
     def text(self) -> str:
         """The content as one text; UsageError for a part that is not text."""
@@ -98,6 +145,64 @@ class Message(BaseModel):
             if p.text is None:
                 raise UsageError("a text content part needs its text", param="messages")
         return "".join(p.text or "" for p in self.content)
+
+    def internal(self) -> dict[str, Any]:
+        """The message as a Turn reads it."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.role == "assistant" and self.tool_calls:
+            out["tool_calls"] = [c.internal() for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDef(BaseModel):
+    name: FunctionName
+    description: str = ""
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema (an object's); none: no arguments")
+    strict: bool | None = None
+
+    def internal(self) -> Function:
+        return Function(self.name, self.description, self.parameters)
+
+
+class FunctionTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class BuiltinTool(BaseModel):
+    """fourwalls extension: a tool the server runs itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["fourwalls"]
+    name: Literal[BUILTINS]  # type: ignore[valid-type]
+    collection: str | None = Field(None, min_length=1, max_length=64, description="documents: search only this "
+                                   "collection (default: every collection the API key may read)")
+
+    @model_validator(mode="after")
+    def _collection_for_documents_only(self) -> BuiltinTool:
+        if self.collection and self.name != "documents":
+            raise ValueError("only the documents tool takes a collection")
+        return self
+
+    def internal(self) -> ToolSpec:
+        return ToolSpec(self.name, self.collection)
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ChatTool = Annotated[FunctionTool | BuiltinTool, Field(discriminator="type")]
+MaxRounds = Field(DEFAULT_ROUNDS, ge=1, le=MAX_ROUNDS, description="fourwalls extension: most rounds of built-in "
+                  "tool calls (model -> tools -> model) before the model must answer")
 
 
 MAX_TOP_K = 50  # chunks one retrieval may return
@@ -135,6 +240,11 @@ class ChatCompletionRequest(Sampling):
                                      "typed in message content (<|im_start|>, </s>, ...) to the model as control "
                                      "tokens; by default each is broken apart and read as plain text, so that no "
                                      "message can open a turn of its own")
+    tools: list[ChatTool] | None = Field(None, description='functions, and fourwalls\' built-in tools: '
+                                         '{"type": "fourwalls", "name": "calculator"} (or "documents")')
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    max_tool_rounds: int = MaxRounds
 
 
 class AdapterLoad(BaseModel):
@@ -205,6 +315,8 @@ class ConversationSettings(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, description="per answer; null: up to the context window")
     collection: str | None = Field(None, max_length=64, description="answer from this document collection (RAG)")
+    tools: list[Literal[BUILTINS]] = Field(default_factory=list, max_length=len(BUILTINS),  # type: ignore[valid-type]
+                                           description="built-in tools the model may call (fourwalls runs them)")
 
 
 class ConversationMessage(BaseModel):
@@ -233,3 +345,115 @@ class ConversationUpdate(BaseModel):
     title: str | None = Field(None, max_length=200)
     settings: ConversationSettings | None = None
     messages: list[ConversationMessage] | None = Field(None, max_length=MAX_MESSAGES)
+
+
+# --- the Responses API ------------------------------------------------------------------------------------------
+
+
+class InputText(BaseModel):
+    type: Literal["input_text", "output_text", "text"] = "input_text"
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+
+
+class FunctionCallItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call"]
+    call_id: str = Field(..., min_length=1, max_length=128)
+    name: str
+    arguments: JsonObjectText = Field(..., description="a JSON object, as text")
+
+
+class FunctionCallOutputItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(..., min_length=1, max_length=128)
+    output: str
+
+
+class McpCallItem(BaseModel):
+    """A built-in tool's call and result, as a previous response's output gives it back."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["mcp_call"]
+    id: str = Field(..., min_length=1, max_length=128)
+    name: str
+    arguments: str
+    output: str | None = None
+
+
+def _item_type(v: Any) -> str | None:
+    kind = (v.get("type") if isinstance(v, dict) else getattr(v, "type", None)) or "message"
+    return kind if isinstance(kind, str) else None  # a type that is no string matches no tag: a 400
+
+
+InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[McpCallItem, Tag("mcp_call")], Discriminator(_item_type)]
+
+
+class FlatFunctionTool(BaseModel):
+    """The Responses API's function tool: the function's fields at the top."""
+
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def internal(self) -> Function:
+        return Function(self.name, self.description or "", self.parameters)
+
+
+class NamedFunctionChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextOptions(BaseModel):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+ResponsesTool = Annotated[FlatFunctionTool | BuiltinTool, Field(discriminator="type")]
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[InputItem] = Field(..., description="a user message, or a list of items (messages, "
+                                         "function calls and their outputs)")
+    instructions: str | None = Field(None, description="the system message (not carried over by "
+                                     "previous_response_id)")
+    previous_response_id: str | None = Field(None, max_length=128, description="continue that stored response's "
+                                             "conversation")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    tools: list[ResponsesTool] | None = None
+    tool_choice: ToolChoiceMode | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool = True
+    text: TextOptions | None = None
+    stream: bool = False
+    store: bool = Field(True, description="keep the response (per API key) for GET, DELETE and previous_response_id")
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    max_tool_rounds: int = MaxRounds

@@ -24,6 +24,7 @@ from fourwalls.serve.metrics import Metrics
 from fourwalls.serve.state import ServerState
 from fourwalls.store import LoadedModel, Store
 from fourwalls.templates import BUDGET, TemplateSandbox
+from fourwalls.tools import ToolSpec
 
 log = logging.getLogger("fourwalls.serve")
 
@@ -42,7 +43,9 @@ class ServeConfig:
     stall_timeout: float = 30.0
     rag_store: str | None = None  # document collections: postgresql://... or a SQLite file (None: the home's rag.db)
     embedder: str | None = None  # a sentence-transformers folder (None: the packaged all-MiniLM-L6-v2)
+    tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
     conversations: Path | None = None  # the saved conversations' SQLite file (None: $FOURWALLS_HOME/conversations.db)
+    responses: Path | None = None  # stored responses' SQLite file (None: $FOURWALLS_HOME/responses.db)
 
 
 def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
@@ -64,9 +67,12 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
         templates.close()
         raise
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
-                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, templates=templates)
+                        cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, templates=templates,
+                        tools=cfg.tools)
     if cfg.conversations is not None:
         state.conversations_path = cfg.conversations
+    if cfg.responses is not None:
+        state.responses_path = cfg.responses
     engine.start()
     return state
 

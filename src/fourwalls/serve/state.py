@@ -18,8 +18,10 @@ from fourwalls.generate import Delta
 from fourwalls.serve.caller import Caller, KeyRing
 from fourwalls.serve.conversation_store import ConversationStore
 from fourwalls.serve.metrics import Metrics
+from fourwalls.serve.stored import ResponseStore
 from fourwalls.store import LoadedModel, Store, home
 from fourwalls.templates import TemplateSandbox
+from fourwalls.tools import ToolSpec
 
 if TYPE_CHECKING:
     from starlette.requests import Request as StarletteRequest
@@ -123,10 +125,21 @@ class ServerState:
     rag_store: str | None = None  # postgresql://... or a SQLite file; None: the home's rag.db
     embedder_folder: str | None = None  # None: the packaged all-MiniLM-L6-v2
     templates: TemplateSandbox = field(default_factory=TemplateSandbox)  # renders the model's chat template
+    tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
     conversations_path: Path = field(default_factory=lambda: home() / "conversations.db")
+    responses_path: Path = field(default_factory=lambda: home() / "responses.db")  # stored responses (SQLite)
     _rag: RagService | None = field(default=None, repr=False)
     _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _conversations: ConversationStore | None = field(default=None, repr=False)
+    _responses: ResponseStore | None = field(default=None, repr=False)
+
+    @property
+    def responses(self) -> ResponseStore:
+        """Stored responses (the Responses API's ``store: true``), opened on first use."""
+        with self._opening:
+            if self._responses is None:
+                self._responses = ResponseStore(self.responses_path)
+            return self._responses
 
     @property
     def rag(self) -> RagService:

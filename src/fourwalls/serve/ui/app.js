@@ -19,7 +19,8 @@ const state = {
 };
 
 function defaults() {
-  return { model: state.models[0]?.id ?? null, system: "", temperature: 0.7, max_tokens: 512, collection: null };
+  return { model: state.models[0]?.id ?? null, system: "", temperature: 0.7, max_tokens: 512, collection: null,
+    tools: [] };
 }
 
 function blank() {
@@ -312,6 +313,7 @@ function openSettings() {
   $("#system").value = s.system;
   $("#temperature").value = s.temperature;
   $("#max-tokens").value = s.max_tokens ?? "";
+  for (const box of document.querySelectorAll("#settings .tools input")) box.checked = s.tools?.includes(box.value);
   $("#settings").showModal();
 }
 
@@ -319,7 +321,8 @@ function saveSettings(e) {
   if (e.submitter?.value !== "save") return;
   const max = $("#max-tokens").value;
   changeSettings({ system: $("#system").value, temperature: Number($("#temperature").value),
-    max_tokens: max ? Number(max) : null });
+    max_tokens: max ? Number(max) : null,
+    tools: [...document.querySelectorAll("#settings .tools input:checked")].map((box) => box.value) });
 }
 
 // --- wiring ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ export function chatRequest(settings, messages) {
   };
   if (settings.max_tokens) body.max_tokens = settings.max_tokens;
   if (settings.collection) body.rag = { collection: settings.collection };
+  if (settings.tools?.length) body.tools = settings.tools.map((name) => ({ type: "fourwalls", name }));
   return body;
 }
 
@@ -36,6 +37,7 @@ export async function streamAnswer(api, body, message, update, signal) {
     for await (const event of api.stream("/v1/chat/completions", body, signal)) {
       if (event.error) throw new Error(event.error.message);
       if (event.citations) message.citations = event.citations;
+      if (event.tool_round) (message.tool_rounds ??= []).push(event.tool_round);
       const choice = event.choices?.[0];
       if (choice?.delta?.content) {
         message.content += choice.delta.content;
@@ -94,6 +96,13 @@ function citationLabel(c) {
   return [`[${c.index}] ${c.source}`, c.heading, c.page ? `page ${c.page}` : null].filter(Boolean).join(" · ");
 }
 
+/** A round of built-in tools the server ran: each call with its result. */
+function toolRoundView(round) {
+  return round.tool_calls.map((call, i) => h("details", { class: "tool ran" },
+    h("summary", {}, `Ran ${call.function.name}: ${call.function.arguments}`),
+    h("pre", {}, round.results[i]?.content ?? "")));
+}
+
 function toolCallView(call) {
   return h("details", { class: "tool" },
     h("summary", {}, `Tool call: ${call.function?.name ?? "?"}`),
@@ -113,6 +122,7 @@ export function messageView(m, actions = {}) {
   const el = h("article", { class: `message ${m.role}`, "aria-busy": actions.streaming ? "true" : null },
     h("div", { class: "role" }, role), content);
   if (m.role === "tool" && m.tool_call_id) el.querySelector(".role").append(` (${m.tool_call_id})`);
+  if (m.tool_rounds?.length) content.before(...m.tool_rounds.flatMap(toolRoundView));
   if (m.tool_calls?.length) el.append(...m.tool_calls.map(toolCallView));
   if (m.citations?.length) {
     el.append(h("ol", { class: "citations", "aria-label": "Sources" }, m.citations.map((c) => h("li", {},
