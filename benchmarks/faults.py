@@ -131,16 +131,19 @@ def disconnect_probe(srv: Server, client: Client) -> dict:
                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}".encode())
         socks.append(sock)
     deadline = time.monotonic() + 300
-    while not (len(engine.rows) == 4 and all(r.generated >= 2 for r in engine.rows)) and time.monotonic() < deadline:
+    def generating() -> bool:
+        return len(engine.running) == 4 and all(r.generated >= 2 for r in engine.running)
+
+    while not generating() and time.monotonic() < deadline:
         time.sleep(0.01)
-    rows = list(engine.rows)
+    rows = list(engine.running)
     for sock in socks:
         sock.close()
     left, freed = engine.steps, {}
     gone = time.monotonic()
     while len(freed) < len(rows) and time.monotonic() - gone < 5:
         for i, r in enumerate(rows):
-            if i not in freed and r not in engine.rows:
+            if i not in freed and r not in engine.running:
                 freed[i] = engine.steps - left
         time.sleep(0.005)
     with client.lock:

@@ -1,18 +1,28 @@
-"""Serving throughput and latency: `fourwalls serve` vs llama.cpp's server under concurrent load, one JSON line.
+"""Serving throughput and latency: `fourwalls serve` vs llama.cpp's `llama-server` under concurrent load, one JSON line.
 
 Each server runs alone (one after the other) as a subprocess on a free 127.0.0.1 port and gets the same streamed
 /v1/completions load: --requests distinct ~128-token prompts (slices of tinyshakespeare, so no prefix cache helps)
-at each concurrency level, 64 greedy output tokens, EOS suppressed where the server allows it (fourwalls:
-`ignore_eos`; llama.cpp: `logit_bias` on the EOS tokens), otherwise the tokens actually produced are counted.
-Measured on the client: aggregate output tok/s (tokens over the phase's wall time), time to first token (p50, p95)
-and inter-token latency (p50 over requests of each one's (last token - first token) / (tokens - 1)).
-fourwalls also runs the top concurrency again with requests cycling through 4 random LoRA adapters (r=8 and 16,
-made here with fourwalls' own LoRA code), against the same server's adapter-free figure.
+at each concurrency level, 64 greedy output tokens, EOS suppressed (`ignore_eos`, else `logit_bias` on the EOS
+tokens), otherwise the tokens actually produced are counted. Measured on the client: aggregate output tok/s (tokens
+over the phase's wall time), time to first token (p50, p95) and inter-token latency (p50 over requests of each one's
+(last token - first token) / (tokens - 1)).
 
-    python benchmarks/serve.py [--requests 64] [--concurrency 1,4,16] [--skip-llamacpp] [--fourwalls-args "..."]
+The reference is llama.cpp's own server built natively (benchmarks/llamacpp.sh builds it once per machine) on the
+same GGUF, with continuous batching and one slot per concurrent request (`-np 16 -cb`), each at the machine's cores.
+fourwalls also runs the top concurrency again with requests cycling through 4 random LoRA adapters (r=8 and 16, made
+here with fourwalls' own LoRA code), against the same server's adapter-free figure.
 
-llama.cpp's server needs `pip install sse-starlette starlette-context pydantic-settings` next to llama-cpp-python
-(see benchmarks/requirements.txt). It serves one request at a time, the reference a batching server should beat.
+The prefix phase sends 16 requests at once that share a ~1,000-token system prompt (then a question of their own):
+time to first token with fourwalls' prefix cache against a second fourwalls server started with --no-prefix-cache
+(`ttft_ratio_cached_vs_uncached`), and on llama-server.
+
+`--big` serves a Llama-3.2-1B-shaped model with random weights (speed only; SmolLM2's tokenizer) that fourwalls
+exports as a Q4_0 GGUF (made once, kept in ~/.cache/fourwalls/bench), the same file for both servers.
+
+    python benchmarks/serve.py [--requests 64] [--concurrency 1,4,16] [--big] [--skip-llamacpp]
+                               [--fourwalls-args "--max-batch 16"]
+    python benchmarks/serve.py --quick   # a smoke run: 4 requests per phase at 1 and 4, 8 tokens out
+
 Run on a quiet machine: the client shares the cores with the server.
 """
 
@@ -23,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import random
@@ -41,6 +50,7 @@ import httpx
 import torch
 from tqdm import tqdm
 
+from bigmodel import llama_1b_gguf
 from fourwalls.model.lora import LoRAConfig, LoRALinear, attach_lora, save_adapter
 from fourwalls.store import DEFAULT_MODEL, Store, bundled_gguf
 
@@ -75,6 +85,16 @@ def make_prompts(tokenizer, n: int, tokens: int) -> list[str]:
     if len(ids) < n * tokens:
         raise SystemExit(f"the corpus holds {len(ids)} tokens, fewer than the {n} x {tokens} this run needs")
     return [tokenizer.decode(ids[i * tokens:(i + 1) * tokens]) for i in range(n)]
+
+
+def make_prefix_prompts(tokenizer, n: int, system_tokens: int, question_tokens: int = 24) -> list[str]:
+    """n prompts that share a ~``system_tokens`` system prompt, each then asking its own question."""
+    text = corpus_text()
+    ids = tokenizer.encode(text[-(system_tokens + n * question_tokens + 64) * 8:], add_special_tokens=False)
+    system = tokenizer.decode(ids[:system_tokens])
+    rest = ids[system_tokens:]
+    return [f"{system}\n\nQuestion {i + 1}: {tokenizer.decode(rest[i * question_tokens:(i + 1) * question_tokens])}"
+            "\nAnswer:" for i in range(n)]
 
 
 def _detach_lora(model: torch.nn.Module) -> None:
@@ -153,11 +173,17 @@ def fourwalls_cmd(model: str, port: int, adapters: dict[str, Path], extra: str) 
     return cmd
 
 
-def llamacpp_cmd(gguf: Path, port: int, threads: int, n_ctx: int) -> list[str]:
-    # interrupt_requests defaults to True: a queued request would cut the streaming one short.
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-            "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-            "--n_threads_batch", str(threads), "--interrupt_requests", "False", "--verbose", "False"]
+def llama_server_bin() -> Path:
+    """llama.cpp's server, built natively once per machine by benchmarks/llamacpp.sh (about 10 minutes on 2 cores)."""
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "llamacpp.sh")], check=True, stdout=subprocess.PIPE,
+                         text=True).stdout.strip().splitlines()[-1]
+    return Path(out) / "llama-server"
+
+
+def llama_server_cmd(binary: Path, gguf: Path, port: int, threads: int, slots: int, slot_ctx: int) -> list[str]:
+    # -np slots with continuous batching, as Ollama and LM Studio run it; -c is the context of all slots together.
+    return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-cb",
+            "-c", str(slots * slot_ctx), "-t", str(threads), "-tb", str(threads), "--no-webui", "-a", "default"]
 
 
 # ---------------------------------------------------------------- load generation
@@ -198,9 +224,10 @@ async def one_request(client: httpx.AsyncClient, body: dict, sem: asyncio.Semaph
         error = "no tokens streamed"
     if error is not None:
         return {"error": error}
+    details = (usage or {}).get("prompt_tokens_details") or {}
     return {"error": None, "tokens": tokens, "ttft": first - start,
             "itl": (last - first) / (tokens - 1) if tokens > 1 else None,
-            "prompt_tokens": usage.get("prompt_tokens") if usage else None}
+            "prompt_tokens": usage.get("prompt_tokens") if usage else None, "cached": details.get("cached_tokens")}
 
 
 async def run_phase(base: str, bodies: list[dict], concurrency: int, label: str, timeout: float) -> dict:
@@ -240,6 +267,9 @@ def summarize(results: list[dict], wall: float) -> dict:
            "mean_output_tokens": round(tokens / len(ok), 1) if ok else 0, "wall_s": round(wall, 2)}
     if prompt:
         out["mean_prompt_tokens"] = round(sum(prompt) / len(prompt), 1)
+    cached = [r["cached"] for r in ok if r.get("cached") is not None]
+    if cached:
+        out["mean_cached_tokens"] = round(sum(cached) / len(cached), 1)
     errors = sorted({r["error"] for r in results if r["error"]})
     if errors:
         out["errors"] = errors[:3]
@@ -267,32 +297,50 @@ def base_model_id(base: str, default: str, adapters: dict[str, Path]) -> str:
 
 
 def bench_server(base: str, name: str, model_id: str, prompt_sets: list[list[str]], args: argparse.Namespace,
-                 extras: dict, adapter_names: list[str]) -> dict:
-    """Warm up, then one phase per concurrency level (and the adapter mix when adapter_names are given)."""
+                 extras: dict, adapter_names: list[str], prefix: list[str]) -> dict:
+    """Warm up, then one phase per concurrency level, the adapter mix when adapter_names are given, and the
+    prefix phase when prefix prompts are."""
     common = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True,
               "stream_options": {"include_usage": True}, **extras}
 
     def bodies(prompts: list[str], models: list[str]) -> list[dict]:
         return [{**common, "model": models[i % len(models)], "prompt": p} for i, p in enumerate(prompts)]
 
+    def phase(prompts: list[str], concurrency: int, label: str, models: list[str] | None = None) -> dict:
+        return asyncio.run(run_phase(base, bodies(prompts, models or [model_id]), concurrency, f"{name} {label}",
+                                     args.timeout))
+
     top = max(args.concurrency)
     warm = prompt_sets[0]  # then one set per level, the adapter-free reference, the adapter mix
-    asyncio.run(run_phase(base, bodies(warm[:1], [model_id]), 1, f"{name} warm-up", args.timeout))
-    asyncio.run(run_phase(base, bodies(warm[1:1 + top], [model_id]), top, f"{name} warm-up", args.timeout))
+    phase(warm[:1], 1, "warm-up")
+    phase(warm[1:1 + top], top, "warm-up")
     out = {}
     for i, c in enumerate(args.concurrency):
-        out[f"c{c}"] = asyncio.run(run_phase(base, bodies(prompt_sets[1 + i], [model_id]), c, f"{name} c{c}",
-                                             args.timeout))
+        out[f"c{c}"] = phase(prompt_sets[1 + i], c, f"c{c}")
     if adapter_names:
         ca = args.adapter_concurrency
         if f"c{ca}" not in out:  # the adapter-free reference, on the same server
-            out[f"c{ca}"] = asyncio.run(run_phase(base, bodies(prompt_sets[-2], [model_id]), ca, f"{name} c{ca}",
-                                                  args.timeout))
-        asyncio.run(run_phase(base, bodies(warm[1 + top:1 + top + 2 * len(adapter_names)], adapter_names),
-                              ca, f"{name} adapters warm-up", args.timeout))
-        out[f"c{ca}_adapters{len(adapter_names)}"] = asyncio.run(
-            run_phase(base, bodies(prompt_sets[-1], adapter_names), ca, f"{name} c{ca} adapters", args.timeout))
+            out[f"c{ca}"] = phase(prompt_sets[-2], ca, f"c{ca}")
+        phase(warm[1 + top:1 + top + 2 * len(adapter_names)], ca, "adapters warm-up", adapter_names)
+        out[f"c{ca}_adapters{len(adapter_names)}"] = phase(prompt_sets[-1], ca, f"c{ca} adapters", adapter_names)
+    if prefix:
+        out["prefix"] = phase(prefix, len(prefix), f"prefix c{len(prefix)}")
     return out
+
+
+def bench_uncached(base: str, model_id: str, warm: list[str], args: argparse.Namespace, extras: dict,
+                   prefix: list[str]) -> dict:
+    """The prefix phase on a server that computes every prompt in full."""
+    body = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True, "model": model_id,
+            "stream_options": {"include_usage": True}, **extras}
+    asyncio.run(run_phase(base, [{**body, "prompt": p} for p in warm[:2]], 2, "fourwalls uncached warm-up",
+                          args.timeout))
+    return asyncio.run(run_phase(base, [{**body, "prompt": p} for p in prefix], len(prefix),
+                                 f"fourwalls uncached prefix c{len(prefix)}", args.timeout))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
 # ---------------------------------------------------------------- main
@@ -306,22 +354,34 @@ def main() -> None:
                     help="concurrency of the LoRA-mix phase (default: the highest level)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prefix-tokens", type=int, default=1000, help="the prefix phase's shared system prompt "
+                    "(0: no prefix phase)")
+    ap.add_argument("--prefix-requests", type=int, default=16, help="requests of the prefix phase, sent at once")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="model fourwalls serves (a store name or a path)")
     ap.add_argument("--gguf", default=None, help="GGUF llama.cpp serves (default: the bundled SmolLM2 file)")
+    ap.add_argument("--big", action="store_true", help="a Llama-3.2-1B-shaped model with random weights, as a "
+                    "Q4_0 GGUF fourwalls exports, for both servers (no adapters)")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-fourwalls", action="store_true", help="only the llama.cpp reference")
     ap.add_argument("--skip-adapters", action="store_true")
     ap.add_argument("--fourwalls-args", default="", help='extra `fourwalls serve` arguments, e.g. "--max-batch 16"')
-    ap.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context size")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a single request may take")
+    ap.add_argument("--quick", action="store_true", help="a smoke run, no figures: 4 requests per phase (4 in the "
+                    "prefix phase) at concurrency 1 and 4, 8 output tokens; flags given as well still apply")
     args = ap.parse_args()
+    if args.quick:
+        ap.set_defaults(requests=4, concurrency="1,4", max_tokens=8, prefix_requests=4)
+        args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.adapter_concurrency = args.adapter_concurrency or max(args.concurrency)
+    if args.big:
+        args.model = args.gguf = str(llama_1b_gguf())
+        args.skip_adapters = True
 
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * cores():
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {cores()} cores; another busy process skews "
               "these figures (fourwalls' batch-1 decode most)", file=sys.stderr)
-    lm = Store().load(args.model)
+    lm = Store().load(DEFAULT_MODEL if args.big else args.model)  # --big: the same tokenizer, no 4 GB to load
     eos_ids = sorted({i for t in (lm.tokenizer.eos_token, *EOS_TOKENS) if (i := lm.tokenizer.token_id(t)) is not None})
     # Distinct prompts for every phase and the same ones for both servers: a warm-up set, one set per level,
     # then the adapter-free reference (used only if the adapter concurrency is not among the levels) and the mix.
@@ -330,10 +390,14 @@ def main() -> None:
     prompts = make_prompts(lm.tokenizer, n_warm + n_sets * args.requests, args.prompt_tokens)
     warm, rest = prompts[:n_warm], prompts[n_warm:]
     prompt_sets = [warm] + [rest[i * args.requests:(i + 1) * args.requests] for i in range(n_sets)]
+    prefix = make_prefix_prompts(lm.tokenizer, args.prefix_requests, args.prefix_tokens) if args.prefix_tokens else []
+    # Every llama-server slot holds the longest request.
+    slot_ctx = 256 * -(-(max(args.prompt_tokens, args.prefix_tokens + 64) + args.max_tokens + 64) // 256)
 
     result = {"model": args.model, "requests": args.requests, "concurrency": args.concurrency,
-              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "cores": cores()}
-    fw = lc = None
+              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+              "prefix_tokens": args.prefix_tokens, "cores": cores()}
+    fw = lc = uncached = None
     with tempfile.TemporaryDirectory(prefix="fourwalls-bench-serve-") as tmp:
         tmp = Path(tmp)
         adapters = {}
@@ -349,34 +413,44 @@ def main() -> None:
                 model_id = base_model_id(base, args.model, adapters)
                 probe = {"model": model_id, "prompt": warm[0], "temperature": 0}
                 extras = choose_extras(base, probe, [{"ignore_eos": True}])
-                fw = bench_server(base, "fourwalls", model_id, prompt_sets, args, extras, list(adapters))
+                fw = bench_server(base, "fourwalls", model_id, prompt_sets, args, extras, list(adapters), prefix)
             result["fourwalls"] = {"eos_suppression_sent": next(iter(extras), None), **fw}
+            if prefix:
+                port = free_port()
+                cmd = fourwalls_cmd(args.model, port, {}, args.fourwalls_args + " --no-prefix-cache")
+                with server(cmd, port, "/readyz", tmp / "fourwalls-uncached.log") as base:
+                    uncached = bench_uncached(base, model_id, warm, args, extras, prefix)
+                result["fourwalls_no_prefix_cache"] = {"prefix": uncached}
 
         gguf = Path(args.gguf) if args.gguf else bundled_gguf()
         if args.skip_llamacpp:
             pass
-        elif gguf is None or importlib.util.find_spec("llama_cpp.server") is None:
-            print("llama_cpp.server not importable; skipping llama.cpp", file=sys.stderr)
+        elif gguf is None:
+            print("no GGUF for llama-server; skipping it", file=sys.stderr)
         else:
-            port = free_port()
-            cmd = llamacpp_cmd(gguf, port, cores(), args.n_ctx)
-            with server(cmd, port, "/v1/models", tmp / "llamacpp.log") as base:
+            port, slots = free_port(), max(args.concurrency + [len(prefix)])
+            cmd = llama_server_cmd(llama_server_bin(), gguf, port, cores(), slots, slot_ctx)
+            with server(cmd, port, "/health", tmp / "llama-server.log") as base:
                 probe = {"model": "default", "prompt": warm[0], "temperature": 0}
-                extras = choose_extras(base, probe, [{"logit_bias": {str(i): -100.0 for i in eos_ids}}])
-                lc = bench_server(base, "llama.cpp", "default", prompt_sets, args, extras, [])
-            result["llamacpp"] = {"gguf": gguf.name, "threads": cores(),
-                                  "eos_suppression_sent": next(iter(extras), None), **lc}
+                extras = choose_extras(base, probe, [{"ignore_eos": True},
+                                                     {"logit_bias": {str(i): -100.0 for i in eos_ids}}])
+                lc = bench_server(base, "llama-server", "default", prompt_sets, args, extras, [], prefix)
+            result["llama_server"] = {"gguf": gguf.name, "threads": cores(), "slots": slots, "slot_ctx": slot_ctx,
+                                      "eos_suppression_sent": next(iter(extras), None), **lc}
 
     lo, hi, ca = min(args.concurrency), max(args.concurrency), args.adapter_concurrency
     if fw is not None and lc is not None:
-        if lc[f"c{hi}"]["output_tok_s"]:
-            result[f"throughput_ratio_c{hi}_vs_llamacpp"] = round(fw[f"c{hi}"]["output_tok_s"]
-                                                                  / lc[f"c{hi}"]["output_tok_s"], 2)
-        if fw[f"c{lo}"]["itl_p50_s"] and lc[f"c{lo}"]["itl_p50_s"]:
-            result[f"itl_ratio_c{lo}_vs_llamacpp"] = round(fw[f"c{lo}"]["itl_p50_s"] / lc[f"c{lo}"]["itl_p50_s"], 2)
+        result[f"throughput_ratio_c{hi}_vs_llama_server"] = ratio(fw[f"c{hi}"]["output_tok_s"],
+                                                                  lc[f"c{hi}"]["output_tok_s"])
+        result[f"itl_ratio_c{lo}_vs_llama_server"] = ratio(fw[f"c{lo}"]["itl_p50_s"], lc[f"c{lo}"]["itl_p50_s"])
+        if prefix:
+            result["prefix_ttft_ratio_vs_llama_server"] = ratio(fw["prefix"]["ttft_p50_s"],
+                                                                lc["prefix"]["ttft_p50_s"])
+    if fw is not None and uncached is not None:
+        result["ttft_ratio_cached_vs_uncached"] = ratio(fw["prefix"]["ttft_p50_s"], uncached["ttft_p50_s"])
     mix = fw and fw.get(f"c{ca}_adapters{len(ADAPTERS)}")
-    if mix and fw[f"c{ca}"]["output_tok_s"]:
-        result[f"adapters_throughput_ratio_c{ca}"] = round(mix["output_tok_s"] / fw[f"c{ca}"]["output_tok_s"], 2)
+    if mix:
+        result[f"adapters_throughput_ratio_c{ca}"] = ratio(mix["output_tok_s"], fw[f"c{ca}"]["output_tok_s"])
     print(json.dumps(result))
 
 

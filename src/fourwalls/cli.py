@@ -505,12 +505,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
               (args.max_model_len is None or args.max_model_len >= 16, "--max-model-len (at least 16)"),
               (args.max_queue >= 0, "--max-queue"), (args.prefill_chunk >= 1, "--prefill-chunk"),
               (args.drain_timeout >= 0, "--drain-timeout"), (args.request_timeout > 0, "--request-timeout"),
-              (args.max_body_bytes >= 1024, "--max-body-bytes")]
+              (args.max_body_bytes >= 1024, "--max-body-bytes"),
+              (args.kv_cache_tokens is None or args.kv_cache_tokens >= 16, "--kv-cache-tokens (at least 16)")]
     for ok, flag in checks:
         if not ok:
             raise UsageError(f"{flag} is out of range")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
+                          kv_tokens=args.kv_cache_tokens, prefix_cache=not args.no_prefix_cache,
                           prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
     tools = parse_specs(args.tools) if args.tools else []
     keys = _key_file(argparse.Namespace(file=args.api_keys))
@@ -699,6 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-model-len", type=int, help="tokens per request, prompt + output (default: the "
                    "model's context, at most 4096)")
+    p.add_argument("--kv-cache-tokens", type=int, help="the KV cache's size in tokens, shared by all requests in "
+                   "blocks of 16 (default 16384, at least --max-model-len); memory is taken as it is used")
+    p.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt in full instead of "
+                   "reusing the cached blocks of earlier requests' identical prefixes")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens fed per step (default 256)")
     p.add_argument("--request-timeout", type=float, default=600, help="seconds per request (default 600)")

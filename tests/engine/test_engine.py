@@ -60,6 +60,15 @@ def make_engine():
         e.stop()
 
 
+def idle(engine: Engine) -> Engine:
+    """The engine once it has released the requests that finished (it emits their last token first)."""
+    deadline = time.monotonic() + 10
+    while engine.num_running:
+        assert time.monotonic() < deadline, "a finished request kept its blocks"
+        time.sleep(0.01)
+    return engine
+
+
 def alone(model, prompt, **params) -> list[int]:
     return [t.id for t in generate_tokens(model, prompt, SamplingParams(**params))]
 
@@ -85,7 +94,7 @@ def test_a_request_generates_the_same_tokens_alone_or_in_a_mixed_batch(make_engi
     runs = [Run(engine, p, **kw) for p, (_, kw) in zip(prompts, MIXED)]
     for run, prompt, (_, kw) in zip(runs, prompts, MIXED):
         assert run.tokens() == alone(model, prompt, **kw)
-    assert engine.num_running == 0 and engine.kv_usage == 0
+    assert idle(engine).kv_usage == 0
 
 
 def _random_adapter(model, folder, seed, r):
@@ -194,8 +203,91 @@ def test_a_request_that_cannot_fit_is_refused_with_both_numbers(make_engine):
         Run(engine, list(range(1, 61)), max_new_tokens=10)
 
 
-def test_the_fused_step_with_rows_at_their_own_positions_and_adapters_computes_the_models_logits(tmp_path):
-    from fourwalls.engine.cache import KVPool
+def test_outputs_are_identical_with_and_without_the_prefix_cache(make_engine):
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(1)
+    system = torch.randint(3, 512, (40,), generator=gen).tolist()  # a shared "system prompt": 2 full blocks and more
+    prompts = [system + torch.randint(3, 512, (n,), generator=gen).tolist() for n, _ in MIXED]
+    prompts[3] = list(prompts[1])  # the same prompt twice
+    prompts[5] = system[:33]  # a prefix of the others
+    outs = {}
+    for cached in (True, False):
+        engine = make_engine(model, max_batch=4, max_len=128, prefill_chunk=8, prefix_cache=cached)
+        runs = [Run(engine, p, **kw) for p, (_, kw) in zip(prompts, MIXED)]
+        outs[cached] = [r.tokens() for r in runs]
+        hits = [r.request.cached_tokens for r in runs]
+        if cached:  # the first computes the system prompt's blocks, the others reuse them
+            assert hits[0] == 0 and all(h >= 32 for h in hits[1:]) and hits[3] == 64
+        else:
+            assert hits == [0] * len(runs)
+        assert idle(engine).kv_usage == 0
+    assert outs[True] == outs[False] == [alone(model, p, **kw) for p, (_, kw) in zip(prompts, MIXED)]
+
+
+def test_a_chats_history_is_not_computed_again(make_engine):
+    model = tiny_model("tiny-llama3")
+    engine = make_engine(model, max_len=200)
+    first = list(range(10, 47))
+    reply = Run(engine, first, max_new_tokens=30, temperature=0).tokens()
+    turn = first + reply + [5, 6, 7]  # the history, the model's reply, the next message
+    second = Run(engine, turn, max_new_tokens=10, temperature=0)
+    assert second.tokens() == alone(model, turn, max_new_tokens=10, temperature=0)
+    # Every full block the first request left, its reply's included (all but the reply's last token were fed).
+    assert second.request.cached_tokens == (len(first) + len(reply) - 1) // 16 * 16 == 64
+
+
+def test_preemption_and_eviction_under_memory_pressure_never_corrupt_a_request(make_engine):
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(2)
+    shared = torch.randint(3, 512, (12,), generator=gen).tolist()
+    prompts = [(shared if i % 2 else []) + torch.randint(3, 512, (n,), generator=gen).tolist()
+               for i, (n, _) in enumerate(MIXED)]
+    # 16 blocks of 4 positions for 8 requests of up to 70 tokens: requests are preempted and computed again, and
+    # cached blocks are evicted while the requests that made them still run.
+    engine = make_engine(model, max_batch=8, max_len=80, kv_tokens=64, block_size=4, prefill_chunk=8)
+    runs = [Run(engine, p, **kw) for p, (_, kw) in zip(prompts, MIXED)]
+    for run, prompt, (_, kw) in zip(runs, prompts, MIXED):
+        assert run.tokens() == alone(model, prompt, **kw)
+    assert engine.preemptions > 0
+    assert idle(engine).kv_usage == 0 and engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_two_adapters_never_share_blocks(make_engine, tmp_path):
+    model = tiny_model()
+    _random_adapter(model, tmp_path / "a1", 1, r=4)
+    _random_adapter(model, tmp_path / "a2", 2, r=8)
+    engine = make_engine(model, max_len=64)
+    engine.add_adapter("a1", tmp_path / "a1")
+    engine.add_adapter("a2", tmp_path / "a2")
+    prompt = list(range(100, 140))
+    outs, hits = [], []
+    for name in ("a1", "a2", None, "a1", "a2", None):  # one after the other: each finds what those before left
+        run = Run(engine, prompt, name, max_new_tokens=6, temperature=0)
+        outs.append(run.tokens())
+        hits.append(run.request.cached_tokens)
+    assert hits == [0, 0, 0, 32, 32, 32]  # each reuses its own adapter's blocks only
+    assert outs[:3] == outs[3:] and len(set(map(tuple, outs[:3]))) == 3
+    for name, out in zip(("a1", "a2"), outs):
+        with_adapter = copy.deepcopy(model)
+        load_adapter(with_adapter, tmp_path / name)
+        assert out == alone(with_adapter, prompt, max_new_tokens=6, temperature=0)
+
+
+def _scattered(pool, lengths, gen):
+    """Each row's blocks for ``length`` + 1 positions, taken from the pool in a random order."""
+    blocks = pool.allocate(pool.num_blocks)
+    order = torch.randperm(len(blocks), generator=gen).tolist()
+    tables, used = [], 0
+    for n in lengths:
+        k = -(-(n + 1) // pool.block_size)
+        tables.append([blocks[i] for i in order[used:used + k]])
+        used += k
+    return tables
+
+
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_paged_attention_fused_and_in_torch_computes_what_a_contiguous_cache_does(tmp_path, block_size):
+    from fourwalls.engine.cache import BlockPool, DecodeCache, PrefillCache
     from fourwalls.engine.multilora import AdapterSet
     from fourwalls.model.fused import decoder
 
@@ -204,22 +296,34 @@ def test_the_fused_step_with_rows_at_their_own_positions_and_adapters_computes_t
     _random_adapter(model, tmp_path / "a2", 2, r=8)
     adapters = AdapterSet(model)
     adapters.install([adapters.read("a1", tmp_path / "a1"), adapters.read("a2", tmp_path / "a2")])
-    fused = decoder(model)
-    if fused is None:
-        pytest.skip("no AVX2 or no C compiler here: decoding runs in torch")
-    names, lengths = [None, "a1", "a2", "a1", "a2"], [3, 17, 9, 30, 1]
-    pools = [KVPool(model.config, len(names), 40) for _ in range(2)]
-    torch.manual_seed(0)
+    fused = decoder(model)  # None without AVX2 or a C compiler: the torch path alone is checked
+    names, lengths = [None, "a1", "a2", "a1", "a2", None], [3, 17, 9, 30, 1, 47]
+    gen = torch.Generator().manual_seed(0)
+    pools = [BlockPool(model.config, 60, block_size) for _ in range(2)]
+    tables = [_scattered(pool, lengths, torch.Generator().manual_seed(1)) for pool in pools]
+    assert tables[0] == tables[1]
+    prompts = [torch.randint(3, 512, (1, n), generator=gen) for n in lengths]
+    tokens = torch.randint(3, 512, (len(names), 1), generator=gen)
+    expected = []
     with torch.inference_mode():
-        for i, (name, n) in enumerate(zip(names, lengths)):
-            prompt = torch.randint(3, 512, (1, n))
-            for pool in pools:
-                with adapters.select([name]):
-                    model(prompt, torch.arange(n), pool.row(i))
-        tokens, positions = torch.randint(3, 512, (len(names), 1)), torch.tensor(lengths)[:, None]
+        for name, prompt, blocks, token in zip(names, prompts, tables[0], tokens):
+            n = prompt.shape[1]
+            with adapters.select([name]):
+                for pool in pools:  # in chunks of 8, as the engine feeds prompts
+                    for start in range(0, n, 8):
+                        chunk = prompt[:, start:start + 8]
+                        model(chunk, torch.arange(start, start + chunk.shape[1]), PrefillCache(pool, blocks))
+                cache = model.new_cache(1, 64)  # the reference: one contiguous row
+                model(prompt, torch.arange(n), cache)
+                expected.append(model(token[None], torch.tensor([n]), cache)[0, -1])
+        width = max(map(len, tables[0]))
+        table = torch.tensor([t + t[:1] * (width - len(t)) for t in tables[0]], dtype=torch.int32)
+        positions = torch.tensor(lengths)[:, None]
         with adapters.select(names):
-            expected = model(tokens, positions, pools[0].decode(len(names)))[:, -1]
-            got = fused(tokens, positions, pools[1].decode(len(names)))
+            in_torch = model(tokens, positions, DecodeCache(pools[0], table))[:, -1]
+            got = fused(tokens, positions, DecodeCache(pools[1], table)) if fused else in_torch
+    expected = torch.stack(expected)
+    assert (in_torch - expected).abs().max() < 1e-4 * expected.abs().max()
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
-    for a, b in zip((*pools[0].k, *pools[0].v), (*pools[1].k, *pools[1].v)):
-        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(pools[0].k_all, pools[1].k_all, atol=1e-5)
+    assert torch.allclose(pools[0].v_all, pools[1].v_all, atol=1e-5)

@@ -43,6 +43,27 @@ def test_streaming_gives_the_same_text_as_a_single_response(client):
     assert chat[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_shared_prefix_is_reused_and_reported_as_cached_tokens(client):
+    system = "You answer questions about the lighthouse keeper's logbook of 1893, entry by entry. " * 4
+
+    def chat(question, **kw):
+        return client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=6, temperature=0, messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": question}], **kw)
+
+    first, second = chat("What happened in May?"), chat("Who kept the light?")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= cached < second.usage.prompt_tokens and cached % 16 == 0  # the system prompt's full blocks
+    again = chat("Who kept the light?")
+    assert again.choices[0].message.content == second.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens > cached  # the whole prompt but its last block
+    chunks = list(chat("Who kept the light?", stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
+    kw = dict(model=DEFAULT_MODEL, prompt=system + "In June,", max_tokens=3, temperature=0)
+    client.completions.create(**kw)
+    assert client.completions.create(**kw).usage.prompt_tokens_details.cached_tokens >= 64
+
+
 def test_logprobs(client):
     r = client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT, max_tokens=6, temperature=0,
                                        logprobs=True, top_logprobs=3)

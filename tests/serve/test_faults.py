@@ -97,10 +97,10 @@ def test_a_client_that_goes_away_frees_its_row_within_one_step(server, slow_step
     body = {"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 480, "ignore_eos": True, "stream": stream}
     sock = _open_request(server.url, body)
     deadline = time.monotonic() + 30
-    while not (engine.rows and engine.rows[0].generated >= 5):
+    while not (engine.running and engine.running[0].generated >= 5):
         assert time.monotonic() < deadline, "the request never started"
         time.sleep(0.005)
-    row = engine.rows[0]
+    row = engine.running[0]
     sock.close()
     gone = engine.steps
     while engine.num_running:

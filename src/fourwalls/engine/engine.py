@@ -1,10 +1,16 @@
-"""Continuous batching: requests join and leave the running batch between decode steps.
+"""Continuous batching over a paged KV cache with a prefix cache.
 
-One thread owns the model. Each turn of its loop it admits waiting requests while KV-cache rows are free, feeds one
-chunk of one new prompt (so a long prompt never stalls the others for more than a chunk), then decodes one token for
-every running request in a single batched forward. Each request samples with its own parameters and its own seeded
-generator, so its text does not depend on what else is in the batch. Results go back through the request's
-``emit`` callback, called on the engine thread.
+One thread owns the model. Each turn of its loop it admits the next waiting request when no other is prefilling
+(after the one before has left its prompt's blocks in the prefix cache), feeds one chunk of that prompt (so a long
+prompt never stalls the others for more than a chunk), then decodes one token for every running request in a
+single batched forward. Requests hold KV-cache blocks (engine/cache.py), not rows of a fixed length: a request is
+admitted when the blocks its prompt needs are free, and when a running request needs a block and none is, the
+request admitted last is preempted: its blocks are released (those it filled stay in the prefix cache) and it goes
+back to the front of the queue, to be computed again from its prompt and the tokens it had generated (vLLM's
+preemption by recompute; what it already streamed is not sent again).
+
+Each request samples with its own parameters and its own seeded generator, so its text does not depend on what
+else is in the batch. Results go back through the request's ``emit`` callback, called on the engine thread.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fourwalls.engine.cache import KVPool
+from fourwalls.engine.cache import BlockPool, DecodeCache, PrefillCache, block_names, blocks_for
 from fourwalls.engine.grammar import Constraint
 from fourwalls.engine.multilora import Adapter, AdapterSet
 from fourwalls.errors import (
@@ -44,8 +51,11 @@ Event = Delta | FourwallsError  # a piece of output (the last has finish_reason)
 
 @dataclass
 class EngineConfig:
-    max_batch: int = 16  # KV-cache rows: requests decoding at once
-    max_len: int = 4096  # tokens per row: prompt + output of one request
+    max_batch: int = 16  # requests running at once
+    max_len: int = 4096  # tokens of one request: prompt + output
+    kv_tokens: int | None = None  # the KV cache's size in tokens, shared by all requests (None: max(max_len, 16384))
+    block_size: int = 16  # tokens per KV-cache block: the unit of allocation and of prefix reuse
+    prefix_cache: bool = True  # reuse the blocks of earlier requests' identical prefixes
     prefill_chunk: int = 256  # prompt tokens fed per engine step
     max_queue: int = 64  # waiting requests beyond which submit() refuses
     request_timeout: float = 600.0  # seconds from submission
@@ -63,28 +73,39 @@ class Request:
     arrival: float = 0.0
     cancelled: bool = False
     error: FourwallsError | None = None  # emitted when the engine drops a cancelled request (see Engine.abort)
-    pos: int = 0  # tokens in the KV cache
+    tokens: list[int] = field(default_factory=list)  # the prompt, then each sampled token
+    pos: int = 0  # tokens in the KV cache; the request decodes once they are all but the last
+    blocks: list[int] = field(default_factory=list)  # its block table
+    names: list[bytes] = field(default_factory=list)  # the prefix cache's names of its full blocks
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
     generated: int = 0
-    next_input: int = 0
     history: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     detok: Detokenizer | None = None
     generator: torch.Generator | None = None
 
+    @property
+    def decoding(self) -> bool:
+        return self.pos == len(self.tokens) - 1
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_ids: list[int],
                  config: EngineConfig | None = None) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
+        self.device = model.device
         self.config = config or EngineConfig()
-        self.config.max_len = min(self.config.max_len, model.config.context_length)
-        self.pool = KVPool(model.config, self.config.max_batch, self.config.max_len, model.dtype, model.device)
+        c = self.config
+        c.max_len = min(c.max_len, model.config.context_length)
+        # A request of max_len must fit alone, or it could never run.
+        c.kv_tokens = max(c.kv_tokens or 16384, c.max_len)
+        self.pool = BlockPool(model.config, blocks_for(c.kv_tokens, c.block_size), c.block_size, model.dtype,
+                              model.device)
         self.adapter_set = AdapterSet(model)
         self.fused = decoder(model)  # the decode step in one C call, where it applies (model.fused)
         self.adapters: dict[str, Adapter] = {}  # what requests may name; installed at the next step
-        self.rows: list[Request] = []  # row i of the pool; decoding requests first, then those prefilling
-        self.decoding = 0
+        self.running: list[Request] = []  # holding KV-cache blocks, in the order they were admitted
         self.waiting: deque[Request] = deque()
+        self.preemptions = 0
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.last_tick = time.monotonic()
@@ -131,6 +152,7 @@ class Engine:
                 raise OverloadedError(f"the queue is full ({len(self.waiting)} of {limit} waiting); retry later")
             for req in requests:
                 req.arrival = time.monotonic()
+                req.tokens = list(req.prompt)
                 req.history = torch.tensor(req.prompt, dtype=torch.long)
                 req.detok = Detokenizer(self.tokenizer, req.params.stop, [] if req.ignore_eos else self.eos_ids)
                 req.generator = req.params.generator()
@@ -138,8 +160,8 @@ class Engine:
         self.wake.set()
 
     def cancel(self, req: Request, error: FourwallsError | None = None) -> None:
-        """Stop a request (its client went away, or the server is stopping): it leaves the queue now and its row
-        at the engine's next step; ``error``, if given, is emitted to it then."""
+        """Stop a request (its client went away, or the server is stopping): it leaves the queue now and its KV-cache
+        blocks at the engine's next step; ``error``, if given, is emitted to it then."""
         with self.lock:
             if req.cancelled:
                 return
@@ -153,7 +175,7 @@ class Engine:
     def abort(self, error: FourwallsError) -> list[Request]:
         """Cancel every request, waiting or running, with ``error``; returns them."""
         with self.lock:
-            found = [*self.waiting, *self.rows]
+            found = [*self.waiting, *self.running]
         for req in found:
             self.cancel(req, error)
         return found
@@ -181,15 +203,16 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.rows)
+        return len(self.running)
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of the KV-cache pool's positions in use."""
-        return sum(r.pos for r in list(self.rows)) / (self.pool.rows * self.pool.max_len)
+        """Fraction of the KV cache's blocks held by requests (cached blocks no request holds are free)."""
+        return self.pool.num_held / self.pool.num_blocks
 
     # --- the engine thread ----------------------------------------------------------------------------
 
+    @torch.inference_mode()  # once for the thread, not per step: a decode step's own overhead is what a stream waits
     def _loop(self) -> None:
         while not self.stopped:
             self.last_tick = time.monotonic()
@@ -197,21 +220,19 @@ class Engine:
                 self._reap()
                 self._sync_adapters()
                 self._admit()
-                if not self.rows:
+                if not self.running:
                     self.wake.wait(0.5)
                     self.wake.clear()
                     continue
-                with torch.inference_mode():
-                    if self.decoding < len(self.rows):
-                        self._prefill()
-                    if self.decoding:
-                        self._decode()
+                self._prefill()
+                self._decode()
                 self.steps += 1
             except Exception as e:  # a bug must cost the requests in flight, not the server
                 log.exception("engine step failed")
-                for r in self.rows:
+                for r in self.running:
                     r.emit(InternalError(f"internal engine error: {type(e).__name__}"))
-                self.rows, self.decoding = [], 0
+                    self.pool.release(r.blocks)
+                self.running = []
 
     def _reap(self) -> None:
         """Drop requests that were cancelled or ran out of time, waiting or running."""
@@ -229,15 +250,18 @@ class Engine:
             return False
 
         with self.lock:
-            self.waiting = deque(r for r in self.waiting if not gone(r))
-        for i in reversed(range(len(self.rows))):
-            if gone(self.rows[i]):
-                self._remove(i)
+            dropped = [r for r in self.waiting if gone(r)]
+            if dropped:
+                self.waiting = deque(r for r in self.waiting if r not in dropped)
+        for r in [r for r in self.running if gone(r)]:
+            self._remove(r)
 
     def _sync_adapters(self) -> None:
+        if not self.adapters and not self.adapter_set.adapters:
+            return
         with self.lock:
             wanted = dict(self.adapters)
-            in_use = {r.adapter for r in (*self.rows, *self.waiting) if r.adapter}
+            in_use = {r.adapter for r in (*self.running, *self.waiting) if r.adapter}
         installed = self.adapter_set.adapters
         target = {**{n: installed[n] for n in in_use if n in installed}, **wanted}
         if target.keys() != installed.keys():
@@ -245,41 +269,86 @@ class Engine:
             self.fused = decoder(self.model)  # the adapters' matrices were restacked
 
     def _admit(self) -> None:
+        """Admit waiting requests while none is prefilling, there is room in the batch and their blocks are free."""
         with self.lock:
-            while self.waiting and len(self.rows) < self.pool.rows:
-                self.rows.append(self.waiting.popleft())
+            while (self.waiting and len(self.running) < self.config.max_batch
+                   and all(r.decoding for r in self.running) and self._place(self.waiting[0])):
+                self.running.append(self.waiting.popleft())
+
+    def _place(self, r: Request) -> bool:
+        """Give ``r`` the blocks of all its tokens but the last (which it decodes): those the prefix cache holds,
+        then new ones; False, holding nothing, when too few are free."""
+        pool, bs = self.pool, self.config.block_size
+        held = len(r.tokens) - 1  # the positions the cache must hold before r decodes its next token
+        hits: list[int] = []
+        if self.config.prefix_cache:
+            block_names(r.tokens[:held], bs, r.names, self._salt(r))
+            hits = pool.lookup(r.names[:held // bs])
+        new = blocks_for(held + 1, bs) - len(hits)
+        if new > pool.num_free:
+            pool.release(hits)
+            return False
+        r.blocks = hits + pool.allocate(new)
+        r.pos = len(hits) * bs
+        if r.cached_tokens is None:
+            r.cached_tokens = r.pos
+        return True
 
     def _prefill(self) -> None:
-        """Feed the next chunk of the first prompt not yet in the cache; its last chunk samples a token."""
-        i = self.decoding
-        r = self.rows[i]
-        chunk = r.prompt[r.pos: r.pos + self.config.prefill_chunk]
-        device = self.model.device
-        tokens = torch.tensor([chunk], device=device)
-        positions = torch.arange(r.pos, r.pos + len(chunk), device=device)
-        with self.adapter_set.select([r.adapter]):
-            logits = self.model(tokens, positions, self.pool.row(i), last_only=True)[0, -1].float()
-        r.pos += len(chunk)
-        if r.pos == len(r.prompt):  # row i is the first behind the decoding ones: it joins them in place
-            self.decoding += 1
-            if self._sample(r, logits):
-                self._remove(i)
+        """Feed the next chunk of the prompt being prefilled, if any; the request then decodes its last token."""
+        r = next((r for r in self.running if not r.decoding), None)
+        if r is None:
+            return
+        end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
+        tokens = torch.tensor([r.tokens[r.pos:end]], device=self.device)
+        positions = torch.arange(r.pos, end, device=self.device)
+        with self._adapters([r]):
+            self.model(tokens, positions, PrefillCache(self.pool, r.blocks), last_only=True)
+        self._filled(r, r.pos, end)
+        r.pos = end
+
+    def _filled(self, r: Request, start: int, end: int) -> None:
+        """Name the blocks that positions [start, end) of ``r`` completed, for later requests to find."""
+        if not self.config.prefix_cache:
+            return
+        bs = self.config.block_size
+        block_names(r.tokens[:end], bs, r.names, self._salt(r))
+        for j in range(start // bs, end // bs):
+            self.pool.name(r.blocks[j], r.names[j])
 
     def _decode(self) -> None:
-        batch = self.rows[: self.decoding]
-        device = self.model.device
-        tokens = torch.tensor([[r.next_input] for r in batch], device=device)
-        positions = torch.tensor([[r.pos] for r in batch], device=device)
-        cache = self.pool.decode(len(batch))
-        with self.adapter_set.select([r.adapter for r in batch]):
-            logits = decode_step(self.fused, self.model, tokens, positions, cache)
-        done = []
+        bs = self.config.block_size
+        for r in [r for r in self.running if r.decoding]:  # first admitted, first served
+            while r.pos // bs == len(r.blocks) and r in self.running:
+                if self.pool.num_free:
+                    r.blocks += self.pool.allocate(1)
+                else:
+                    self._preempt(self.running[-1])
+        batch = [r for r in self.running if r.decoding]
+        if not batch:
+            return
+        tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=self.device)
+        positions = torch.tensor([[r.pos] for r in batch], device=self.device)
+        width = max(len(r.blocks) for r in batch)
+        table = torch.tensor([r.blocks + r.blocks[:1] * (width - len(r.blocks)) for r in batch], dtype=torch.int32)
+        with self._adapters(batch):
+            logits = decode_step(self.fused, self.model, tokens, positions, DecodeCache(self.pool, table))
         for i, r in enumerate(batch):
             r.pos += 1
             if self._sample(r, logits[i]):
-                done.append(i)
-        for i in reversed(done):
-            self._remove(i)
+                self._remove(r)
+            elif r.pos % bs == 0:  # its last block is full
+                self._filled(r, r.pos - 1, r.pos)
+
+    def _adapters(self, rows: list[Request]) -> AbstractContextManager[None]:
+        """Each row's adapter for a forward over ``rows``."""
+        if not self.adapter_set.adapters:
+            return nullcontext()
+        return self.adapter_set.select([r.adapter for r in rows])
+
+    def _salt(self, r: Request) -> bytes:
+        """The root of ``r``'s block names: blocks computed with different adapters are never shared."""
+        return self.adapter_set.adapters[r.adapter].digest.encode() if r.adapter else b""
 
     def _sample(self, r: Request, logits: torch.Tensor) -> bool:
         """Pick ``r``'s next token and emit what it adds; True when ``r`` is finished (or failed: one request's
@@ -297,7 +366,7 @@ class Engine:
             logits = r.constraint.mask(logits)
         info = pick(logits, r.history, p, r.generator)
         r.generated += 1
-        r.next_input = info.id
+        r.tokens.append(info.id)
         if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
             r.history = torch.cat([r.history, torch.tensor([info.id])])
         chunk = r.detok.push(info)
@@ -310,23 +379,19 @@ class Engine:
             r.emit(chunk)
         return chunk is not None and chunk.finish_reason is not None
 
-    def _remove(self, i: int) -> None:
-        """Free row ``i``, keeping the decoding rows contiguous at the front of the pool."""
-        last = len(self.rows) - 1
-        if i < self.decoding:
-            end = self.decoding - 1
-            if i != end:
-                self._move(end, i)
-            if last != end:
-                self._move(last, end)
-            self.decoding -= 1
-        elif i != last:
-            self._move(last, i)
-        self.rows.pop()
+    def _remove(self, r: Request) -> None:
+        """Release a finished (or cancelled) request's blocks; those it filled stay in the prefix cache."""
+        self.running.remove(r)
+        self.pool.release(r.blocks)
+        r.blocks = []
 
-    def _move(self, src: int, dst: int) -> None:
-        self.pool.move(src, dst, self.rows[src].pos)
-        self.rows[dst] = self.rows[src]
+    def _preempt(self, r: Request) -> None:
+        """Take ``r``'s blocks for others; it waits at the front of the queue to be computed again."""
+        self._remove(r)
+        r.pos = 0
+        self.preemptions += 1
+        with self.lock:
+            self.waiting.appendleft(r)
 
 
 def _merge(first: Delta | None, last: Delta) -> Delta:

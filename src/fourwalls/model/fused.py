@@ -53,7 +53,8 @@ class _Scratch(ctypes.Structure):
 
 
 class _Cache(ctypes.Structure):
-    _fields_ = [("k", _P), ("v", _P), ("row_stride", _I64), ("head_stride", _I64)]
+    _fields_ = [("k", _P), ("v", _P), ("table", _P), *((name, _I64) for name in ("table_stride", "block_size",
+                                                                                 "block_stride", "head_stride"))]
 
 
 class Decoder:
@@ -94,6 +95,7 @@ class Decoder:
         self.buffers = {name: torch.empty(self.max_rows, width) for name, width in buf.items()}
         self.scratch = _Scratch(**{name: t.data_ptr() for name, t in self.buffers.items()})
         self.scores = self.work = torch.empty(0)
+        self.kv: tuple | None = None  # the cache's per-layer lists and their pointer arrays, for the next step
 
     def _tensor(self, t: Tensor | None) -> int | None:
         return _pointer(t, self.tensors)
@@ -112,7 +114,8 @@ class Decoder:
     def __call__(self, tokens: Tensor, input_pos: Tensor, cache: KVCache) -> Tensor | None:
         """Logits [B, vocab] for tokens [B, 1], or None when the fused step does not apply (the caller then runs
         the model). ``input_pos`` is [1] (every row at one position: a KVCache) or [B, 1] (each row at its own: the
-        serving engine's cache, which has the same ``k`` and ``v`` buffers)."""
+        serving engine's paged cache, whose ``k`` and ``v`` are per layer [blocks, kv_heads, block_size, head_dim]
+        and ``block_table`` [B, blocks] int32 each row's blocks in order)."""
         rows = tokens.shape[0]
         k, v = cache.k, cache.v
         if (tokens.shape[1] != 1 or rows > self.max_rows or torch.is_grad_enabled() or k[0].dtype != torch.float32
@@ -125,17 +128,23 @@ class Decoder:
                 if mask.shape != (rows, self.rank):
                     return None
                 mask = mask.float().contiguous()
+        table = getattr(cache, "block_table", None)
+        if table is None:  # a KVCache: row r is one block of max_len positions
+            table = torch.arange(rows, dtype=torch.int32)[:, None]
+        table = table.to(torch.int32).contiguous()
+        length = table.shape[1] * k[0].shape[2]  # the positions a row's blocks hold
         if input_pos.dim() == 1:
             cache.prepare(input_pos)  # checks the cache has room
             pos = input_pos.expand(rows).contiguous()
         else:
             pos = input_pos[:, 0].contiguous()
-            if int(pos.max()) >= k[0].shape[2]:
-                raise ContextLengthError(f"position {int(pos.max())} is beyond the KV cache of {k[0].shape[2]}")
-        kp = (ctypes.c_void_p * len(k))(*(t.data_ptr() for t in k))
-        vp = (ctypes.c_void_p * len(v))(*(t.data_ptr() for t in v))
-        c = _Cache(ctypes.addressof(kp), ctypes.addressof(vp), k[0].stride(0), k[0].stride(1))
-        threads, length = torch.get_num_threads(), k[0].shape[2]
+            if int(pos.max()) >= length:
+                raise ContextLengthError(f"position {int(pos.max())} is beyond the KV cache of {length}")
+        if self.kv is None or self.kv[0] is not k or self.kv[1] is not v:  # the same lists step after step
+            self.kv = k, v, *((ctypes.c_void_p * len(t))(*(x.data_ptr() for x in t)) for t in (k, v))
+        c = _Cache(ctypes.addressof(self.kv[2]), ctypes.addressof(self.kv[3]), table.data_ptr(), table.shape[1],
+                   k[0].shape[2], k[0].stride(0), k[0].stride(1))
+        threads = torch.get_num_threads()
         if self.scores.numel() < threads * length:
             self.scores = torch.empty(threads * length)
         work = self.max_rows * (self.widest + self.widest // 16)

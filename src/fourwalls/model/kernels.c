@@ -17,7 +17,8 @@
  *               Q6_K exactly.
  *   The integer kinds take their input rounded to int8 in blocks of 32, as llama.cpp does. A layer may carry
  *   stacked multi-LoRA factors: y += ((x A^T) * mask) B^T, where mask picks each row's adapter. The embedding
- *   table is a Lin too (row t is token t's vector), of any kind.
+ *   table is a Lin too (row t is token t's vector), of any kind. Each row's keys and values are read and written
+ *   through its block table (Cache: the serving engine's paged KV cache).
  * linear_forward: one layer's product for any number of rows on its own (quant.py's layers outside decode_step:
  *   a prompt's rows, or decoding where the fused step does not run).
  * stream_sum: the memory's read speed, which bounds decoding (benchmarks/decode.py).
@@ -79,9 +80,14 @@ typedef struct {
     int64_t scores_len, work_len;
 } Scratch;
 
+/* The KV cache in blocks (PagedAttention): per layer, buffers of [blocks, kv_heads, block_size, head_dim] (strides
+ * below; head_dim contiguous), and per row the blocks holding its positions in order. Position p of row r is
+ * position p % block_size of block table[r * table_stride + p / block_size]. A cache of one contiguous sequence
+ * per row is the case of one block of max_len positions per row. */
 typedef struct {
-    float *const *k, *const *v;    /* per layer: row 0 of [rows, kv_heads, max_len, head_dim] */
-    int64_t row_stride, head_stride;
+    float *const *k, *const *v;
+    const int32_t *table;
+    int64_t table_stride, block_size, block_stride, head_stride;
 } Cache;
 
 /* An integer layer's input (LIN_INT4, LIN_Q8) rounded to int8 as llama.cpp does: per block of 32 inputs the int8
@@ -620,12 +626,18 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* One query head over positions 0..pos of its key/value head (hd a multiple of 16). Scores are made 8 positions
- * at a time and the 8 dot products reduced together; the softmax weights then sum the values. */
-static void attend(const float *q, const float *kc, const float *vc, int64_t pos, int64_t hd, float *scores,
-                   float *out) {
-    const int64_t n = pos + 1, n8 = n & ~7;
-    const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)hd));
+/* Where row r keeps the key (or value) of position p of KV head g in one layer's buffer. */
+static inline int64_t kv_at(const Cache *c, int64_t r, int64_t g, int64_t p, int64_t hd) {
+    return c->table[r * c->table_stride + p / c->block_size] * c->block_stride + g * c->head_stride
+           + p % c->block_size * hd;
+}
+
+/* scores[t] = q . k[t] * scale for the n contiguous keys of one block (hd a multiple of 16), 8 positions at a time
+ * with the 8 dot products reduced together; returns their maximum. */
+static float block_scores(const float *q, const float *kc, int64_t n, int64_t hd, float *scores) {
+    const int64_t n8 = n & ~7;
+    const float s = 1.0f / sqrtf((float)hd);
+    const __m256 scale = _mm256_set1_ps(s);
     __m256 mx = _mm256_set1_ps(-INFINITY);
     for (int64_t t = 0; t < n8; t += 8) {
         __m256 acc[8];
@@ -650,8 +662,20 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t pos
     for (int j = 0; j < 8; j++)
         m = lanes[j] > m ? lanes[j] : m;
     for (int64_t t = n8; t < n; t++) {
-        scores[t] = dot(q, kc + t * hd, hd) / sqrtf((float)hd);
+        scores[t] = dot(q, kc + t * hd, hd) * s;
         m = scores[t] > m ? scores[t] : m;
+    }
+    return m;
+}
+
+/* Query head q of row r over positions 0..pos of its KV head g, block by block. */
+static void attend(const float *q, const Cache *c, int64_t l, int64_t r, int64_t g, int64_t pos, int64_t hd,
+                   float *scores, float *out) {
+    const int64_t n = pos + 1, n8 = n & ~7, bs = c->block_size;
+    float m = -INFINITY;
+    for (int64_t t0 = 0; t0 < n; t0 += bs) {
+        float bm = block_scores(q, c->k[l] + kv_at(c, r, g, t0, hd), n - t0 < bs ? n - t0 : bs, hd, scores + t0);
+        m = bm > m ? bm : m;
     }
     __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
     for (int64_t t = 0; t < n8; t += 8) {
@@ -667,10 +691,14 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t pos
     const float inv = 1.0f / total;
     for (int64_t i = 0; i < hd; i += 16) {
         __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
-        for (int64_t t = 0; t < n; t++) {
-            __m256 p = _mm256_set1_ps(scores[t]);
-            o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + t * hd + i), o0);
-            o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + t * hd + i + 8), o1);
+        for (int64_t t0 = 0; t0 < n; t0 += bs) {
+            const float *vc = c->v[l] + kv_at(c, r, g, t0, hd) + i;
+            const int64_t len = n - t0 < bs ? n - t0 : bs;
+            for (int64_t t = 0; t < len; t++) {
+                __m256 p = _mm256_set1_ps(scores[t0 + t]);
+                o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + t * hd), o0);
+                o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + t * hd + 8), o1);
+            }
         }
         _mm256_storeu_ps(out + i, _mm256_mul_ps(o0, _mm256_set1_ps(inv)));
         _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(o1, _mm256_set1_ps(inv)));
@@ -769,18 +797,16 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
                 int64_t r = task / m->n_kv_heads, g = task % m->n_kv_heads;
                 float *kr = s->k + r * kvn + g * hd;
                 rope(kr, s->cos + r * half, s->sin + r * half, half);
-                memcpy(c->k[l] + r * c->row_stride + g * c->head_stride + pos[r] * hd, kr, hd * sizeof(float));
-                memcpy(c->v[l] + r * c->row_stride + g * c->head_stride + pos[r] * hd, s->v + r * kvn + g * hd,
-                       hd * sizeof(float));
+                memcpy(c->k[l] + kv_at(c, r, g, pos[r], hd), kr, hd * sizeof(float));
+                memcpy(c->v[l] + kv_at(c, r, g, pos[r], hd), s->v + r * kvn + g * hd, hd * sizeof(float));
             }
             barrier_wait(&bar, nt);
             span(M * m->n_heads, t, nt, &lo, &hi);
             for (int64_t task = lo; task < hi; task++) {
                 int64_t r = task / m->n_heads, h = task % m->n_heads;
-                int64_t off = r * c->row_stride + h / group * c->head_stride;
                 float *qh = s->q + r * qn + h * hd;
                 rope(qh, s->cos + r * half, s->sin + r * half, half);
-                attend(qh, c->k[l] + off, c->v[l] + off, pos[r], hd, scores, s->att + r * qn + h * hd);
+                attend(qh, c, l, r, h / group, pos[r], hd, scores, s->att + r * qn + h * hd);
             }
             barrier_wait(&bar, nt);
             lora_phase(o, 1, s->att, M, mask, R, xa + 3 * xs, t, nt, &bar);
@@ -936,7 +962,8 @@ static const AbiEntry abi[] = {
     FIELD(Scratch, att), FIELD(Scratch, gate), FIELD(Scratch, up), FIELD(Scratch, xa), FIELD(Scratch, cos),
     FIELD(Scratch, sin), FIELD(Scratch, scores), FIELD(Scratch, work), FIELD(Scratch, scores_len),
     FIELD(Scratch, work_len),
-    SIZE(Cache), FIELD(Cache, k), FIELD(Cache, v), FIELD(Cache, row_stride), FIELD(Cache, head_stride),
+    SIZE(Cache), FIELD(Cache, k), FIELD(Cache, v), FIELD(Cache, table), FIELD(Cache, table_stride),
+    FIELD(Cache, block_size), FIELD(Cache, block_stride), FIELD(Cache, head_stride),
     {NULL, 0},
 };
 

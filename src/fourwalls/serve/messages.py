@@ -241,7 +241,8 @@ async def create_message(body: MessagesRequest, request: Request, state: State, 
 
     def done() -> dict[str, Any]:
         prompt, completion = runner.usage()
-        message.update(content=content.blocks, usage={"input_tokens": prompt, "output_tokens": completion})
+        message.update(content=content.blocks, usage={"input_tokens": prompt, "output_tokens": completion,
+                                                             "cache_read_input_tokens": runner.cached_tokens})
         return message
 
     if body.stream:

@@ -25,10 +25,12 @@ class Metrics:
         self.e2e = Histogram("fourwalls_e2e_request_latency_seconds", "Time from arrival to the last token",
                              buckets=_LATENCY, registry=r)
         self.prompt_tokens = Counter("fourwalls_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_tokens = Counter("fourwalls_prompt_tokens_cached", "Prompt tokens found in the prefix cache",
+                                     registry=r)
         self.generation_tokens = Counter("fourwalls_generation_tokens", "Tokens generated", registry=r)
-        Gauge("fourwalls_num_requests_waiting", "Requests queued for a KV-cache row",
+        Gauge("fourwalls_num_requests_waiting", "Requests queued for the batch and KV-cache blocks",
               registry=r).set_function(lambda: engine.num_waiting)
         Gauge("fourwalls_num_requests_running", "Requests in the running batch",
               registry=r).set_function(lambda: engine.num_running)
-        Gauge("fourwalls_kv_cache_usage_ratio", "Fraction of the KV-cache pool in use",
+        Gauge("fourwalls_kv_cache_usage_ratio", "Fraction of the KV cache's blocks held by requests",
               registry=r).set_function(lambda: engine.kv_usage)

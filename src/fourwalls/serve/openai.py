@@ -119,8 +119,9 @@ def _wants_usage(body: Sampling) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _log(state: ServerState, kind: str, prompt: Any, outputs: list[str]) -> None:
@@ -203,8 +204,8 @@ def _completion_constraint(state: ServerState, body: CompletionRequest) -> Calla
     return constraint
 
 
-def _batch_usage(batch: Batch) -> dict[str, int]:
-    return _usage(batch.prompt_tokens, batch.completion_tokens)
+def _batch_usage(batch: Batch) -> dict[str, Any]:
+    return _usage(batch.prompt_tokens, batch.completion_tokens, batch.cached_tokens)
 
 
 async def _stream(batch: Batch, frame: Any, usage: bool, caller: Caller) -> AsyncIterator[str]:
@@ -326,8 +327,8 @@ class _ChatChoice:
         return {"index": i, "message": message, "logprobs": lp(self.tokens), "finish_reason": self.finish}
 
 
-def _runner_usage(runner: Runner) -> dict[str, int]:
-    return _usage(runner.prompt_tokens, runner.completion_tokens)
+def _runner_usage(runner: Runner) -> dict[str, Any]:
+    return _usage(runner.prompt_tokens, runner.completion_tokens, runner.cached_tokens)
 
 
 def _round(r: Round) -> dict[str, Any]:

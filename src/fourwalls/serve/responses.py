@@ -187,7 +187,8 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         prompt, completion = runner.usage()
         response.update(status=out.status, incomplete_details=out.incomplete, output=out.items,
                         usage={"input_tokens": prompt, "output_tokens": completion,
-                               "total_tokens": prompt + completion, "input_tokens_details": {"cached_tokens": 0},
+                               "total_tokens": prompt + completion,
+                               "input_tokens_details": {"cached_tokens": runner.cached_tokens},
                                "output_tokens_details": {"reasoning_tokens": 0}})
         if body.store:
             await asyncio.to_thread(state.responses.put, _owner(caller), response, earlier + items + out.items)

@@ -205,6 +205,11 @@ class Batch:
         return sum(len(r.prompt) for r in self.requests)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache."""
+        return sum(r.cached_tokens or 0 for r in self.requests)
+
+    @property
     def tokens(self) -> int:
         """Prompt and completion tokens so far: what the caller is charged."""
         return self.prompt_tokens + self.completion_tokens
@@ -236,6 +241,7 @@ class Batch:
             if ev.finish_reason:
                 self.open -= 1
                 m.finished.labels(ev.finish_reason).inc()
+                m.cached_tokens.inc(self.requests[i].cached_tokens or 0)
                 m.e2e.observe(now - self.start)
             yield i, ev
 

@@ -152,8 +152,8 @@ async def collect(runner: Runner) -> list[tuple[int, Event]] | None:
 
 class Runner:
     """Runs a Turn: ``await start()`` checks everything a client can get wrong (a 4xx before any output), then
-    ``events()`` yields (choice, event) for every round; ``prompt_tokens``/``completion_tokens`` add up every
-    round, and the caller is charged for each as it ends. With ``request``, each round's batch is cancelled as soon
+    ``events()`` yields (choice, event) for every round; ``prompt_tokens``, ``completion_tokens`` and
+    ``cached_tokens`` add up every round, and the caller is charged for each as it ends. With ``request``, each round's batch is cancelled as soon
     as its client disconnects (``disconnected`` says so afterwards)."""
 
     def __init__(self, state: ServerState, caller: Caller, turn: Turn, request: Request | None = None) -> None:
@@ -161,7 +161,7 @@ class Runner:
         self.adapter: str | None = None
         self.toolbox: Toolbox | None = None
         self.dialect = dialect(state.lm.tokenizer)
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.rounds: list[Round] = []
         self.disconnected = False
         self._prompt: list[int] = []
@@ -292,6 +292,7 @@ class Runner:
                             finish[i] = (delta.finish_reason, delta.stop)
                 finally:
                     self.prompt_tokens += batch.prompt_tokens
+                    self.cached_tokens += batch.cached_tokens
                     self.completion_tokens += batch.completion_tokens
                     self.caller.spend(batch.tokens)
                     batch.cancel()
