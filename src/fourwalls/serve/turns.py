@@ -153,8 +153,8 @@ async def collect(runner: Runner) -> list[tuple[int, Event]] | None:
 class Runner:
     """Runs a Turn: ``await start()`` checks everything a client can get wrong (a 4xx before any output), then
     ``events()`` yields (choice, event) for every round; ``prompt_tokens``, ``completion_tokens`` and
-    ``cached_tokens`` add up every round, and the caller is charged for each as it ends. With ``request``, each round's batch is cancelled as soon
-    as its client disconnects (``disconnected`` says so afterwards)."""
+    ``cached_tokens`` add up every round, and the caller is charged for each as it ends. With ``request``, each
+    round's batch is cancelled as soon as its client disconnects (``disconnected`` says so afterwards)."""
 
     def __init__(self, state: ServerState, caller: Caller, turn: Turn, request: Request | None = None) -> None:
         self.state, self.caller, self.turn, self.request = state, caller, turn, request
