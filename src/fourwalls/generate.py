@@ -157,16 +157,20 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
     pos = reuse
     with torch.inference_mode():
         fused = decoder(model)
+        if len(fed) > 1:  # the prompt but its last token fills the cache; the last is decoded, as the engine does,
+            # so that every sampled token comes from the same computation here and in the server
+            model(torch.tensor([fed[:-1]], device=device), torch.arange(pos, pos + len(fed) - 1, device=device),
+                  cache, last_only=True)
+            pos += len(fed) - 1
+            if session is not None:
+                session.tokens.extend(fed[:-1])
+            fed = fed[-1:]
         for _ in range(budget):
             tokens = torch.tensor([fed], dtype=torch.long, device=device)
-            input_pos = torch.arange(pos, pos + len(fed), device=device)
-            if len(fed) == 1:
-                logits = decode_step(fused, model, tokens, input_pos, cache)[0]
-            else:
-                logits = model(tokens, input_pos, cache, last_only=True)[0, -1].float()
+            logits = decode_step(fused, model, tokens, torch.tensor([pos], device=device), cache)[0]
             if session is not None:
                 session.tokens.extend(fed)
-            pos += len(fed)
+            pos += 1
             if constraint is not None:
                 logits = constraint.mask(logits)
             info = pick(logits, history, p, gen)
