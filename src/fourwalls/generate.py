@@ -127,6 +127,9 @@ class Session:
         self.tokens: list[int] = []  # the tokens whose keys/values the cache holds
 
 
+PREFILL_CHUNK = 256  # prompt tokens per forward, here and in the engine (EngineConfig.prefill_chunk)
+
+
 def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams, eos_ids: Sequence[int] = (),
                     session: Session | None = None, constraint: Constraint | None = None) -> Iterator[TokenInfo]:
     """Yield sampled tokens one at a time (EOS included, then stop); the caller stops early by closing.
@@ -157,14 +160,17 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
     pos = reuse
     with torch.inference_mode():
         fused = decoder(model)
-        if len(fed) > 1:  # the prompt but its last token fills the cache; the last is decoded, as the engine does,
-            # so that every sampled token comes from the same computation here and in the server
-            model(torch.tensor([fed[:-1]], device=device), torch.arange(pos, pos + len(fed) - 1, device=device),
-                  cache, last_only=True)
-            pos += len(fed) - 1
+        # The prompt but its last token fills the cache in chunks, and the last is decoded, as the engine does: every
+        # sampled token then comes from the same computation here and in the server, and a long prompt's
+        # activations never exceed a chunk's.
+        for start in range(0, len(fed) - 1, PREFILL_CHUNK):
+            chunk = fed[start: min(start + PREFILL_CHUNK, len(fed) - 1)]
+            model(torch.tensor([chunk], device=device), torch.arange(pos, pos + len(chunk), device=device), cache,
+                  last_only=True)
+            pos += len(chunk)
             if session is not None:
-                session.tokens.extend(fed[:-1])
-            fed = fed[-1:]
+                session.tokens.extend(chunk)
+        fed = fed[-1:]
         for _ in range(budget):
             tokens = torch.tensor([fed], dtype=torch.long, device=device)
             logits = decode_step(fused, model, tokens, torch.tensor([pos], device=device), cache)[0]

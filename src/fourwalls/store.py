@@ -39,6 +39,7 @@ from fourwalls.files import atomic_write, folder_digest, home, megabytes, sha256
 from fourwalls.formats import read_checkpoint
 from fourwalls.formats.hf import read_hf, write_hf
 from fourwalls.model.config import ModelConfig
+from fourwalls.model.native import release_freed_memory
 from fourwalls.model.quant import GGUF_SCHEME
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
@@ -213,6 +214,7 @@ class Store:
 
             dequantize_model(model)
             model.to(dtype)
+        release_freed_memory()
         return LoadedModel(ref.name, ref.digest, model, tok)
 
     # --- writing --------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from fourwalls.errors import (
     RequestTimeoutError,
     UsageError,
 )
-from fourwalls.generate import Delta, Detokenizer, SamplingParams, pick
+from fourwalls.generate import PREFILL_CHUNK, Delta, Detokenizer, SamplingParams, pick
 from fourwalls.model.fused import decode_step, decoder
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
@@ -56,7 +56,7 @@ class EngineConfig:
     kv_tokens: int | None = None  # the KV cache's size in tokens, shared by all requests (None: max(max_len, 16384))
     block_size: int = 16  # tokens per KV-cache block: the unit of allocation and of prefix reuse
     prefix_cache: bool = True  # reuse the blocks of earlier requests' identical prefixes
-    prefill_chunk: int = 256  # prompt tokens fed per engine step
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens fed per engine step
     max_queue: int = 64  # waiting requests beyond which submit() refuses
     request_timeout: float = 600.0  # seconds from submission
 

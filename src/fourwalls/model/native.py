@@ -172,6 +172,16 @@ def keep_freed_memory() -> None:
         pass
 
 
+def release_freed_memory() -> None:
+    """Hand the memory malloc keeps after freeing back to the kernel (glibc's ``malloc_trim``): loading a model frees
+    more than it keeps (the tokenizer's JSON parse, some 30 MB here), and a server that only ever serves would hold
+    it for life. No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def as_native(layer: object) -> NativeLinear | None:
     """How the C kernels read ``layer``, or None when they cannot (its kind has no ``as_native()``, or says no)."""
     method = getattr(layer, "as_native", None)
