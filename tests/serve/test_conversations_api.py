@@ -16,7 +16,8 @@ from tests.serve.conftest import LiveServer, free_port, key_file, tiny_chat_mode
 
 pytestmark = pytest.mark.slow
 ADMIN, ALICE, BOB = "sk-admin", "sk-alice", "sk-bob"
-SETTINGS = {"model": "tiny-chat", "system": "", "temperature": 0.5, "max_tokens": 32, "collection": None}
+SETTINGS = {"model": "tiny-chat", "system": "", "temperature": 0.5, "max_tokens": 32, "collection": None,
+            "tools": ["calculator"]}
 
 
 @pytest.fixture(scope="module")

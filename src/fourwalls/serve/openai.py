@@ -353,8 +353,12 @@ async def _chat_stream(runner: Runner, head: dict[str, Any], lp: Any, logprobs: 
                                           "finish_reason": finish}]})
 
     try:
-        if grounded is not None:
-            yield sse({**chunk, "choices": [], "citations": grounded.citations()})
+        if grounded is not None:  # the sources first, with each choice's role (OpenAI's first chunk)
+            for i in range(runner.turn.n):
+                choices.setdefault(i, _ChatChoice()).started = True
+            yield sse({**chunk, "citations": grounded.citations(),
+                       "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None} for i in range(runner.turn.n)]})
         async with aclosing(runner.events()) as events:  # closed early: the turn is cancelled at once
             async for i, ev in events:
                 c = choices.setdefault(i, _ChatChoice())
