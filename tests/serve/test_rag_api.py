@@ -366,7 +366,8 @@ def test_off_topic_questions_get_no_answer_without_the_model(server):
     out = r.json()
     assert out["object"] == "chat.completion" and out["choices"][0]["message"]["content"] == NO_ANSWER
     assert out["choices"][0]["finish_reason"] == "stop" and out["citations"] == []
-    assert out["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert out["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     # A key asking for group b's secret with nothing of its own relevant enough: no answer, no citations.
     assert chat(server, SECRET_QUERY, PUBLIC).json()["citations"] == []
     stream = call(server, "POST", "/v1/chat/completions", ADMIN, json={

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fourwalls.errors import UsageError
 from fourwalls.model.config import ModelConfig
 from fourwalls.model.fused import linear_product
-from fourwalls.model.native import NativeLinear, abi
+from fourwalls.model.native import NativeLinear
 from fourwalls.model.ops import Linear, linear
 from fourwalls.model.transformer import Transformer, block_linears
 
@@ -120,13 +120,6 @@ class QuantConfig:
         return cls(**{k: d[k] for k in ("scheme", "group_size", "input_scales") if k in d})
 
 
-def _decode_rows(x: Tensor) -> bool:
-    """Whether x is a decode step's few fp32 rows (the native int8 kernel's; a prompt's go to torch's)."""
-    limits = abi()
-    return (bool(limits) and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and x.numel() // x.shape[-1] <= limits["MAX_ROWS"])
-
-
 def _bf16_rows(x: Tensor, width: int) -> Tensor:
     return x.reshape(-1, width).to(torch.bfloat16)
 
@@ -159,9 +152,9 @@ class Int8Linear(nn.Module):
                             scale=self.weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = linear_product(self, x) if _decode_rows(x) else None  # decoding: fourwalls' kernel, fp32 activations
-        if y is not None:
-            return y  # the kernel added the bias
+        # Every row by torch's int8 kernel, bf16 activations, whatever the number of rows: a prompt token's K and V
+        # are then the same whether it is fed in a long chunk or a short one (after a prefix-cache hit), so the
+        # server's tokens do not depend on its cache. Decoding runs the fused C step (fp32 activations) instead.
         if self._kernel_scale is None or self._kernel_scale[0] is not self.weight_scale:
             self._kernel_scale = (self.weight_scale, self.weight_scale.to(torch.bfloat16))
         y = torch.ops.aten._weight_int8pack_mm(_bf16_rows(x, self.in_features), self.weight, self._kernel_scale[1])
