@@ -18,12 +18,14 @@ parses and its arguments fit the function's schema.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2.meta
+import jinja2
+import jinja2.nodes
 
 from fourwalls.templates import TemplateSandbox, environment
 from fourwalls.tokenizer import Tokenizer
@@ -93,13 +95,18 @@ def call_id(prefix: str = "call_") -> str:
 
 def renders_tools(tokenizer: Tokenizer) -> bool:
     """Whether the model's chat template reads ``tools`` (else fourwalls writes them into the system message)."""
-    if not tokenizer.chat_template:
-        return False
+    return bool(tokenizer.chat_template) and _reads_tools(tokenizer.chat_template)
+
+
+@functools.lru_cache(maxsize=64)
+def _reads_tools(template: str) -> bool:
+    # The names the template loads, from its parse tree alone: compiling it (jinja2.meta) would fold constants,
+    # and a hostile template's `'x' * 3000000000` would be built right here, on the server's event loop.
     try:
-        names = jinja2.meta.find_undeclared_variables(environment().parse(tokenizer.chat_template))
+        tree = environment().parse(template)
     except jinja2.TemplateError:
         return False
-    return "tools" in names or "custom_tools" in names
+    return any(n.name in ("tools", "custom_tools") for n in tree.find_all(jinja2.nodes.Name) if n.ctx == "load")
 
 
 def dialect(tokenizer: Tokenizer) -> str:
