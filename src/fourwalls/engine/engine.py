@@ -59,6 +59,7 @@ class Request:
     adapter: str | None = None
     constraint: Constraint | None = None
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    mix: dict[str, float] | None = None  # adapters and their weights, mixed in this row (instead of ``adapter``)
     # Engine state, set on submission.
     arrival: float = 0.0
     cancelled: bool = False
@@ -70,6 +71,14 @@ class Request:
     detok: Detokenizer | None = None
     generator: torch.Generator | None = None
 
+    @property
+    def uses(self) -> str | dict[str, float] | None:
+        """What the row's adapter mask selects (AdapterSet.select)."""
+        return self.mix or self.adapter
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.mix) if self.mix else [self.adapter] if self.adapter else []
 
 
 class Engine:
@@ -125,8 +134,9 @@ class Engine:
                              code=QUEUE_LIMIT)
         with self.lock:
             for req in requests:
-                if req.adapter is not None and req.adapter not in self.adapters:
-                    raise NotFoundError(f"adapter '{req.adapter}' is not loaded")
+                for name in req.adapter_names:
+                    if name not in self.adapters:
+                        raise NotFoundError(f"adapter '{name}' is not loaded")
             if len(self.waiting) + len(requests) > limit:
                 raise OverloadedError(f"the queue is full ({len(self.waiting)} of {limit} waiting); retry later")
             for req in requests:
@@ -237,7 +247,7 @@ class Engine:
     def _sync_adapters(self) -> None:
         with self.lock:
             wanted = dict(self.adapters)
-            in_use = {r.adapter for r in (*self.rows, *self.waiting) if r.adapter}
+            in_use = {n for r in (*self.rows, *self.waiting) for n in r.adapter_names}
         installed = self.adapter_set.adapters
         target = {**{n: installed[n] for n in in_use if n in installed}, **wanted}
         if target.keys() != installed.keys():
@@ -257,7 +267,7 @@ class Engine:
         device = self.model.device
         tokens = torch.tensor([chunk], device=device)
         positions = torch.arange(r.pos, r.pos + len(chunk), device=device)
-        with self.adapter_set.select([r.adapter]):
+        with self.adapter_set.select([r.uses]):
             logits = self.model(tokens, positions, self.pool.row(i), last_only=True)[0, -1].float()
         r.pos += len(chunk)
         if r.pos == len(r.prompt):  # row i is the first behind the decoding ones: it joins them in place
@@ -271,7 +281,7 @@ class Engine:
         tokens = torch.tensor([[r.next_input] for r in batch], device=device)
         positions = torch.tensor([[r.pos] for r in batch], device=device)
         cache = self.pool.decode(len(batch))
-        with self.adapter_set.select([r.adapter for r in batch]):
+        with self.adapter_set.select([r.uses for r in batch]):
             logits = decode_step(self.fused, self.model, tokens, positions, cache)
         done = []
         for i, r in enumerate(batch):
