@@ -92,7 +92,7 @@ def _kmeans(x: np.ndarray, k: int, iters: int = 25, seed: int = 0) -> np.ndarray
     rng = np.random.default_rng(seed)
     centers = [x[rng.integers(len(x))]]
     for _ in range(1, k):
-        d = 1.0 - np.max(x @ np.stack(centers).T, axis=1)
+        d = np.clip(1.0 - np.max(x @ np.stack(centers).T, axis=1), 0.0, None)
         if d.sum() <= 1e-9:  # every point sits on a center already
             break
         centers.append(x[rng.choice(len(x), p=d / d.sum())])
