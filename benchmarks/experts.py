@@ -167,7 +167,7 @@ def median_ms(router, prompts: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smoke test: few examples, a few steps")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threshold", type=float, default=None, help="default: the server's default")
     args = ap.parse_args()
     from fourwalls.engine.multilora import AdapterSet
