@@ -383,7 +383,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     ref, result = finetune(args.model, Path(args.data), args.method, args.name, cfg, _lora(args), shape=args.format,
                            max_len=args.max_len, pack=args.pack, val_fraction=args.val_fraction,
                            val_data=Path(args.val_data) if args.val_data else None,
-                           skip_bad_lines=args.skip_bad_lines, run_dir=args.run_dir, resume=bool(args.resume))
+                           skip_bad_lines=args.skip_bad_lines, run_dir=args.run_dir, resume=bool(args.resume),
+                           description=args.description)
     _report(ref, result, args.run_dir or Store().root / "runs" / args.name)
 
 
@@ -396,7 +397,7 @@ def cmd_align(args: argparse.Namespace) -> None:
                         undesirable_weight=args.undesirable_weight, shape=args.format, max_len=args.max_len,
                         val_fraction=args.val_fraction, val_data=Path(args.val_data) if args.val_data else None,
                         skip_bad_lines=args.skip_bad_lines, ref_cache=args.ref_cache, run_dir=args.run_dir,
-                        resume=bool(args.resume))
+                        resume=bool(args.resume), description=args.description)
     if ref is None:  # a torchrun worker other than rank 0
         return
     run_dir = args.run_dir or Store().root / "runs" / args.name
@@ -519,10 +520,88 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(ServeConfig(args.model, args.host, args.port, adapters,
                              keys if args.api_keys or keys.is_file() else None, engine, args.drain_timeout,
                              args.max_body_bytes, args.log_requests, rag_store=args.rag_store, embedder=args.embedder,
-                             tools=tools))
+                             tools=tools, route_threshold=args.route_threshold, route=args.route))
+
+
+def _base(args: argparse.Namespace) -> str:
+    from fourwalls.store import DEFAULT_MODEL
+
+    return args.base or DEFAULT_MODEL
+
+
+def cmd_experts_add(args: argparse.Namespace) -> None:
+    from fourwalls.experts import add_expert
+    from fourwalls.store import Store
+
+    store = Store()
+    entry = add_expert(store, args.adapter, args.base, Path(args.data) if args.data else None, args.description)
+    base = store.resolve(args.adapter).manifest["base"]
+    print(f"added {args.adapter} to the experts of {base} ({len(entry['profile']['centroids'])} centroids of "
+          f"{entry['profile']['prompts']} prompts)")
+
+
+def cmd_experts_list(args: argparse.Namespace) -> None:
+    from fourwalls.experts import read_library
+    from fourwalls.store import Store
+
+    lib = read_library(Store().root, _base(args))
+    if args.json:
+        print(json.dumps(lib["experts"], indent=2))
+        return
+    rows = [(name, e["digest"][:19], str(len(e["profile"]["centroids"])), str(e["profile"]["prompts"]),
+             e.get("description") or "") for name, e in lib["experts"].items()]
+    if not rows:
+        print(f"no experts for {lib['base']}: `fourwalls experts add ADAPTER` adds one")
+        return
+    _table(("EXPERT", "DIGEST", "CENTROIDS", "PROMPTS", "DESCRIPTION"), rows, right=(2, 3))
+
+
+def cmd_experts_show(args: argparse.Namespace) -> None:
+    from fourwalls.experts import expert
+    from fourwalls.store import Store
+
+    e = expert(Store(), args.adapter, _base(args))
+    if args.json:
+        print(json.dumps(e, indent=2))
+        return
+    p = e["profile"]
+    print(f"expert: {args.adapter}\nbase: {_base(args)}\ndigest: {e['digest']}\n"
+          f"description: {e.get('description') or ''}\nprofile: {len(p['centroids'])} centroids of {p['prompts']} "
+          f"training prompts, embedded by {p['embedder']} ({p['dim']}-d)")
+
+
+def cmd_experts_rm(args: argparse.Namespace) -> None:
+    from fourwalls.experts import remove_expert
+    from fourwalls.store import Store
+
+    remove_expert(Store(), args.adapter, _base(args))
+    print(f"removed {args.adapter} from the experts of {_base(args)}")
+
+
+def cmd_route(args: argparse.Namespace) -> None:
+    from fourwalls.engine.router import Router
+    from fourwalls.experts import read_library
+    from fourwalls.rag.embed import embedder
+    from fourwalls.store import Store
+
+    lib = read_library(Store().root, args.base)
+    if not lib["experts"]:
+        raise UsageError(f"'{args.base}' has no experts: `fourwalls experts add ADAPTER` adds one")
+    router = Router({n: e["profile"] for n, e in lib["experts"].items()}, embedder(), args.threshold, args.route)
+    route = router.route(args.prompt)
+    if args.json:
+        print(json.dumps({"model": route.label(args.base), "mix": route.mix, "threshold": args.threshold,
+                          "ranking": [{"expert": s.name, "score": round(s.score, 4), "centroid": s.centroid}
+                                      for s in route.ranking]}))
+        return
+    _table(("EXPERT", "SCORE", "NEAREST CENTROID", ""),
+           [(s.name, f"{s.score:.3f}", f"{s.centroid + 1} of {len(lib['experts'][s.name]['profile']['centroids'])}",
+             "<- " + f"{route.mix[s.name]:.0%}" if s.name in route.mix else "") for s in route.ranking], right=(1,))
+    print(f"model 'auto' -> {route.label(args.base)}: {route.why()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fourwalls.experts import DEFAULT_THRESHOLD
     from fourwalls.store import DEFAULT_MODEL
 
     parser = _Parser(prog="fourwalls", description="A private, self-hosted LLM toolkit. Nothing leaves this machine.")
@@ -577,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", action="store_true", help="pack examples into full sequences")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share for validation")
     p.add_argument("--val-data", help="a separate JSONL validation file (instead of --val-fraction)")
+    p.add_argument("--description", help="one line on what the adapter is for, shown by `fourwalls experts`")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
     _lora_flags(p)
     _train_flags(p, lr=2e-4, steps=100)
@@ -602,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=512, help="longest prompt + answer; longer ones are truncated")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share for validation")
     p.add_argument("--val-data", help="a separate JSONL validation file (instead of --val-fraction)")
+    p.add_argument("--description", help="one line on what the adapter is for, shown by `fourwalls experts`")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
     _lora_flags(p)
     _train_flags(p, lr=5e-5, steps=100)
@@ -720,7 +801,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "and retrieval (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--tools", metavar="LIST", help="built-in tools offered on every chat, responses and messages "
                    "request: calculator, documents or documents:COLLECTION (comma-separated)")
+    p.add_argument("--route", choices=["top1", "top2"], default="top1", help="model 'auto': run the best expert "
+                   "of the library (`fourwalls experts`), or mix the two best per request (default top1)")
+    p.add_argument("--route-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="COSINE",
+                   help=f"model 'auto': the base model answers when no expert scores this much (default "
+                   f"{DEFAULT_THRESHOLD})")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("route", help="which expert model 'auto' would pick for a prompt, and why")
+    p.add_argument("prompt", help="the last user turn of a conversation")
+    p.add_argument("--base", default=DEFAULT_MODEL, help=f"whose expert library (default {DEFAULT_MODEL})")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"as serve --route-threshold (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--route", choices=["top1", "top2"], default="top1", help="as serve --route")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_route)
+
+    experts = sub.add_parser("experts", help="the LoRA adapters model 'auto' routes over: add, list, show, rm")
+    esub = experts.add_subparsers(dest="experts_command", required=True, parser_class=_Parser)
+    base_help = "the base model whose library (default: the adapter's own base for add, else " + DEFAULT_MODEL + ")"
+    p = esub.add_parser("add", help="put a stored adapter in its base model's library, with its routing profile")
+    p.add_argument("adapter", help="a stored adapter's name")
+    p.add_argument("--base", help=base_help)
+    p.add_argument("--data", help="JSONL training data to profile the adapter from (needed for adapters stored "
+                   "without a profile; replaces the stored one)")
+    p.add_argument("--description", help="one line on what the expert is for")
+    p.set_defaults(func=cmd_experts_add)
+    p = esub.add_parser("list", help="the experts of a base model's library")
+    p.add_argument("--base", help=base_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_experts_list)
+    p = esub.add_parser("show", help="one expert: its adapter, description and profile")
+    p.add_argument("adapter")
+    p.add_argument("--base", help=base_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_experts_show)
+    p = esub.add_parser("rm", help="take an expert out of the library (the adapter stays stored)")
+    p.add_argument("adapter")
+    p.add_argument("--base", help=base_help)
+    p.set_defaults(func=cmd_experts_rm)
 
     keys = sub.add_parser("keys", help="API keys for `fourwalls serve`: add, list, rm (the file keeps only hashes)")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)

@@ -244,11 +244,12 @@ class Store:
         return self.resolve(name)
 
     def add_adapter(self, name: str, base: ModelRef, write: Callable[[Path], None],
-                    lineage: dict[str, Any] | None = None) -> ModelRef:
-        """Store a PEFT-format adapter (``write(folder)`` writes it) trained on the stored model ``base``."""
+                    lineage: dict[str, Any] | None = None, routing: dict[str, Any] | None = None) -> ModelRef:
+        """Store a PEFT-format adapter (``write(folder)`` writes it) trained on the stored model ``base``, with its
+        routing profile (experts.py) if given."""
         self.check_new_name(name)
         manifest = {"kind": "adapter", "created": _now(), "base": base.name, "base_digest": base.digest,
-                    "lineage": lineage or {}}
+                    "lineage": lineage or {}, **({"routing": routing} if routing else {})}
         digest = self._write_folder(self.root / "adapters", write, manifest, what=f"adapter '{name}'")
         text = json.dumps({"digest": digest, "kind": "adapter"})
         atomic_write(self._name_file(name), lambda p: p.write_text(text))

@@ -29,9 +29,9 @@ def word_tokenizer(n: int = 512) -> Tokenizer:
 class Run:
     """A request submitted to an engine, with what came back."""
 
-    def __init__(self, engine: Engine, prompt: list[int], adapter: str | None = None, **params) -> None:
+    def __init__(self, engine: Engine, prompt: list[int], adapter: str | None = None, mix=None, **params) -> None:
         self.events, self.done = [], threading.Event()
-        self.request = Request(prompt, SamplingParams(**params), self._emit, adapter)
+        self.request = Request(prompt, SamplingParams(**params), self._emit, adapter, mix=mix)
         engine.submit(self.request)
 
     def _emit(self, ev) -> None:
@@ -327,3 +327,65 @@ def test_paged_attention_fused_and_in_torch_computes_what_a_contiguous_cache_doe
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
     assert torch.allclose(pools[0].k_all, pools[1].k_all, atol=1e-5)
     assert torch.allclose(pools[0].v_all, pools[1].v_all, atol=1e-5)
+
+
+def test_a_row_mixing_two_adapters_computes_the_weighted_sum_of_their_updates(tmp_path):
+    """Top-2 routing's mix: the row's logits are those of the base with 0.7 of one adapter's update and 0.3 of the
+    other's merged in, in the torch forward and in the fused decode step alike."""
+    from fourwalls.engine.cache import BlockPool, DecodeCache, PrefillCache
+    from fourwalls.engine.multilora import AdapterSet
+    from fourwalls.model.fused import decoder
+
+    model = tiny_model()
+    _random_adapter(model, tmp_path / "a1", 1, r=4)
+    _random_adapter(model, tmp_path / "a2", 2, r=8)
+    merged = copy.deepcopy(model)
+    adapters = AdapterSet(model)
+    found = [adapters.read("a1", tmp_path / "a1"), adapters.read("a2", tmp_path / "a2")]
+    adapters.install(found)
+    mix = {"a1": 0.7, "a2": 0.3}
+    with torch.no_grad():
+        for a in found:
+            for qual, (A, B) in a.layers.items():
+                merged.get_submodule(qual).weight += mix[a.name] * (B @ A)
+    prompt = torch.randint(3, 512, (1, 12))
+    with torch.inference_mode():
+        expected = merged(prompt)
+        with adapters.select([mix]):
+            got = model(prompt)
+        with adapters.select(["a1"]):
+            one = model(prompt)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+    assert (one - expected).abs().max() > 1e-2 * expected.abs().max()  # the mix is not one adapter alone
+
+    fused = decoder(model)
+    if fused is None:
+        pytest.skip("no AVX2 or no C compiler here: decoding runs in torch")
+    rows = [mix, None, "a2", {"a2": 0.4, "a1": 0.6}]
+    pools = [BlockPool(model.config, len(rows), 16) for _ in range(2)]
+    table = torch.arange(len(rows), dtype=torch.int32)[:, None]  # row i: block i (the prompt and the next token)
+    with torch.inference_mode():
+        for i, row in enumerate(rows):
+            for pool in pools:
+                with adapters.select([row]):
+                    model(prompt, torch.arange(12), PrefillCache(pool, [i]))
+        tokens, positions = torch.randint(3, 512, (len(rows), 1)), torch.full((len(rows), 1), 12)
+        with adapters.select(rows):
+            expected = model(tokens, positions, DecodeCache(pools[0], table))[:, -1]
+            got = fused(tokens, positions, DecodeCache(pools[1], table))
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_a_request_mixing_adapters_runs_in_the_batch_and_unknown_names_are_refused(make_engine, tmp_path):
+    model = tiny_model()
+    _random_adapter(model, tmp_path / "a1", 1, r=4)
+    _random_adapter(model, tmp_path / "a2", 2, r=8)
+    engine = make_engine(model)
+    engine.add_adapter("a1", tmp_path / "a1")
+    engine.add_adapter("a2", tmp_path / "a2")
+    with pytest.raises(NotFoundError, match="'a3'"):
+        engine.submit(Request([1, 2], SamplingParams(max_new_tokens=2), lambda ev: None, mix={"a1": 0.5, "a3": 0.5}))
+    mixed = Run(engine, [1, 2, 3], max_new_tokens=6, temperature=0, mix={"a1": 0.5, "a2": 0.5})
+    plain = Run(engine, [1, 2, 3], "a1", max_new_tokens=6, temperature=0)
+    assert len(mixed.tokens()) == 6 and len(plain.tokens()) == 6
+    assert mixed.tokens() != plain.tokens()

@@ -69,6 +69,7 @@ class Request:
     adapter: str | None = None
     constraint: Constraint | None = None
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    mix: dict[str, float] | None = None  # adapters and their weights, mixed in this row (instead of ``adapter``)
     # Engine state, set on submission.
     arrival: float = 0.0
     cancelled: bool = False
@@ -86,6 +87,15 @@ class Request:
     @property
     def decoding(self) -> bool:
         return self.pos == len(self.tokens) - 1
+
+    @property
+    def uses(self) -> str | dict[str, float] | None:
+        """What the row's adapter mask selects (AdapterSet.select)."""
+        return self.mix or self.adapter
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.mix) if self.mix else [self.adapter] if self.adapter else []
 
 
 class Engine:
@@ -146,8 +156,9 @@ class Engine:
                              code=QUEUE_LIMIT)
         with self.lock:
             for req in requests:
-                if req.adapter is not None and req.adapter not in self.adapters:
-                    raise NotFoundError(f"adapter '{req.adapter}' is not loaded")
+                for name in req.adapter_names:
+                    if name not in self.adapters:
+                        raise NotFoundError(f"adapter '{name}' is not loaded")
             if len(self.waiting) + len(requests) > limit:
                 raise OverloadedError(f"the queue is full ({len(self.waiting)} of {limit} waiting); retry later")
             for req in requests:
@@ -261,7 +272,7 @@ class Engine:
             return
         with self.lock:
             wanted = dict(self.adapters)
-            in_use = {r.adapter for r in (*self.running, *self.waiting) if r.adapter}
+            in_use = {n for r in (*self.running, *self.waiting) for n in r.adapter_names}
         installed = self.adapter_set.adapters
         target = {**{n: installed[n] for n in in_use if n in installed}, **wanted}
         if target.keys() != installed.keys():
@@ -344,11 +355,14 @@ class Engine:
         """Each row's adapter for a forward over ``rows``."""
         if not self.adapter_set.adapters:
             return nullcontext()
-        return self.adapter_set.select([r.adapter for r in rows])
+        return self.adapter_set.select([r.uses for r in rows])
 
     def _salt(self, r: Request) -> bytes:
         """The root of ``r``'s block names: blocks computed with different adapters are never shared."""
-        return self.adapter_set.adapters[r.adapter].digest.encode() if r.adapter else b""
+        installed = self.adapter_set.adapters
+        if r.mix:  # a weighted mix computes other K/V than either adapter alone
+            return repr(sorted((installed[n].digest, w) for n, w in r.mix.items())).encode()
+        return installed[r.adapter].digest.encode() if r.adapter else b""
 
     def _sample(self, r: Request, logits: torch.Tensor) -> bool:
         """Pick ``r``'s next token and emit what it adds; True when ``r`` is finished (or failed: one request's

@@ -110,13 +110,14 @@ class AdapterSet:
             layer.A, layer.B = A, B
 
     @contextmanager
-    def select(self, names: list[str | None]) -> Iterator[None]:
-        """Within the block, batch row i uses adapter ``names[i]`` (None: the base model)."""
-        if any(names):
-            mask = torch.zeros(len(names), self.total_rank)
-            for i, name in enumerate(names):
-                if name:
-                    mask[i, self.columns[name]] = 1.0
+    def select(self, rows: list[str | dict[str, float] | None]) -> Iterator[None]:
+        """Within the block, batch row i uses adapter ``rows[i]`` (None: the base model), or a mix of adapters
+        {name: weight}: the row adds weight times each one's update, as one adapter merged from them would."""
+        if any(rows):
+            mask = torch.zeros(len(rows), self.total_rank)
+            for i, row in enumerate(rows):
+                for name, weight in ({row: 1.0} if isinstance(row, str) else row or {}).items():
+                    mask[i, self.columns[name]] = weight
             self.slots.mask = mask
         try:
             yield

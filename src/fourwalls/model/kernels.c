@@ -16,9 +16,9 @@
  *     LIN_Q8    int8 codes with a scale, and an offset or none, per group of 16 or 32 inputs: GGUF's Q8_0, Q5_K and
  *               Q6_K exactly.
  *   The integer kinds take their input rounded to int8 in blocks of 32, as llama.cpp does. A layer may carry
- *   stacked multi-LoRA factors: y += ((x A^T) * mask) B^T, where mask picks each row's adapter. The embedding
- *   table is a Lin too (row t is token t's vector), of any kind. Each row's keys and values are read and written
- *   through its block table (Cache: the serving engine's paged KV cache).
+ *   stacked multi-LoRA factors: y += ((x A^T) * mask) B^T, where mask picks (and weights) each row's adapters.
+ *   The embedding table is a Lin too (row t is token t's vector), of any kind. Each row's keys and values are read
+ *   and written through its block table (Cache: the serving engine's paged KV cache).
  * linear_forward: one layer's product for any number of rows on its own (quant.py's layers outside decode_step:
  *   a prompt's rows, or decoding where the fused step does not run).
  * stream_sum: the memory's read speed, which bounds decoding (benchmarks/decode.py).
@@ -565,7 +565,8 @@ static void lora_in(const Lin *const *lins, int count, const float *x, int64_t M
         int64_t which = i / (M * rank), m = i / rank % M, j = i % rank;
         const Lin *L = lins[which];
         float *dst = xa + (which * M + m) * rank + j;
-        *dst = L->lora_a && mask[m * rank + j] != 0.0f ? dot(L->lora_a + j * L->k, x + m * L->k, L->k) : 0.0f;
+        const float w = mask[m * rank + j];  /* 1, or a row's share of a mix of adapters (top-2 routing) */
+        *dst = L->lora_a && w != 0.0f ? w * dot(L->lora_a + j * L->k, x + m * L->k, L->k) : 0.0f;
     }
 }
 

@@ -221,8 +221,8 @@ async def create_message(body: MessagesRequest, request: Request, state: State, 
                 body.max_tool_rounds)
     runner = Runner(state, caller, turn, request)
     await runner.start()
-    message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": body.model,
-               "content": [], "stop_reason": None, "stop_sequence": None,
+    message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+               "model": runner.served.model, "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": runner.prompt_tokens_queued, "output_tokens": 0}}
     content = _Content()
 
@@ -246,13 +246,14 @@ async def create_message(body: MessagesRequest, request: Request, state: State, 
         return message
 
     if body.stream:
-        return StreamingResponse(_stream(runner, message, step, done), media_type="text/event-stream")
+        return StreamingResponse(_stream(runner, message, step, done), media_type="text/event-stream",
+                                 headers=runner.served.headers(state))
     events = await collect(runner)
     if events is None:
         return client_closed(request.url.path)
     for _, ev in events:
         step(ev)
-    return JSONResponse(done())
+    return JSONResponse(done(), headers=runner.served.headers(state))
 
 
 async def _stream(runner: Runner, message: dict[str, Any], step: Any, done: Any) -> AsyncIterator[str]:

@@ -18,6 +18,11 @@ class Metrics:
                                 ["reason"], registry=r)
         self.adapter_requests = Counter("fourwalls_adapter_requests", "Generations by LoRA adapter ('' = base)",
                                         ["adapter"], registry=r)
+        self.routes = Counter("fourwalls_route", "Requests for model 'auto' by the expert that answered ('' = the "
+                              "base model, 'a+b' = a top-2 mix)", ["adapter"], registry=r)
+        self.route_latency = Histogram("fourwalls_route_latency_seconds", "Time to route a request for model 'auto' "
+                                       "(one embedding and one product with the experts' centroids)",
+                                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1), registry=r)
         self.ttft = Histogram("fourwalls_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY,
                               registry=r)
         self.itl = Histogram("fourwalls_inter_token_latency_seconds", "Time between output tokens",

@@ -49,9 +49,10 @@ from fourwalls.serve.turns import (
     Runner,
     Text,
     Turn,
-    authorize,
     choice_params,
+    choose,
     collect,
+    last_user_turn,
     neutral,
     queue,
     with_server_tools,
@@ -82,12 +83,6 @@ def _output_schema(body: Sampling) -> dict[str, Any] | None:
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise UsageError("response_format json_schema needs json_schema.schema", param="response_format")
     return fmt.json_schema.schema_
-
-
-def _headers(state: ServerState, adapter: str | None) -> dict[str, str]:
-    if adapter is None:
-        return {}
-    return {"x-fourwalls-adapter-digest": state.engine.adapters[adapter].digest}
 
 
 async def _collect(batch: Batch) -> list[list[Delta]] | None:
@@ -140,7 +135,10 @@ async def list_models(state: State, caller: CurrentCaller) -> Any:
     for name, a in list(state.engine.adapters.items()):
         data.append({"id": name, "object": "model", "created": state.created, "owned_by": "fourwalls",
                      "root": base, "parent": base, "digest": a.digest})
-    return {"object": "list", "data": [m for m in data if caller.may_use(m["id"])]}
+    if state.router is not None:  # the router: an expert the caller may use, else the base
+        data.append({"id": "auto", "object": "model", "created": state.created, "owned_by": "fourwalls",
+                     "root": base, "parent": base, "experts": [n for n in state.router.names if caller.may_use(n)]})
+    return {"object": "list", "data": [m for m in data if m["id"] == "auto" or caller.may_use(m["id"])]}
 
 
 @router.post("/v1/completions")
@@ -163,13 +161,15 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
     texts, prompts = await asyncio.to_thread(encode)
     if not prompts or any(not p for p in prompts):
         raise UsageError("the prompt is empty", param="prompt")
-    adapter = authorize(state, caller, body.model)
+    if state.is_auto(body.model) and len(texts) > 1:
+        raise UsageError("model 'auto' routes one prompt: send the prompts in separate requests", param="prompt")
+    served = await choose(state, caller, body.model, texts[0])
     base = sampling(body, body.logprobs)
     caller.admit(sum(map(len, prompts)) * body.n)
     batch = await queue(state, prompts, lambda i, budget: choice_params(base, i, budget), body.n,
-                        body.max_tokens or 16, adapter, _completion_constraint(state, body), body.ignore_eos)
+                        body.max_tokens or 16, served, _completion_constraint(state, body), body.ignore_eos)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    headers = _headers(state, batch.adapter)
+    headers = served.headers(state)
     echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
 
     def choice(i: int, text: str, tokens: list[TokenInfo], finish: str | None) -> dict[str, Any]:
@@ -178,7 +178,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
 
     def frame(i: int, c: Delta | None) -> dict[str, Any]:
         choices = [] if c is None else [choice(i, c.text, c.tokens, c.finish_reason)]
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
+        return {"id": rid, "object": "text_completion", "created": created, "model": served.model, "choices": choices}
 
     outs = await _respond(batch, body, request, caller, frame, headers)
     if isinstance(outs, Response):
@@ -186,7 +186,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
     choices = [choice(i, echo[i] + "".join(c.text for c in cs), [t for c in cs for t in c.tokens],
                       cs[-1].finish_reason) for i, cs in enumerate(outs)]
     _log(state, "completion", texts, [c["text"] for c in choices])
-    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": served.model,
                          "choices": choices, "usage": _batch_usage(batch)}, headers=headers)
 
 
@@ -240,9 +240,9 @@ documents do not tell, with `citations: []` and zero usage."""
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
                            caller: CurrentCaller) -> Response:
     messages = [m.internal() for m in body.messages]
-    grounded = None
-    if body.rag is not None:
-        adapter = authorize(state, caller, body.model)  # the model and the budgets before any retrieval
+    grounded = served = None
+    if body.rag is not None:  # the model and the budgets before any retrieval
+        served = await choose(state, caller, body.model, last_user_turn(messages))
         caller.admit(0, count=False)
         if not body.raw_control_tokens:  # rag quotes the question in a prompt of its own (the turn does the rest)
             messages = neutral(messages, state.lm.tokenizer.control_tokens)
@@ -250,7 +250,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         if isinstance(grounded, Answer):
             caller.admit(0)
             _log(state, "chat", messages, [grounded.text])
-            return _no_answer(body, grounded.text, _headers(state, adapter))
+            return _no_answer(body, grounded.text, served.model, served.headers(state))
         messages = grounded.messages
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     functions = [t.function.internal() for t in body.tools or [] if isinstance(t, FunctionTool)]
@@ -260,12 +260,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                 body.n, functions, with_server_tools(state, builtins),
                 choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto",
                 body.parallel_tool_calls, _output_schema(body), "response_format", body.max_tool_rounds,
-                body.ignore_eos, body.raw_control_tokens)
+                body.ignore_eos, body.raw_control_tokens, served)
     runner = Runner(state, caller, turn, request)
     await runner.start()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    headers = _headers(state, runner.adapter)
-    head = {"id": rid, "created": created, "model": body.model}
+    headers = runner.served.headers(state)
+    head = {"id": rid, "created": created, "model": runner.served.model}
 
     def lp(tokens: list[TokenInfo]) -> dict[str, Any] | None:
         return {"content": [_chat_logprob(state, t) for t in tokens]} if logprobs is not None else None
@@ -402,11 +402,11 @@ async def _ground(state: ServerState, caller: Caller, options: RagOptions,
     return await asyncio.to_thread(work)
 
 
-def _no_answer(body: ChatCompletionRequest, text: str, headers: dict[str, str]) -> Response:
+def _no_answer(body: ChatCompletionRequest, text: str, model: str, headers: dict[str, str]) -> Response:
     """The answer given without running the model (nothing the caller may read is relevant): ``text`` in every
     choice, no citations, zero usage."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "created": created, "model": body.model}
+    head = {"id": rid, "created": created, "model": model}
     usage = _usage(0, 0)
     if not body.stream:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,

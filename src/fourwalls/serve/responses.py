@@ -162,7 +162,8 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     runner = Runner(state, caller, turn, request)
     await runner.start()
     response = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
-                "status": "in_progress", "model": body.model, "output": [], "instructions": body.instructions,
+                "status": "in_progress", "model": runner.served.model, "output": [],
+                "instructions": body.instructions,
                 "max_output_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
                 "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
                 "tool_choice": choice.model_dump() if isinstance(choice, NamedFunctionChoice) else choice or "auto",
@@ -195,13 +196,14 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         return response
 
     if body.stream:
-        return StreamingResponse(_stream(runner, response, step, done), media_type="text/event-stream")
+        return StreamingResponse(_stream(runner, response, step, done), media_type="text/event-stream",
+                                 headers=runner.served.headers(state))
     events = await collect(runner)
     if events is None:
         return client_closed()
     for _, ev in events:
         step(ev)
-    return JSONResponse(await done())
+    return JSONResponse(await done(), headers=runner.served.headers(state))
 
 
 async def _stream(runner: Runner, response: dict[str, Any], step: Any, done: Any) -> AsyncIterator[str]:

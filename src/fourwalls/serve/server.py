@@ -17,7 +17,9 @@ import uvicorn
 
 from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
+from fourwalls.engine.router import Router
 from fourwalls.errors import FormatError, FourwallsError, OverloadedError, UsageError
+from fourwalls.experts import DEFAULT_THRESHOLD, read_library
 from fourwalls.serve.app import UI, UI_LIBRARIES, create_app
 from fourwalls.serve.caller import KeyRing
 from fourwalls.serve.metrics import Metrics
@@ -46,6 +48,8 @@ class ServeConfig:
     tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
     conversations: Path | None = None  # the saved conversations' SQLite file (None: $FOURWALLS_HOME/conversations.db)
     responses: Path | None = None  # stored responses' SQLite file (None: $FOURWALLS_HOME/responses.db)
+    route_threshold: float = DEFAULT_THRESHOLD  # model "auto": the cosine similarity below which the base answers
+    route: str = "top1"  # or "top2": mix the two best experts per row
 
 
 def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
@@ -69,12 +73,37 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
                         cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, templates=templates,
                         tools=cfg.tools)
+    state.router = _router(cfg, store, lm, engine, state)
     if cfg.conversations is not None:
         state.conversations_path = cfg.conversations
     if cfg.responses is not None:
         state.responses_path = cfg.responses
     engine.start()
     return state
+
+
+def _router(cfg: ServeConfig, store: Store, lm: LoadedModel, engine: Engine, state: ServerState) -> Router | None:
+    """The router over the model's expert library (`fourwalls experts add`), its adapters loaded; None without
+    experts. An expert already loaded by --adapter (the same digest) is routed to under that name."""
+    experts = read_library(store.root, lm.name)["experts"]
+    if not experts:
+        return None
+    loaded = {a.digest: name for name, a in engine.adapters.items()}
+    profiles = {}
+    for name, entry in experts.items():
+        served = loaded.get(entry["digest"])
+        if served is None:
+            try:
+                adapter = engine.add_adapter(name, store.adapter_folder(name))
+            except FourwallsError as e:
+                raise UsageError(f"expert '{name}' of the library of '{lm.name}': {e}") from None
+            if adapter.digest != entry["digest"]:
+                raise UsageError(f"expert '{name}' is now another adapter than the library's; `fourwalls experts "
+                                 f"add {name}` again")
+            served = name
+        profiles[served] = entry["profile"]
+    log.info("routing model 'auto' over %d experts (%s, threshold %g)", len(profiles), cfg.route, cfg.route_threshold)
+    return Router(profiles, state.rag.embedder, cfg.route_threshold, cfg.route)
 
 
 PROBE = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"},

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fourwalls.engine import Engine, Request
 from fourwalls.engine.grammar import Grammars
+from fourwalls.engine.router import Router
 from fourwalls.errors import FourwallsError, NotFoundError
 from fourwalls.generate import Delta
 from fourwalls.serve.caller import Caller, KeyRing
@@ -128,6 +129,7 @@ class ServerState:
     tools: list[ToolSpec] = field(default_factory=list)  # built-in tools offered on every request
     conversations_path: Path = field(default_factory=lambda: home() / "conversations.db")
     responses_path: Path = field(default_factory=lambda: home() / "responses.db")  # stored responses (SQLite)
+    router: Router | None = None  # the expert library behind model "auto" (None: "auto" is the base model)
     _rag: RagService | None = field(default=None, repr=False)
     _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _conversations: ConversationStore | None = field(default=None, repr=False)
@@ -167,6 +169,10 @@ class ServerState:
                 self._conversations.close()
                 self._conversations = None
 
+    def is_auto(self, name: str) -> bool:
+        """Whether a request's ``model`` asks the router to choose ("auto" or "BASE:auto")."""
+        return name in ("auto", f"{self.lm.name}:auto")
+
     def resolve_model(self, name: str) -> str | None:
         """The adapter a request's ``model`` names (None: the base model); 404 for anything else."""
         base = self.lm.name
@@ -181,9 +187,11 @@ class ServerState:
 
 class Batch:
     """The engine requests behind one API call (n choices of each prompt), read as one stream of
-    (choice index, event); records the latency metrics on the way."""
+    (choice index, event); records the latency metrics on the way (``label``: the adapters a routed request mixes,
+    "a+b", counted under that name)."""
 
-    def __init__(self, state: ServerState, requests: list[Request], adapter: str | None) -> None:
+    def __init__(self, state: ServerState, requests: list[Request], adapter: str | None, label: str | None = None
+                 ) -> None:
         self.state, self.requests, self.adapter = state, requests, adapter
         self.queue: asyncio.Queue[tuple[int, Delta | FourwallsError | None]] = asyncio.Queue()
         self.open = len(requests)
@@ -198,7 +206,7 @@ class Batch:
         state.engine.submit(*requests)
         m = state.metrics
         m.prompt_tokens.inc(self.prompt_tokens)
-        m.adapter_requests.labels(adapter or "").inc(len(requests))
+        m.adapter_requests.labels(label or adapter or "").inc(len(requests))
 
     @property
     def prompt_tokens(self) -> int:

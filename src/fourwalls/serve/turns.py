@@ -52,6 +52,7 @@ class Turn:
     max_rounds: int = DEFAULT_ROUNDS
     ignore_eos: bool = False
     raw_control_tokens: bool = False
+    served: Served | None = None  # chosen already (a RAG chat routes its question before retrieving)
 
 
 @dataclass
@@ -92,6 +93,51 @@ def authorize(state: ServerState, caller: Caller, model: str) -> str | None:
     return adapter
 
 
+@dataclass(frozen=True)
+class Served:
+    """What runs a request: one adapter (or None: the base model), or a mix of adapters; ``model`` is what the
+    response names, ``routed`` whether the router chose (model "auto")."""
+
+    model: str
+    adapter: str | None = None
+    mix: dict[str, float] | None = None
+    routed: bool = False
+
+    def headers(self, state: ServerState) -> dict[str, str]:
+        """Which expert answered (a routed request, or one that names an adapter), and the adapter's digest."""
+        out = {"x-fourwalls-adapter": self.model} if self.routed or self.adapter else {}
+        if self.adapter is not None:
+            out["x-fourwalls-adapter-digest"] = state.engine.adapters[self.adapter].digest
+        return out
+
+
+async def choose(state: ServerState, caller: Caller, model: str, text: str) -> Served:
+    """What serves a request for ``model`` whose last user turn is ``text``, if the caller may use it. For
+    "auto" the router ranks the experts the caller may use (never another) and the base answers when none fits."""
+    if not state.is_auto(model):
+        adapter = authorize(state, caller, model)
+        return Served(model, adapter)
+    base = state.lm.name
+    if state.router is None:
+        route = None
+    else:  # the embedding takes milliseconds of CPU: off the event loop
+        route = await asyncio.to_thread(state.router.route, text, caller.may_use)
+        state.metrics.route_latency.observe(route.seconds)
+    if route is None or not route.mix:
+        caller.require_model(base)
+    label = base if route is None else route.label(base)
+    state.metrics.routes.labels("" if route is None or not route.mix else label).inc()
+    if route is None or len(route.mix) < 2:
+        return Served(label, route.adapter if route else None, routed=True)
+    return Served(label, mix=route.mix, routed=True)
+
+
+def last_user_turn(messages: list[dict[str, Any]]) -> str:
+    """The text the router reads: the conversation's last user turn (else its last message)."""
+    users = [m for m in messages if m.get("role") == "user"] or messages[-1:]
+    return (users[-1].get("content") or "") if users else ""
+
+
 def with_server_tools(state: ServerState, builtins: list[ToolSpec]) -> list[ToolSpec]:
     """The request's built-in tools plus those the server offers on every request (``serve --tools``)."""
     named = {b.name for b in builtins}
@@ -114,7 +160,7 @@ def neutral(messages: list[dict[str, Any]], control: list[str]) -> list[dict[str
 
 
 async def queue(state: ServerState, prompts: list[list[int]], params: Callable[[int, int], SamplingParams], n: int,
-                max_tokens: int | None, adapter: str | None,
+                max_tokens: int | None, served: Served,
                 constraint: Callable[[], Constraint | None] = lambda: None, ignore_eos: bool = False) -> Batch:
     """Queue ``n`` choices of each prompt: ``params(choice, max_new_tokens)`` for each; ``constraint()`` compiles
     the grammar (None: free text), off the event loop since compiling takes a while, once for all the choices."""
@@ -128,9 +174,10 @@ async def queue(state: ServerState, prompts: list[list[int]], params: Callable[[
     for prompt, budget in zip(prompts, budgets):
         for i in range(n):
             own = compiled.copy() if compiled is not None and requests else compiled
-            requests.append(EngineRequest(prompt, params(i, budget), lambda ev: None, adapter, own, ignore_eos))
+            requests.append(EngineRequest(prompt, params(i, budget), lambda ev: None, served.adapter, own, ignore_eos,
+                                          served.mix))
     try:
-        return Batch(state, requests, adapter)
+        return Batch(state, requests, served.adapter, served.model if served.mix else None)
     except UsageError as e:
         if e.code != QUEUE_LIMIT:
             raise
@@ -158,7 +205,7 @@ class Runner:
 
     def __init__(self, state: ServerState, caller: Caller, turn: Turn, request: Request | None = None) -> None:
         self.state, self.caller, self.turn, self.request = state, caller, turn, request
-        self.adapter: str | None = None
+        self.served = Served(turn.model)
         self.toolbox: Toolbox | None = None
         self.dialect = dialect(state.lm.tokenizer)
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
@@ -167,6 +214,10 @@ class Runner:
         self._prompt: list[int] = []
         self._batch: Batch | None = None
         self._compiled: dict[str, Constraint | None] = {}  # by tool choice
+
+    @property
+    def adapter(self) -> str | None:
+        return self.served.adapter
 
     @property
     def prompt_tokens_queued(self) -> int:
@@ -179,7 +230,7 @@ class Runner:
 
     async def start(self) -> None:
         t, state = self.turn, self.state
-        self.adapter = authorize(state, self.caller, t.model)
+        self.served = t.served or await choose(state, self.caller, t.model, last_user_turn(t.messages))
         if not t.raw_control_tokens:
             t = self.turn = dataclasses.replace(t, messages=neutral(t.messages, state.lm.tokenizer.control_tokens))
         _check_messages(t.messages)
@@ -255,7 +306,7 @@ class Runner:
     async def _queue(self, prompt: list[int], choice: str) -> Batch:
         t = self.turn
         batch = await queue(self.state, [prompt], lambda i, budget: choice_params(t.sampling, i, budget), t.n,
-                            t.max_tokens, self.adapter, lambda: self._grammar(choice), t.ignore_eos)
+                            t.max_tokens, self.served, lambda: self._grammar(choice), t.ignore_eos)
         if self.request is not None:
             batch.watch(self.request)
         return batch

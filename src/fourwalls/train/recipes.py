@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shlex
 import sys
 from dataclasses import asdict, replace
@@ -16,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 
-from fourwalls.errors import FormatError, UsageError
+from fourwalls.errors import FormatError, FourwallsError, UsageError
 from fourwalls.files import atomic_write
 from fourwalls.model.config import preset
 from fourwalls.model.transformer import Transformer, init_weights
@@ -26,6 +27,8 @@ from fourwalls.train import data as D
 from fourwalls.train.checkpoint import full_state_dict
 from fourwalls.train.loop import TrainConfig, rank, train
 from fourwalls.train.objectives import PREFERENCE_OBJECTIVES, preference, reference_logps
+
+log = logging.getLogger("fourwalls.train")
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -128,8 +131,10 @@ def make_trainable(model: nn.Module, method: str, lora: Any, seed: int) -> Any:
 
 
 def store_trained(store: Store, name: str, method: str, base_ref: ModelRef, lm: LoadedModel, lora: Any,
-                  lineage: dict[str, Any]) -> ModelRef | None:
-    """Store a trained ``lm.model``: the adapter alone (on ``base_ref``) or the whole model; None off rank 0."""
+                  lineage: dict[str, Any], data: Path | None = None, description: str | None = None
+                  ) -> ModelRef | None:
+    """Store a trained ``lm.model``: the adapter alone (on ``base_ref``, with a routing profile of the prompts of
+    ``data``: experts.py) or the whole model; None off rank 0."""
     from fourwalls.model.lora import save_adapter
 
     state = full_state_dict(lm.model)  # every rank: gathering a sharded model's weights is a collective
@@ -138,14 +143,31 @@ def store_trained(store: Store, name: str, method: str, base_ref: ModelRef, lm: 
     if method == "full":
         return store.add(name, lm.config, state, lm.tokenizer, lineage=lineage)
     lineage["lora"] = asdict(lora)
-    return store.add_adapter(name, base_ref, lambda d: save_adapter(d, lm.model, lora, base_ref.name, state), lineage)
+    routing = _profile(data, description) if data is not None else None
+    return store.add_adapter(name, base_ref, lambda d: save_adapter(d, lm.model, lora, base_ref.name, state), lineage,
+                             routing)
+
+
+def _profile(data: Path, description: str | None) -> dict[str, Any] | None:
+    """The routing profile of an adapter trained on ``data``; None (with a warning) without the embedder: the
+    adapter is still served by name, and `fourwalls experts add --data` can profile it later."""
+    from fourwalls.experts import make_profile, training_prompts
+    from fourwalls.rag.embed import embedder
+
+    try:
+        return make_profile(training_prompts(data), embedder(), description)
+    except FourwallsError as e:
+        log.warning("the adapter is stored without a routing profile: %s", e)
+        return None
 
 
 def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConfig, lora: Any = None,
              shape: str = "auto", max_len: int = 512, pack: bool = False, val_fraction: float = 0.1,
              val_data: Path | None = None, skip_bad_lines: bool = False, run_dir: Path | None = None,
-             resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
-    """Fine-tune a stored model (full or LoRA) on JSONL data; store the new model or adapter as ``name``."""
+             resume: bool = False, store: Store | None = None, description: str | None = None
+             ) -> tuple[ModelRef | None, dict[str, Any]]:
+    """Fine-tune a stored model (full or LoRA) on JSONL data; store the new model or adapter as ``name`` (an
+    adapter with a routing profile of the data's prompts and ``description``, for `fourwalls experts`)."""
     store = store or Store()
     base_ref, lm = load_trainable(store, model_name, name, method, max_len)
     tok, eos = lm.tokenizer, (lm.config.eos_token_ids or (None,))[0]
@@ -166,7 +188,7 @@ def finetune(model_name: str, data: Path, method: str, name: str, cfg: TrainConf
     lineage = {"method": method, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
                "data_digest": ds.digest, "data_stats": ds.stats, "hyperparameters": asdict(cfg),
                "val_loss": result.get("val_loss"), "command": _command()}
-    return store_trained(store, name, method, base_ref, lm, lora, lineage), result
+    return store_trained(store, name, method, base_ref, lm, lora, lineage, data, description), result
 
 
 def merge(adapter: str, name: str, store: Store | None = None) -> ModelRef:
@@ -192,7 +214,8 @@ def align(model_name: str, data: Path, objective: str, name: str, cfg: TrainConf
           lora: Any = None, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
           shape: str = "auto", max_len: int = 512, val_fraction: float = 0.1, val_data: Path | None = None,
           skip_bad_lines: bool = False, ref_cache: bool | Path = False, run_dir: Path | None = None,
-          resume: bool = False, store: Store | None = None) -> tuple[ModelRef | None, dict[str, Any]]:
+          resume: bool = False, store: Store | None = None, description: str | None = None
+          ) -> tuple[ModelRef | None, dict[str, Any]]:
     """Preference-tune a stored model with DPO, IPO, KTO or ORPO (``objective``) on JSONL pairs or labelled
     answers; store the new model or adapter as ``name``.
 
@@ -240,7 +263,7 @@ def align(model_name: str, data: Path, objective: str, name: str, cfg: TrainConf
     lineage = {"method": method, **settings, "base": base_ref.name, "base_digest": lm.digest, "data": str(data),
                "data_digest": ds.digest, "data_stats": ds.stats, **reference, "hyperparameters": asdict(cfg),
                **{k: v for k, v in result.items() if k.startswith("val_")}, "command": _command()}
-    return store_trained(store, name, method, base_ref, lm, lora, lineage), result
+    return store_trained(store, name, method, base_ref, lm, lora, lineage, data, description), result
 
 
 def _with_reference(model: torch.nn.Module, ds: D.Dataset, folder: Path, key: list[Any], pad_id: int,
