@@ -16,7 +16,9 @@ from fourwalls.model.quant import (
     BlockEmbedding,
     BlockLinear,
     Int4Linear,
+    Int8Linear,
     QuantConfig,
+    dequantize_model,
     quantize_model,
     quantize_nf4,
     tie,
@@ -94,9 +96,12 @@ def step_both(model, reference, rows: int, isa: str | None = None):
 def test_the_fused_step_computes_the_models_logits_and_cache(isa, name, scheme, rows):
     """On every instruction set this CPU runs (the AVX2 build too, on an AVX-512 machine)."""
     model = tiny_model(name)
-    if scheme:
+    reference = model
+    if scheme:  # the fused step multiplies int8 weights by fp32 activations: the dequantized model's product
         quantize_model(model, QuantConfig(scheme))
-    ours, theirs, expected, got = step_both(model, model, rows, isa)
+        reference = copy.deepcopy(model)
+        dequantize_model(reference)
+    ours, theirs, expected, got = step_both(model, reference, rows, isa)
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
     for a, b in zip((*ours.k, *ours.v), (*theirs.k, *theirs.v)):
         assert torch.allclose(a[:, :, :12], b[:, :, :12], atol=1e-5)  # the new keys and values went in
@@ -118,6 +123,8 @@ def int4_model(name: str, awq: bool, only: str | None = None):
     reference = copy.deepcopy(model)
     for _, parent, attr, layer in block_linears(reference, Int4Linear):
         setattr(parent, attr, Int8InputsInt4(layer))
+    if isinstance(reference.lm_head, Int8Linear):  # the fused step's int8 head takes fp32 activations
+        reference.lm_head = Linear.holding(reference.lm_head.dequantize(), requires_grad=False)
     return model, reference
 
 

@@ -289,8 +289,9 @@ def test_healthz_turns_red_when_the_engine_loop_is_stuck(live):
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, f"{live.url}/v1/completions",
-                                  json={"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 1}, timeout=30)
-            time.sleep(1.0)
+                                  json={"model": DEFAULT_MODEL, "max_tokens": 1, "prompt":
+                                        f"A prompt of several tokens, none cached ({time.time()}),"}, timeout=30)
+            time.sleep(1.0)  # its prefill (all but the last token) runs through the stuck forward
             assert httpx.get(f"{live.url}/healthz").status_code == 503
             assert pending.result().status_code == 200
     finally:

@@ -126,6 +126,29 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
+QUERY_GROUP = 16  # the serving engine's KV block size: prompt chunks and prefix-cache hits start on its multiples
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of a prompt chunk's queries ``q`` [B, H, T, D] at positions S-T..S-1 over a cache's keys and values
+    [B, KV, S, D], in groups of 16 positions (aligned to multiples of 16), each over the keys up to its last query.
+
+    One query's result then depends on its group alone, never on where its chunk began: the same prompt computes
+    the same keys and values whether it was fed whole, in chunks, or after a prefix-cache hit (a chunk starting at
+    any block boundary), while one product over the whole chunk takes another kernel path for each chunk length."""
+    t, s = q.shape[2], k.shape[2]
+    start, gqa = s - t, k.shape[1] != q.shape[1]
+    out = []
+    a = start
+    while a < s:
+        b = min((a // QUERY_GROUP + 1) * QUERY_GROUP, s)
+        mask = torch.arange(b, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
+        out.append(F.scaled_dot_product_attention(q[:, :, a - start:b - start], k[:, :, :b], v[:, :, :b],
+                                                  attn_mask=mask, enable_gqa=gqa))
+        a = b
+    return torch.cat(out, dim=2)
+
+
 def _future_mask(t: int) -> Tensor:
     """[T, T]: 0 where a query may attend, -inf on the keys after it."""
     return torch.full((t, t), float("-inf")).triu_(1)

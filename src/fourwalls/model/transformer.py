@@ -14,7 +14,14 @@ from torch import Tensor, nn
 
 from fourwalls.errors import ContextLengthError
 from fourwalls.model.config import ModelConfig
-from fourwalls.model.ops import IGNORE_INDEX, Linear, causal_attention, linear_cross_entropy, linear_log_probs
+from fourwalls.model.ops import (
+    IGNORE_INDEX,
+    Linear,
+    causal_attention,
+    linear_cross_entropy,
+    linear_log_probs,
+    prompt_attention,
+)
 
 # The linear layers of a decoder block, by attribute name (as in HF's Llama modules and in PEFT's target_modules).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -137,6 +144,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         if cache is None and is_causal:
             y = causal_attention(q, k, v)
+        elif cache is not None and t > 1:  # a prompt chunk into the cache
+            y = prompt_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
