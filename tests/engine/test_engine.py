@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -222,6 +223,31 @@ def test_outputs_are_identical_with_and_without_the_prefix_cache(make_engine):
             assert hits == [0] * len(runs)
         assert idle(engine).kv_usage == 0
     assert outs[True] == outs[False] == [alone(model, p, **kw) for p, (_, kw) in zip(prompts, MIXED)]
+
+
+@pytest.mark.slow
+def test_the_default_model_gives_the_same_tokens_after_a_prefix_cache_hit(smol):
+    """The bundled model in its GGUF blocks, prompts of ~860 tokens sharing a system prompt: a hit leaves a short
+    last chunk where the uncached run has a long one, and the tokens must not change (greedy and seeded), nor differ
+    from generate()'s."""
+    system = (Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare.txt")
+    text = system.read_text()[:3000] if system.is_file() else " ".join(f"line {i} of the rules." for i in range(400))
+    tok = smol.tokenizer
+    prompts = [tok.encode_chat([{"role": "system", "content": text}, {"role": "user", "content": q}])
+               for q in ("Who speaks first?", "What is this text about?")]
+    kinds = [dict(max_new_tokens=24, temperature=0), dict(max_new_tokens=24, temperature=0.7, seed=1)]
+    outs = {}
+    for cached in (True, False):
+        engine = Engine(smol.model, tok, [], EngineConfig(max_batch=2, max_len=1024, prefix_cache=cached))
+        engine.start()
+        try:
+            Run(engine, prompts[0], max_new_tokens=1).tokens()
+            runs = [Run(engine, prompts[1], **kw) for kw in kinds]
+            outs[cached] = [r.tokens(120) for r in runs]
+        finally:
+            engine.stop()
+        assert all((r.request.cached_tokens > 800) == cached for r in runs)
+    assert outs[True] == outs[False] == [alone(smol.model, prompts[1], **kw) for kw in kinds]
 
 
 def test_a_chats_history_is_not_computed_again(make_engine):
