@@ -226,12 +226,13 @@ def test_outputs_are_identical_with_and_without_the_prefix_cache(make_engine):
 
 
 @pytest.mark.slow
-def test_the_default_model_gives_the_same_tokens_after_a_prefix_cache_hit(smol):
+def test_the_default_model_gives_the_same_tokens_after_a_prefix_cache_hit(smol, session_store):
     """The bundled model in its GGUF blocks, prompts of ~860 tokens sharing a system prompt: a hit leaves a short
     last chunk where the uncached run has a long one, and the tokens must not change (greedy and seeded), nor differ
     from generate()'s."""
     system = (Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare.txt")
     text = system.read_text()[:3000] if system.is_file() else " ".join(f"line {i} of the rules." for i in range(400))
+    smol = session_store.load(smol.name)  # its own copy: an engine wraps the model's layers for adapters
     tok = smol.tokenizer
     prompts = [tok.encode_chat([{"role": "system", "content": text}, {"role": "user", "content": q}])
                for q in ("Who speaks first?", "What is this text about?")]
