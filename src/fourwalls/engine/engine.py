@@ -40,6 +40,7 @@ from fourwalls.errors import (
 )
 from fourwalls.generate import PREFILL_CHUNK, Delta, Detokenizer, SamplingParams, pick
 from fourwalls.model.fused import decode_step, decoder
+from fourwalls.model.ops import QUERY_GROUP
 from fourwalls.model.transformer import Transformer
 from fourwalls.tokenizer import Tokenizer
 
@@ -54,7 +55,9 @@ class EngineConfig:
     max_batch: int = 16  # requests running at once
     max_len: int = 4096  # tokens of one request: prompt + output
     kv_tokens: int | None = None  # the KV cache's size in tokens, shared by all requests (None: max(max_len, 16384))
-    block_size: int = 16  # tokens per KV-cache block: the unit of allocation and of prefix reuse
+    # Tokens per KV-cache block: the unit of allocation and of prefix reuse. A multiple of prompt attention's query
+    # group keeps a prompt's K/V the same after a prefix-cache hit (a hit ends on a block boundary).
+    block_size: int = QUERY_GROUP
     prefix_cache: bool = True  # reuse the blocks of earlier requests' identical prefixes
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens fed per engine step
     max_queue: int = 64  # waiting requests beyond which submit() refuses

@@ -126,7 +126,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
-QUERY_GROUP = 16  # the serving engine's KV block size: prompt chunks and prefix-cache hits start on its multiples
+QUERY_GROUP = 16  # the engine's default KV block size: its prompt chunks and prefix-cache hits start on multiples of it
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
