@@ -223,3 +223,22 @@ def test_what_the_fused_step_does_not_take_runs_in_torch():
     quantize_nf4(nf4)
     assert decoder(nf4) is None  # a layer kind the kernels do not read
     assert decoder(tiny_model().to(torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize(("spec", "half"), LAYOUTS)
+def test_a_rows_logits_do_not_depend_on_the_batch_it_is_decoded_in(isa, spec, half):
+    """Each integer kernel sums a block's products exactly and adds the blocks in one order whatever the number of
+    rows (one token alone takes a path of its own on AVX-512): a request's tokens are the same however many others
+    share its decode steps."""
+    model, _ = block_model("tiny-llama3", spec, half)
+    rows = 19  # tiles of 8 rows, then 2, then 1 alone
+    cache, tokens = prefilled(model, rows, 7), torch.randint(3, 512, (rows, 1))
+    fused = decoder(model, isa)
+    with torch.inference_mode():
+        batch = fused(tokens, torch.tensor([7]), copy_cache(model, cache))
+        for r in (0, 9, 18):
+            alone = model.new_cache(1, cache.max_len)
+            for a, b in zip((*alone.k, *alone.v), (*cache.k, *cache.v)):
+                a.copy_(b[r:r + 1])
+            assert torch.equal(fused(tokens[r:r + 1], torch.tensor([7]), alone)[0], batch[r])
