@@ -352,8 +352,8 @@ def test_paged_attention_fused_and_in_torch_computes_what_a_contiguous_cache_doe
     expected = torch.stack(expected)
     assert (in_torch - expected).abs().max() < 1e-4 * expected.abs().max()
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
-    assert torch.allclose(pools[0].k_all, pools[1].k_all, atol=1e-5)
-    assert torch.allclose(pools[0].v_all, pools[1].v_all, atol=1e-5)
+    for a, b in ((pools[0].k_all, pools[1].k_all), (pools[0].v_all, pools[1].v_all)):  # fp16: within one step
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)
 
 
 def test_a_row_mixing_two_adapters_computes_the_weighted_sum_of_their_updates(tmp_path):

@@ -39,7 +39,7 @@ class BlockPool:
     operating system maps their pages when first written, so memory grows with use) and each block is zeroed when
     first handed out: what a batched step reads past a row's end must be finite, as masked positions are."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float16,
                  device: torch.device | str | None = None) -> None:
         shape = (cfg.n_layers, num_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)
         self.k_all = torch.empty(shape, dtype=dtype, device=device)
@@ -143,8 +143,8 @@ class PrefillCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         kb, vb = self.pool.k[layer], self.pool.v[layer]
         block, offset = self.where
-        kb[block, :, offset] = k[0].transpose(0, 1)
-        vb[block, :, offset] = v[0].transpose(0, 1)
+        kb[block, :, offset] = k[0].transpose(0, 1).to(kb.dtype)
+        vb[block, :, offset] = v[0].transpose(0, 1).to(vb.dtype)
         return _gather(kb, self.index, self.end), _gather(vb, self.index, self.end)
 
 
@@ -169,6 +169,6 @@ class DecodeCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         kb, vb = self.pool.k[layer], self.pool.v[layer]
         block, offset = self.where
-        kb[block, :, offset] = k[:, :, 0]
-        vb[block, :, offset] = v[:, :, 0]
+        kb[block, :, offset] = k[:, :, 0].to(kb.dtype)
+        vb[block, :, offset] = v[:, :, 0].to(vb.dtype)
         return _gather(kb, self.index, self.end), _gather(vb, self.index, self.end)

@@ -41,7 +41,7 @@ from fourwalls.errors import (
 from fourwalls.generate import PREFILL_CHUNK, Delta, Detokenizer, SamplingParams, pick
 from fourwalls.model.fused import decode_step, decoder
 from fourwalls.model.ops import QUERY_GROUP
-from fourwalls.model.transformer import Transformer
+from fourwalls.model.transformer import Transformer, kv_dtype
 from fourwalls.tokenizer import Tokenizer
 
 log = logging.getLogger("fourwalls.engine")
@@ -111,8 +111,8 @@ class Engine:
         c.max_len = min(c.max_len, model.config.context_length)
         # A request of max_len must fit alone, or it could never run.
         c.kv_tokens = max(c.kv_tokens or 16384, c.max_len)
-        self.pool = BlockPool(model.config, blocks_for(c.kv_tokens, c.block_size), c.block_size, model.dtype,
-                              model.device)
+        self.pool = BlockPool(model.config, blocks_for(c.kv_tokens, c.block_size), c.block_size,
+                              kv_dtype(model.dtype), model.device)
         self.adapter_set = AdapterSet(model)
         self.fused = decoder(model)  # the decode step in one C call, where it applies (model.fused)
         self.adapters: dict[str, Adapter] = {}  # what requests may name; installed at the next step

@@ -118,7 +118,7 @@ class Decoder:
         and ``block_table`` [B, blocks] int32 each row's blocks in order)."""
         rows = tokens.shape[0]
         k, v = cache.k, cache.v
-        if (tokens.shape[1] != 1 or rows > self.max_rows or torch.is_grad_enabled() or k[0].dtype != torch.float32
+        if (tokens.shape[1] != 1 or rows > self.max_rows or torch.is_grad_enabled() or k[0].dtype != torch.float16
                 or k[0].stride(2) != k[0].shape[3] or k[0].stride(3) != 1):
             return None
         mask = None

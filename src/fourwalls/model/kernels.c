@@ -80,12 +80,12 @@ typedef struct {
     int64_t scores_len, work_len;
 } Scratch;
 
-/* The KV cache in blocks (PagedAttention): per layer, buffers of [blocks, kv_heads, block_size, head_dim] (strides
- * below; head_dim contiguous), and per row the blocks holding its positions in order. Position p of row r is
+/* The KV cache in blocks (PagedAttention): per layer, fp16 buffers (llama.cpp's default KV type: half the memory of
+ * fp32, and as much read per token) of [blocks, kv_heads, block_size, head_dim] (strides below; head_dim contiguous), and per row the blocks holding its positions in order. Position p of row r is
  * position p % block_size of block table[r * table_stride + p / block_size]. A cache of one contiguous sequence
  * per row is the case of one block of max_len positions per row. */
 typedef struct {
-    float *const *k, *const *v;
+    uint16_t *const *k, *const *v;
     const int32_t *table;
     int64_t table_stride, block_size, block_stride, head_stride;
 } Cache;
@@ -815,9 +815,20 @@ static inline int64_t kv_at(const Cache *c, int64_t r, int64_t g, int64_t p, int
            + p % c->block_size * hd;
 }
 
+/* 8 fp16 values as fp32 */
+static inline __m256 load_h8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* n values (a multiple of 8) to fp16, rounded to nearest even as torch converts them */
+static inline void store_h(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
 /* scores[t] = q . k[t] * scale for the n contiguous keys of one block (hd a multiple of 16), 8 positions at a time
  * with the 8 dot products reduced together; returns their maximum. */
-static float block_scores(const float *q, const float *kc, int64_t n, int64_t hd, float *scores) {
+static float block_scores(const float *q, const uint16_t *kc, int64_t n, int64_t hd, float *scores) {
     const int64_t n8 = n & ~7;
     const float s = 1.0f / sqrtf((float)hd);
     const __m256 scale = _mm256_set1_ps(s);
@@ -829,7 +840,7 @@ static float block_scores(const float *q, const float *kc, int64_t n, int64_t hd
         for (int64_t i = 0; i < hd; i += 8) {
             __m256 qv = _mm256_loadu_ps(q + i);
             for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kc + (t + j) * hd + i), acc[j]);
+                acc[j] = _mm256_fmadd_ps(qv, load_h8(kc + (t + j) * hd + i), acc[j]);
         }
         /* Reduce the 8 accumulators to one vector of 8 sums: lane j = position t + j. */
         __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
@@ -845,7 +856,12 @@ static float block_scores(const float *q, const float *kc, int64_t n, int64_t hd
     for (int j = 0; j < 8; j++)
         m = lanes[j] > m ? lanes[j] : m;
     for (int64_t t = n8; t < n; t++) {
-        scores[t] = dot(q, kc + t * hd, hd) * s;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_h8(kc + t * hd + i), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load_h8(kc + t * hd + i + 8), s1);
+        }
+        scores[t] = hsum(_mm256_add_ps(s0, s1)) * s;
         m = scores[t] > m ? scores[t] : m;
     }
     return m;
@@ -875,12 +891,12 @@ static void attend(const float *q, const Cache *c, int64_t l, int64_t r, int64_t
     for (int64_t i = 0; i < hd; i += 16) {
         __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
         for (int64_t t0 = 0; t0 < n; t0 += bs) {
-            const float *vc = c->v[l] + kv_at(c, r, g, t0, hd) + i;
+            const uint16_t *vc = c->v[l] + kv_at(c, r, g, t0, hd) + i;
             const int64_t len = n - t0 < bs ? n - t0 : bs;
             for (int64_t t = 0; t < len; t++) {
                 __m256 p = _mm256_set1_ps(scores[t0 + t]);
-                o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + t * hd), o0);
-                o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + t * hd + 8), o1);
+                o0 = _mm256_fmadd_ps(p, load_h8(vc + t * hd), o0);
+                o1 = _mm256_fmadd_ps(p, load_h8(vc + t * hd + 8), o1);
             }
         }
         _mm256_storeu_ps(out + i, _mm256_mul_ps(o0, _mm256_set1_ps(inv)));
@@ -980,8 +996,8 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
                 int64_t r = task / m->n_kv_heads, g = task % m->n_kv_heads;
                 float *kr = s->k + r * kvn + g * hd;
                 rope(kr, s->cos + r * half, s->sin + r * half, half);
-                memcpy(c->k[l] + kv_at(c, r, g, pos[r], hd), kr, hd * sizeof(float));
-                memcpy(c->v[l] + kv_at(c, r, g, pos[r], hd), s->v + r * kvn + g * hd, hd * sizeof(float));
+                store_h(c->k[l] + kv_at(c, r, g, pos[r], hd), kr, hd);
+                store_h(c->v[l] + kv_at(c, r, g, pos[r], hd), s->v + r * kvn + g * hd, hd);
             }
             barrier_wait(&bar, nt);
             span(M * m->n_heads, t, nt, &lo, &hi);

@@ -81,6 +81,13 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
+def kv_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's type for a model computing in ``dtype``: fp16 for an fp32 model (llama.cpp's default: half the
+    memory, and half the bytes attention reads per token, for a rounding well below the int8 inputs' own), else the
+    model's."""
+    return torch.float16 if dtype == torch.float32 else dtype
+
+
 class KVCache:
     """Static key/value buffers for a batch of sequences that share positions (gpt-fast style).
 
@@ -142,6 +149,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may keep them in less precision (kv_dtype)
         if cache is None and is_causal:
             y = causal_attention(q, k, v)
         elif cache is not None and t > 1:  # a prompt chunk into the cache
@@ -207,7 +215,7 @@ class Transformer(nn.Module):
         return self.norm.weight.device
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache.allocate(self.config, batch_size, max_len or self.config.context_length, self.dtype,
+        return KVCache.allocate(self.config, batch_size, max_len or self.config.context_length, kv_dtype(self.dtype),
                                 self.device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
