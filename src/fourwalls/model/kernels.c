@@ -81,9 +81,10 @@ typedef struct {
 } Scratch;
 
 /* The KV cache in blocks (PagedAttention): per layer, fp16 buffers (llama.cpp's default KV type: half the memory of
- * fp32, and as much read per token) of [blocks, kv_heads, block_size, head_dim] (strides below; head_dim contiguous), and per row the blocks holding its positions in order. Position p of row r is
- * position p % block_size of block table[r * table_stride + p / block_size]. A cache of one contiguous sequence
- * per row is the case of one block of max_len positions per row. */
+ * fp32, and as much read per token) of [blocks, kv_heads, block_size, head_dim] (strides below; head_dim
+ * contiguous), and per row the blocks holding its positions in order. Position p of row r is position
+ * p % block_size of block table[r * table_stride + p / block_size]. A cache of one contiguous sequence per row is
+ * the case of one block of max_len positions per row. */
 typedef struct {
     uint16_t *const *k, *const *v;
     const int32_t *table;
@@ -401,7 +402,8 @@ static inline __attribute__((always_inline)) void tile_rows(const Lin *L, const 
                 for (int h = 0; h < 2; h++) {
                     __m512i d = _mm512_sub_epi32(tile_dot(wv, x4, 4 * h, 4 * h + 4, A), _mm512_set1_epi32(128 * qs[h]));
                     const int64_t g = 2 * b + h;
-                    f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(sv + g * 16), dx), f[r]);
+                    f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(sv + g * 16), dx),
+                                           f[r]);
                     if (ov)
                         f[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ov + g * 16), _mm512_set1_ps(in->xs[m * groups + g]),
                                                f[r]);
@@ -820,6 +822,16 @@ static inline __m256 load_h8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* a . b for fp32 a and fp16 b (k a multiple of 16), summed as dot() sums */
+static inline float dot_h(const float *a, const uint16_t *b, int64_t k) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_h8(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_h8(b + i + 8), s1);
+    }
+    return hsum(_mm256_add_ps(s0, s1));
+}
+
 /* n values (a multiple of 8) to fp16, rounded to nearest even as torch converts them */
 static inline void store_h(uint16_t *dst, const float *src, int64_t n) {
     for (int64_t i = 0; i < n; i += 8)
@@ -856,12 +868,7 @@ static float block_scores(const float *q, const uint16_t *kc, int64_t n, int64_t
     for (int j = 0; j < 8; j++)
         m = lanes[j] > m ? lanes[j] : m;
     for (int64_t t = n8; t < n; t++) {
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-        for (int64_t i = 0; i < hd; i += 16) {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_h8(kc + t * hd + i), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load_h8(kc + t * hd + i + 8), s1);
-        }
-        scores[t] = hsum(_mm256_add_ps(s0, s1)) * s;
+        scores[t] = dot_h(q, kc + t * hd, hd) * s;
         m = scores[t] > m ? scores[t] : m;
     }
     return m;
