@@ -8,23 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
 
 from fourwalls.engine import Engine, EngineConfig, Request
 from fourwalls.errors import ContextLengthError, FourwallsError, NotFoundError, OverloadedError, RequestTimeoutError
 from fourwalls.generate import SamplingParams, generate_tokens
 from fourwalls.model.lora import LoRAConfig, attach_lora, load_adapter, save_adapter
-from fourwalls.tokenizer import Tokenizer
 from tests.conftest import tiny_model
-
-
-def word_tokenizer(n: int = 512) -> Tokenizer:
-    vocab = {f"w{i}": i for i in range(n)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    backend.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    return Tokenizer(backend)
 
 
 class Run:
@@ -44,21 +34,6 @@ class Run:
         assert self.done.wait(timeout), "the request did not finish"
         assert not isinstance(self.events[-1], FourwallsError), self.events[-1]
         return [t.id for ev in self.events for t in ev.tokens]
-
-
-@pytest.fixture
-def make_engine():
-    engines = []
-
-    def make(model, **cfg) -> Engine:
-        engine = Engine(model, word_tokenizer(), [], EngineConfig(**cfg))
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for e in engines:
-        e.stop()
 
 
 def idle(engine: Engine) -> Engine:

@@ -9,6 +9,12 @@ request admitted last is preempted: its blocks are released (those it filled sta
 back to the front of the queue, to be computed again from its prompt and the tokens it had generated (vLLM's
 preemption by recompute; what it already streamed is not sent again).
 
+With application profiles (engine/profiles.py), the order is the profiles': the best priority is admitted first, may
+start its prompt while a worse one is still prefilling, and preempts a worse one when there is no room; prompt
+chunks shrink so that the streams decoding keep their ITL SLO; and a request waits while one more row would take a
+decode step past the ITL SLO of a running request of a better priority. Requests without a profile are equals, in
+arrival order.
+
 Each request samples with its own parameters and its own seeded generator, so its text does not depend on what
 else is in the batch. Results go back through the request's ``emit`` callback, called on the engine thread.
 """
@@ -29,6 +35,7 @@ import torch
 from fourwalls.engine.cache import BlockPool, DecodeCache, PrefillCache, block_names, blocks_for
 from fourwalls.engine.grammar import Constraint
 from fourwalls.engine.multilora import Adapter, AdapterSet
+from fourwalls.engine.profiles import Profile
 from fourwalls.errors import (
     ContextLengthError,
     FourwallsError,
@@ -73,6 +80,7 @@ class Request:
     constraint: Constraint | None = None
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     mix: dict[str, float] | None = None  # adapters and their weights, mixed in this row (instead of ``adapter``)
+    profile: Profile | None = None  # its priority and SLOs (None: those of every other request without one)
     # Engine state, set on submission.
     arrival: float = 0.0
     cancelled: bool = False
@@ -90,6 +98,11 @@ class Request:
     @property
     def decoding(self) -> bool:
         return self.pos == len(self.tokens) - 1
+
+    @property
+    def rank(self) -> int:
+        """Its priority: 0 first."""
+        return self.profile.priority if self.profile is not None else 0
 
     @property
     def uses(self) -> str | dict[str, float] | None:
@@ -119,6 +132,8 @@ class Engine:
         self.running: list[Request] = []  # holding KV-cache blocks, in the order they were admitted
         self.waiting: deque[Request] = deque()
         self.preemptions = 0
+        self.step_seconds: dict[int, float] = {}  # a decode step's time by its rows (moving average)
+        self.token_seconds: float | None = None  # a prompt token's time in a chunk (moving average)
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.last_tick = time.monotonic()
@@ -283,11 +298,46 @@ class Engine:
             self.fused = decoder(self.model)  # the adapters' matrices were restacked
 
     def _admit(self) -> None:
-        """Admit waiting requests while none is prefilling, there is room in the batch and their blocks are free."""
+        """Admit the waiting request of the best priority (the first of them in the queue) while no request of its
+        priority or better is prefilling, there is room in the batch (made by preempting a worse priority if need
+        be) and its blocks are free (likewise), and one more row keeps the better priorities' ITL SLOs."""
         with self.lock:
-            while (self.waiting and len(self.running) < self.config.max_batch
-                   and all(r.decoding for r in self.running) and self._place(self.waiting[0])):
-                self.running.append(self.waiting.popleft())
+            while self.waiting:
+                r = min(self.waiting, key=lambda w: w.rank)
+                if any(not x.decoding and x.rank <= r.rank for x in self.running) or not self._keeps_slos(r):
+                    return
+                while len(self.running) >= self.config.max_batch or not self._place(r):
+                    lower = [x for x in reversed(self.running) if x.rank > r.rank]
+                    if not lower:
+                        return
+                    self._preempt(max(lower, key=lambda x: x.rank), locked=True)  # the worst, admitted last
+                self.waiting.remove(r)
+                self.running.append(r)
+
+    def _keeps_slos(self, r: Request) -> bool:
+        """Whether a decode step with ``r`` as one more row stays within the ITL SLO of every running request of a
+        better priority (estimated from the steps so far; True until there are any)."""
+        slos = [x.profile.itl for x in self.running if x.rank < r.rank and x.profile and x.profile.itl]
+        return not slos or self._step_estimate(len(self.running) + 1) <= min(slos)
+
+    def _step_estimate(self, rows: int) -> float:
+        """A decode step's seconds for ``rows`` rows: as measured, or scaled from the most rows measured below
+        (in proportion, which overstates it: a step reads the weights once for all its rows); 0 before any."""
+        if rows in self.step_seconds:
+            return self.step_seconds[rows]
+        known = max((k for k in self.step_seconds if k < rows), default=None)
+        return 0.0 if known is None else self.step_seconds[known] * rows / known
+
+    def _chunk(self) -> int:
+        """Prompt tokens to feed this step: the configured chunk, or fewer (a multiple of the block size, at least
+        one block) when a chunk and a decode step together would exceed a decoding stream's ITL SLO."""
+        size, bs = self.config.prefill_chunk, self.config.block_size
+        decoding = [x for x in self.running if x.decoding]
+        slos = [x.profile.itl for x in decoding if x.profile and x.profile.itl]
+        if not slos or self.token_seconds is None:
+            return size
+        room = min(slos) - self._step_estimate(len(decoding))
+        return max(bs, min(size, int(room / self.token_seconds) // bs * bs))
 
     def _place(self, r: Request) -> bool:
         """Give ``r`` the blocks of all its tokens but the last (which it decodes): those the prefix cache holds,
@@ -310,14 +360,16 @@ class Engine:
 
     def _prefill(self) -> None:
         """Feed the next chunk of the prompt being prefilled, if any; the request then decodes its last token."""
-        r = next((r for r in self.running if not r.decoding), None)
+        r = min((r for r in self.running if not r.decoding), key=lambda r: r.rank, default=None)
         if r is None:
             return
-        end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
+        end = min(r.pos + self._chunk(), len(r.tokens) - 1)
         tokens = torch.tensor([r.tokens[r.pos:end]], device=self.device)
         positions = torch.arange(r.pos, end, device=self.device)
+        start = time.perf_counter()
         with self._adapters([r]):
             self.model(tokens, positions, PrefillCache(self.pool, r.blocks), last_only=True)
+        self.token_seconds = _average(self.token_seconds, (time.perf_counter() - start) / (end - r.pos))
         self._filled(r, r.pos, end)
         r.pos = end
 
@@ -337,7 +389,7 @@ class Engine:
                 if self.pool.num_free:
                     r.blocks += self.pool.allocate(1)
                 else:
-                    self._preempt(self.running[-1])
+                    self._preempt(max(reversed(self.running), key=lambda x: x.rank))  # the worst, admitted last
         batch = [r for r in self.running if r.decoding]
         if not batch:
             return
@@ -345,8 +397,11 @@ class Engine:
         positions = torch.tensor([[r.pos] for r in batch], device=self.device)
         width = max(len(r.blocks) for r in batch)
         table = torch.tensor([r.blocks + r.blocks[:1] * (width - len(r.blocks)) for r in batch], dtype=torch.int32)
+        start = time.perf_counter()
         with self._adapters(batch):
             logits = decode_step(self.fused, self.model, tokens, positions, DecodeCache(self.pool, table))
+        n = len(batch)
+        self.step_seconds[n] = _average(self.step_seconds.get(n), time.perf_counter() - start)
         for i, r in enumerate(batch):
             r.pos += 1
             if self._sample(r, logits[i]):
@@ -402,13 +457,19 @@ class Engine:
         self.pool.release(r.blocks)
         r.blocks = []
 
-    def _preempt(self, r: Request) -> None:
-        """Take ``r``'s blocks for others; it waits at the front of the queue to be computed again."""
+    def _preempt(self, r: Request, locked: bool = False) -> None:
+        """Take ``r``'s blocks for others; it waits at the front of the queue to be computed again (``locked``: the
+        caller holds the lock)."""
         self._remove(r)
         r.pos = 0
         self.preemptions += 1
-        with self.lock:
+        with nullcontext() if locked else self.lock:
             self.waiting.appendleft(r)
+
+
+def _average(old: float | None, new: float) -> float:
+    """A moving average that follows a change within some ten samples."""
+    return new if old is None else 0.8 * old + 0.2 * new
 
 
 def _merge(first: Delta | None, last: Delta) -> Delta:
