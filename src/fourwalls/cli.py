@@ -262,7 +262,7 @@ def cmd_keys_add(args: argparse.Namespace) -> None:
 
     path = _key_file(args)
     secret = add_key(path, args.name, admin=args.admin, models=args.models, groups=args.group or None,
-                     rpm=args.rpm, tpm=args.tpm)
+                     rpm=args.rpm, tpm=args.tpm, profile=args.profile)
     print(f"added key '{args.name}' to {path}; its secret, shown only this once (the file keeps its sha256):",
           file=sys.stderr)
     print(secret)
@@ -275,12 +275,12 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
     keys = read_keys(path) if path.exists() else []
     if args.json:
         print(json.dumps([{"name": k.name, "admin": k.admin, "models": k.models, "groups": k.groups, "rpm": k.rpm,
-                           "tpm": k.tpm} for k in keys], indent=2))
+                           "tpm": k.tpm, "profile": k.profile} for k in keys], indent=2))
         return
     rows = [(k.name, "yes" if k.admin else "no", ",".join(k.models),
              "(all)" if k.groups is None and k.admin else ",".join(k.groups or []) or "(ungrouped only)",
-             str(k.rpm or "-"), str(k.tpm or "-")) for k in keys]
-    _table(("NAME", "ADMIN", "MODELS", "GROUPS", "RPM", "TPM"), rows)
+             str(k.rpm or "-"), str(k.tpm or "-"), k.profile or "-") for k in keys]
+    _table(("NAME", "ADMIN", "MODELS", "GROUPS", "RPM", "TPM", "PROFILE"), rows)
     if not keys:
         print(f"no keys in {path}: `fourwalls keys add NAME` makes one", file=sys.stderr)
 
@@ -520,7 +520,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(ServeConfig(args.model, args.host, args.port, adapters,
                              keys if args.api_keys or keys.is_file() else None, engine, args.drain_timeout,
                              args.max_body_bytes, args.log_requests, rag_store=args.rag_store, embedder=args.embedder,
-                             tools=tools, route_threshold=args.route_threshold, route=args.route))
+                             tools=tools, route_threshold=args.route_threshold, route=args.route,
+                             profiles=None if args.no_profiles else Path(args.profiles) if args.profiles else True,
+                             default_profile=args.default_profile))
 
 
 def _base(args: argparse.Namespace) -> str:
@@ -801,6 +803,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "and retrieval (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--tools", metavar="LIST", help="built-in tools offered on every chat, responses and messages "
                    "request: calculator, documents or documents:COLLECTION (comma-separated)")
+    p.add_argument("--profiles", metavar="TOML", help="application profiles to add to (or change) the built-in "
+                   "chat, rag, summarize and batch: [profiles.NAME] with priority, ttft_ms, itl_ms, max_tokens")
+    p.add_argument("--default-profile", default="chat", metavar="NAME", help="the profile of requests that name "
+                   "none and whose API key names none (default chat)")
+    p.add_argument("--no-profiles", action="store_true", help="serve every request as an equal, in arrival order, "
+                   "with no SLO (profiles named by requests are then ignored)")
     p.add_argument("--route", choices=["top1", "top2"], default="top1", help="model 'auto': run the best expert "
                    "of the library (`fourwalls experts`), or mix the two best per request (default top1)")
     p.add_argument("--route-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="COSINE",
@@ -852,6 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: an admin reads all, another key only documents without groups)")
     p.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
     p.add_argument("--tpm", type=int, help="tokens per minute, prompt + completion (default: no limit)")
+    p.add_argument("--profile", help="the application profile of its requests that name none (chat, rag, "
+                   "summarize, batch, or one of serve --profiles; default: the server's --default-profile)")
     p.add_argument("--file", help=file_help)
     p.set_defaults(func=cmd_keys_add)
     p = ksub.add_parser("list", help="the keys of the key file (names, scopes and limits; never secrets)")

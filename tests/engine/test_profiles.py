@@ -9,7 +9,7 @@ import torch
 
 from fourwalls.engine import Request
 from fourwalls.engine.profiles import BUILTIN, Profile, load_profiles
-from fourwalls.errors import FourwallsError, UsageError
+from fourwalls.errors import FourwallsError, OverloadedError, UsageError
 from fourwalls.generate import SamplingParams
 from tests.conftest import tiny_model
 from tests.engine.test_engine import alone, idle
@@ -152,3 +152,20 @@ def test_a_row_that_would_break_a_better_prioritys_itl_slo_waits(make_engine_sto
         engine.step_seconds = {3: 0.12}
         engine._admit()
         assert engine.running[-1] is batch.request
+
+
+def test_a_full_queue_sheds_its_latest_worst_request_for_a_better_one(make_engine_stopped):
+    engine = make_engine_stopped(tiny_model(), max_batch=1, max_len=128, max_queue=2)
+    events = []
+    b1, b2, b3, c = (Request(p, SamplingParams(max_new_tokens=2), events.append, profile=prof)
+                     for p, prof in zip(prompts(4, 5), (BATCH, BATCH, BATCH, CHAT)))
+    engine.submit(b1, b2)
+    engine.submit(c)
+    assert list(engine.waiting) == [b1, c]
+    assert len(events) == 1 and isinstance(events[0], OverloadedError) and "better priority" in str(events[0])
+    with pytest.raises(OverloadedError, match="queue is full"):
+        engine.submit(b3)  # nothing worse than batch to shed
+    with pytest.raises(OverloadedError, match="queue is full"):
+        engine.submit(Request(prompts(1, 5)[0], SamplingParams(max_new_tokens=2), events.append, profile=BATCH),
+                      Request(prompts(1, 5)[0], SamplingParams(max_new_tokens=2), events.append, profile=CHAT))
+    assert list(engine.waiting) == [b1, c]  # a call's requests are queued all or none

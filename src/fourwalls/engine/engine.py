@@ -163,7 +163,8 @@ class Engine:
     def submit(self, *requests: Request) -> None:
         """Queue requests (the choices of one API call), all or none. Raises if one cannot fit or names an unknown
         adapter, if there are more than the queue ever holds (UsageError: retrying cannot help), or if the queue
-        has no room for them now (OverloadedError)."""
+        has no room for them now (OverloadedError). A full queue makes room for requests of a better priority: the
+        latest of its worst requests leave it with an OverloadedError (load shedding, the cheapest first)."""
         for req in requests:
             req.params.validate()
             self.check(len(req.prompt), req.params.max_new_tokens)
@@ -177,8 +178,16 @@ class Engine:
                 for name in req.adapter_names:
                     if name not in self.adapters:
                         raise NotFoundError(f"adapter '{name}' is not loaded")
-            if len(self.waiting) + len(requests) > limit:
-                raise OverloadedError(f"the queue is full ({len(self.waiting)} of {limit} waiting); retry later")
+            excess = len(self.waiting) + len(requests) - limit
+            if excess > 0:
+                worst = max(r.rank for r in requests)
+                shed = sorted((w for w in self.waiting if w.rank > worst), key=lambda w: (w.rank, w.arrival))[-excess:]
+                if len(shed) < excess:
+                    raise OverloadedError(f"the queue is full ({len(self.waiting)} of {limit} waiting); retry later")
+                for w in shed:
+                    self.waiting.remove(w)
+                    w.emit(OverloadedError("the queue is full and requests of a better priority came: this one "
+                                           "left it; retry later"))
             for req in requests:
                 req.arrival = time.monotonic()
                 req.tokens = list(req.prompt)

@@ -40,9 +40,9 @@ class Profile:
 
 # Reading speed is some 5-10 tokens a second: 150 ms a token streams faster than anyone reads.
 BUILTIN: dict[str, Profile] = {p.name: p for p in (
-    Profile("chat", 0, ttft=1.0, itl=0.15, max_tokens=1024),
+    Profile("chat", 0, ttft=1.0, itl=0.15, max_tokens=2048),
     Profile("rag", 1, ttft=3.0, itl=0.15, max_tokens=1024),
-    Profile("summarize", 2, ttft=15.0, itl=0.5, max_tokens=2048),
+    Profile("summarize", 2, ttft=15.0, itl=0.5, max_tokens=1024),
     Profile("batch", 3, ttft=None, itl=None, max_tokens=4096),
 )}
 DEFAULT = "chat"

@@ -6,7 +6,7 @@ checking keys itself. Keys are read from a JSON file that holds only their sha25
 The file::
 
     {"keys": [{"name": "support-bot", "sha256": "<hex of sha256(key)>", "models": ["smollm2-135m-instruct"],
-               "admin": false, "rpm": 60, "tpm": 20000, "groups": ["hr", "eng"]}]}
+               "admin": false, "rpm": 60, "tpm": 20000, "groups": ["hr", "eng"], "profile": "rag"}]}
 
 ``models`` lists the models and adapters the key may use ("*": all), the embedder's name included for
 /v1/embeddings, search and RAG chat, which all run it; ``rpm``/``tpm`` are requests and tokens (prompt +
@@ -17,6 +17,8 @@ document collections (creating and deleting collections, uploading and deleting 
 of those groups, plus the documents that have no groups (readable by every key). ``["*"]`` reads every group.
 Absent or null: an admin key reads every group, any other key only the documents with no groups. The scope is
 applied inside each search, before the top k is cut. Without an API key file (no auth) reading is unrestricted.
+
+``profile`` is the application profile (engine/profiles.py) of the key's requests that name none.
 
 `fourwalls keys add/list/rm` writes the file (``add_key``, ``remove_key``): atomically, readable by its owner only,
 and with the new key's secret printed once, never stored.
@@ -54,6 +56,7 @@ class Key:
     rpm: int | None = None
     tpm: int | None = None
     groups: list[str] | None = None
+    profile: str | None = None  # the application profile of its requests that name none
     requests: deque[float] = field(default_factory=deque)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -157,7 +160,7 @@ def read_keys(path: Path) -> list[Key]:
         data = json.loads(path.read_text())
         keys = [Key(name=str(k["name"]), sha256=str(k["sha256"]).lower(), models=list(k.get("models", ["*"])),
                     admin=bool(k.get("admin", False)), rpm=k.get("rpm"), tpm=k.get("tpm"),
-                    groups=_groups(k.get("groups")))
+                    groups=_groups(k.get("groups")), profile=_profile(k.get("profile")))
                 for k in data["keys"]]
     except OSError as e:
         raise FormatError(f"cannot read the API key file {path}: {e.strerror}") from None
@@ -173,7 +176,8 @@ def read_keys(path: Path) -> list[Key]:
 def _write_keys(path: Path, keys: list[Key]) -> None:
     """Replace the key file in one rename, readable and writable by its owner only."""
     entries = [{"name": k.name, "sha256": k.sha256, "models": k.models, "admin": k.admin, "rpm": k.rpm, "tpm": k.tpm,
-                **({} if k.groups is None else {"groups": k.groups})} for k in keys]
+                **({} if k.groups is None else {"groups": k.groups}),
+                **({} if k.profile is None else {"profile": k.profile})} for k in keys]
     text = json.dumps({"keys": entries}, indent=2) + "\n"
 
     def write(tmp: Path) -> None:
@@ -184,7 +188,8 @@ def _write_keys(path: Path, keys: list[Key]) -> None:
 
 
 def add_key(path: Path, name: str, *, admin: bool = False, models: list[str] | None = None,
-            groups: list[str] | None = None, rpm: int | None = None, tpm: int | None = None) -> str:
+            groups: list[str] | None = None, rpm: int | None = None, tpm: int | None = None,
+            profile: str | None = None) -> str:
     """Add a key named ``name`` to the key file (created if absent) and return its secret, which is not stored."""
     if not KEY_NAME.fullmatch(name):
         raise UsageError(f"invalid key name {name!r}: use letters, digits, '.', '_' and '-' (max 64)")
@@ -198,7 +203,7 @@ def add_key(path: Path, name: str, *, admin: bool = False, models: list[str] | N
         raise UsageError(f"{path} already has a key named '{name}'; `fourwalls keys rm {name}` first")
     secret = "fw-" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(secret.encode()).hexdigest()
-    keys.append(Key(name, digest, list(models or ["*"]), admin, rpm, tpm, list(groups) if groups else None))
+    keys.append(Key(name, digest, list(models or ["*"]), admin, rpm, tpm, list(groups) if groups else None, profile))
     _write_keys(path, keys)
     return secret
 
@@ -218,6 +223,12 @@ def _groups(value: object) -> list[str] | None:
     if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
         raise TypeError(f'"groups" must be a list of non-empty strings, not {value!r}')
     return list(value)
+
+
+def _profile(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f'"profile" must be a profile\'s name, not {value!r}')
+    return value
 
 
 def _retry(now: float, oldest: float) -> int:

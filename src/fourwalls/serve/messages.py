@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from fourwalls.errors import FourwallsError, UsageError
 from fourwalls.generate import SamplingParams
 from fourwalls.serve.common import CurrentCaller, State, anthropic_error_body, client_closed
-from fourwalls.serve.schemas import BuiltinTool, FunctionName, MaxRounds
+from fourwalls.serve.schemas import BuiltinTool, Extensions, FunctionName, MaxRounds
 from fourwalls.serve.turns import Call, Finished, Ran, Runner, Text, Turn, collect, with_server_tools
 from fourwalls.tools.format import Function, ToolCall
 
@@ -123,6 +123,7 @@ class MessagesRequest(BaseModel):
     tool_choice: ToolChoice | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    fourwalls: Extensions = Field(default_factory=Extensions, description="fourwalls extensions")
     max_tool_rounds: int = MaxRounds
 
 
@@ -218,7 +219,7 @@ async def create_message(body: MessagesRequest, request: Request, state: State, 
                 [t.internal() for t in body.tools or [] if isinstance(t, CustomTool)],
                 with_server_tools(state, [t.internal() for t in body.tools or [] if isinstance(t, BuiltinTool)]),
                 mode, not (choice and choice.disable_parallel_tool_use), None, "tools",
-                body.max_tool_rounds)
+                body.max_tool_rounds, profile=body.fourwalls.profile)
     runner = Runner(state, caller, turn, request)
     await runner.start()
     message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",

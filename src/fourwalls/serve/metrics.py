@@ -27,6 +27,13 @@ class Metrics:
                               registry=r)
         self.itl = Histogram("fourwalls_inter_token_latency_seconds", "Time between output tokens",
                              buckets=_LATENCY, registry=r)
+        self.profile_ttft = Histogram("fourwalls_profile_time_to_first_token_seconds", "Time to first token by "
+                                      "application profile", ["profile"], buckets=_LATENCY, registry=r)
+        self.profile_itl = Histogram("fourwalls_profile_inter_token_latency_seconds", "Time between output tokens by "
+                                     "application profile", ["profile"], buckets=_LATENCY, registry=r)
+        self.slo = Counter("fourwalls_slo_requests", "Finished generations by application profile and SLO (ttft; itl: "
+                           "the mean time per output token after the first), met or not (attainment: met=yes over "
+                           "all)", ["profile", "slo", "met"], registry=r)
         self.e2e = Histogram("fourwalls_e2e_request_latency_seconds", "Time from arrival to the last token",
                              buckets=_LATENCY, registry=r)
         self.prompt_tokens = Counter("fourwalls_prompt_tokens", "Prompt tokens processed", registry=r)

@@ -165,9 +165,10 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
         raise UsageError("model 'auto' routes one prompt: send the prompts in separate requests", param="prompt")
     served = await choose(state, caller, body.model, texts[0])
     base = sampling(body, body.logprobs)
+    profile = state.profile(body.fourwalls.profile, caller)
     caller.admit(sum(map(len, prompts)) * body.n)
     batch = await queue(state, prompts, lambda i, budget: choice_params(base, i, budget), body.n,
-                        body.max_tokens or 16, served, _completion_constraint(state, body), body.ignore_eos)
+                        body.max_tokens or 16, served, _completion_constraint(state, body), body.ignore_eos, profile)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = served.headers(state)
     echo = [texts[i // body.n] if body.echo else "" for i in range(len(batch.requests))]
@@ -260,7 +261,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                 body.n, functions, with_server_tools(state, builtins),
                 choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto",
                 body.parallel_tool_calls, _output_schema(body), "response_format", body.max_tool_rounds,
-                body.ignore_eos, body.raw_control_tokens, served)
+                body.ignore_eos, body.raw_control_tokens, served, profile=body.fourwalls.profile)
     runner = Runner(state, caller, turn, request)
     await runner.start()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

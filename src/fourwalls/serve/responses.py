@@ -158,7 +158,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
                 [t.internal() for t in body.tools or [] if isinstance(t, FlatFunctionTool)],
                 with_server_tools(state, [t.internal() for t in body.tools or [] if isinstance(t, BuiltinTool)]),
                 choice.name if isinstance(choice, NamedFunctionChoice) else choice or "auto",
-                body.parallel_tool_calls, schema, "text.format", body.max_tool_rounds)
+                body.parallel_tool_calls, schema, "text.format", body.max_tool_rounds, profile=body.fourwalls.profile)
     runner = Runner(state, caller, turn, request)
     await runner.start()
     response = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),

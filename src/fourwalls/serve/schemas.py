@@ -44,6 +44,16 @@ class ResponseFormat(BaseModel):
     json_schema: JSONSchemaFormat | None = None
 
 
+class Extensions(BaseModel):
+    """The ``fourwalls`` object of a request: what the OpenAI API has no field for."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    profile: str | None = Field(None, description="the application profile (chat, rag, summarize, batch, or one "
+                                "the server's profiles file defines): its priority, latency SLOs and max tokens; "
+                                "default: the API key's, else the server's")
+
+
 class Sampling(BaseModel):
     """Fields shared by both completion endpoints."""
 
@@ -66,6 +76,7 @@ class Sampling(BaseModel):
     response_format: ResponseFormat | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (as in vLLM)")
+    fourwalls: Extensions = Field(default_factory=Extensions, description="fourwalls extensions")
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -457,3 +468,4 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     user: str | None = None
     max_tool_rounds: int = MaxRounds
+    fourwalls: Extensions = Field(default_factory=Extensions, description="fourwalls extensions")

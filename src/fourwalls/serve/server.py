@@ -17,6 +17,8 @@ import uvicorn
 
 from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
+from fourwalls.engine.profiles import DEFAULT as DEFAULT_PROFILE
+from fourwalls.engine.profiles import load_profiles
 from fourwalls.engine.router import Router
 from fourwalls.errors import FormatError, FourwallsError, OverloadedError, UsageError
 from fourwalls.experts import DEFAULT_THRESHOLD, read_library
@@ -50,12 +52,21 @@ class ServeConfig:
     responses: Path | None = None  # stored responses' SQLite file (None: $FOURWALLS_HOME/responses.db)
     route_threshold: float = DEFAULT_THRESHOLD  # model "auto": the cosine similarity below which the base answers
     route: str = "top1"  # or "top2": mix the two best experts per row
+    profiles: Path | bool | None = True  # True: the built-in profiles; a TOML file: those and the file's; None: off
+    default_profile: str = DEFAULT_PROFILE  # of requests that name none and whose key names none
 
 
 def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
     """Load the model and its adapters and start the engine (the server's state, ready to serve)."""
     store = store or Store()
     keys = KeyRing.load(cfg.api_keys) if cfg.api_keys else None
+    profiles = None if cfg.profiles is None else load_profiles(None if cfg.profiles is True else cfg.profiles)
+    if profiles is not None:
+        for name, what in ((cfg.default_profile, "--default-profile"),
+                           *((k.profile, f"key '{k.name}'") for k in (keys.keys if keys else []) if k.profile)):
+            if name not in profiles:
+                raise UsageError(f"{what} names profile '{name}', which is not defined; the profiles are "
+                                 f"{', '.join(sorted(profiles))}")
     lm = store.load(cfg.model)
     engine = Engine(lm.model, lm.tokenizer, lm.config.eos_token_ids, cfg.engine)
     for name, where in cfg.adapters.items():
@@ -72,7 +83,7 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
         raise
     state = ServerState(lm, engine, grammars, Metrics(engine), store, keys, cfg.max_body_bytes, cfg.log_requests,
                         cfg.stall_timeout, rag_store=cfg.rag_store, embedder_folder=cfg.embedder, templates=templates,
-                        tools=cfg.tools)
+                        tools=cfg.tools, profiles=profiles, default_profile=cfg.default_profile)
     state.router = _router(cfg, store, lm, engine, state)
     if cfg.conversations is not None:
         state.conversations_path = cfg.conversations

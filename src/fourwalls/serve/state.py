@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fourwalls.engine import Engine, Request
 from fourwalls.engine.grammar import Grammars
+from fourwalls.engine.profiles import BUILTIN, DEFAULT, Profile
 from fourwalls.engine.router import Router
-from fourwalls.errors import FourwallsError, NotFoundError
+from fourwalls.errors import FourwallsError, NotFoundError, UsageError
 from fourwalls.generate import Delta
 from fourwalls.serve.caller import Caller, KeyRing
 from fourwalls.serve.conversation_store import ConversationStore
@@ -130,6 +131,10 @@ class ServerState:
     conversations_path: Path = field(default_factory=lambda: home() / "conversations.db")
     responses_path: Path = field(default_factory=lambda: home() / "responses.db")  # stored responses (SQLite)
     router: Router | None = None  # the expert library behind model "auto" (None: "auto" is the base model)
+    # Application profiles by name (None: off, every request served as an equal); the default is that of requests
+    # that name none and whose key names none.
+    profiles: dict[str, Profile] | None = field(default_factory=lambda: dict(BUILTIN))
+    default_profile: str = DEFAULT
     _rag: RagService | None = field(default=None, repr=False)
     _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _conversations: ConversationStore | None = field(default=None, repr=False)
@@ -169,6 +174,18 @@ class ServerState:
                 self._conversations.close()
                 self._conversations = None
 
+    def profile(self, requested: str | None, caller: Caller) -> Profile | None:
+        """The profile a request runs under: the one it names, else its key's, else the server's default (None
+        when profiles are off); a 400 for a name the server does not define."""
+        if self.profiles is None:
+            return None
+        name = requested or (caller.key.profile if caller.key is not None else None) or self.default_profile
+        if name not in self.profiles:
+            raise UsageError(f"profile '{name}' is not defined here; this server's profiles are "
+                             f"{', '.join(sorted(self.profiles))}", param="fourwalls.profile",
+                             code="profile_not_found")
+        return self.profiles[name]
+
     def is_auto(self, name: str) -> bool:
         """Whether a request's ``model`` asks the router to choose ("auto" or "BASE:auto")."""
         return name in ("auto", f"{self.lm.name}:auto")
@@ -197,6 +214,8 @@ class Batch:
         self.open = len(requests)
         self.start = time.monotonic()
         self.last: list[float | None] = [None] * len(requests)
+        self.first: list[float] = [0.0] * len(requests)  # when each request's first token came
+        self.counts = [0] * len(requests)  # tokens each request has sent
         self.completion_tokens = 0
         self.disconnected = False
         self.watcher: asyncio.Task | None = None
@@ -236,14 +255,21 @@ class Batch:
                 m.finished.labels("timeout" if ev.http_status == 504 else "error").inc()
                 raise ev
             n = len(ev.tokens)
+            profile = self.requests[i].profile
             if n:
                 last = self.last[i]
                 if last is None:
                     m.ttft.observe(now - self.start)
+                    self.first[i] = now
+                    if profile is not None:
+                        m.profile_ttft.labels(profile.name).observe(now - self.start)
                 else:  # a chunk of several tokens (text held back for a stop string) shares the wait
                     for _ in range(n):
                         m.itl.observe((now - last) / n)
+                        if profile is not None:
+                            m.profile_itl.labels(profile.name).observe((now - last) / n)
                 self.last[i] = now
+                self.counts[i] += n
                 self.completion_tokens += n
                 m.generation_tokens.inc(n)
             if ev.finish_reason:
@@ -251,7 +277,19 @@ class Batch:
                 m.finished.labels(ev.finish_reason).inc()
                 m.cached_tokens.inc(self.requests[i].cached_tokens or 0)
                 m.e2e.observe(now - self.start)
+                if profile is not None:
+                    self._slo(i, profile, now)
             yield i, ev
+
+    def _slo(self, i: int, profile: Profile, now: float) -> None:
+        """Count whether request ``i``, finished, met its profile's SLOs (those that apply to it: the ITL SLO to one
+        of two tokens or more)."""
+        m = self.state.metrics
+        if profile.ttft is not None and self.last[i] is not None:
+            m.slo.labels(profile.name, "ttft", "yes" if self.first[i] - self.start <= profile.ttft else "no").inc()
+        if profile.itl is not None and self.counts[i] > 1:
+            tpot = (now - self.first[i]) / (self.counts[i] - 1)
+            m.slo.labels(profile.name, "itl", "yes" if tpot <= profile.itl else "no").inc()
 
     def watch(self, request: StarletteRequest) -> None:
         """Cancel the batch as soon as the client disconnects, whether or not a chunk is being sent to it (a

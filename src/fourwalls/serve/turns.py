@@ -20,6 +20,7 @@ from starlette.requests import Request
 from fourwalls.engine import Request as EngineRequest
 from fourwalls.engine.engine import QUEUE_LIMIT
 from fourwalls.engine.grammar import Constraint
+from fourwalls.engine.profiles import Profile
 from fourwalls.errors import UsageError
 from fourwalls.generate import SamplingParams, TokenInfo
 from fourwalls.serve.caller import Caller
@@ -53,6 +54,7 @@ class Turn:
     ignore_eos: bool = False
     raw_control_tokens: bool = False
     served: Served | None = None  # chosen already (a RAG chat routes its question before retrieving)
+    profile: str | None = None  # the application profile the request names (fourwalls.profile)
 
 
 @dataclass
@@ -161,12 +163,19 @@ def neutral(messages: list[dict[str, Any]], control: list[str]) -> list[dict[str
 
 async def queue(state: ServerState, prompts: list[list[int]], params: Callable[[int, int], SamplingParams], n: int,
                 max_tokens: int | None, served: Served,
-                constraint: Callable[[], Constraint | None] = lambda: None, ignore_eos: bool = False) -> Batch:
+                constraint: Callable[[], Constraint | None] = lambda: None, ignore_eos: bool = False,
+                profile: Profile | None = None) -> Batch:
     """Queue ``n`` choices of each prompt: ``params(choice, max_new_tokens)`` for each; ``constraint()`` compiles
-    the grammar (None: free text), off the event loop since compiling takes a while, once for all the choices."""
+    the grammar (None: free text), off the event loop since compiling takes a while, once for all the choices.
+    Without ``max_tokens`` a choice may generate up to the ``profile``'s max tokens, and with it no more."""
+    if profile is not None and max_tokens is not None and max_tokens > profile.max_tokens:
+        raise UsageError(f"max_tokens is {max_tokens}, more than the '{profile.name}' profile allows "
+                         f"({profile.max_tokens})", param="max_tokens")
     budgets = []
     for prompt in prompts:
         budget = max_tokens or state.engine.config.max_len - len(prompt)
+        if profile is not None and max_tokens is None:
+            budget = min(budget, profile.max_tokens)
         state.engine.check(len(prompt), max(budget, 1))
         budgets.append(budget)
     compiled = await asyncio.to_thread(constraint)
@@ -175,7 +184,7 @@ async def queue(state: ServerState, prompts: list[list[int]], params: Callable[[
         for i in range(n):
             own = compiled.copy() if compiled is not None and requests else compiled
             requests.append(EngineRequest(prompt, params(i, budget), lambda ev: None, served.adapter, own, ignore_eos,
-                                          served.mix))
+                                          served.mix, profile))
     try:
         return Batch(state, requests, served.adapter, served.model if served.mix else None)
     except UsageError as e:
@@ -206,6 +215,7 @@ class Runner:
     def __init__(self, state: ServerState, caller: Caller, turn: Turn, request: Request | None = None) -> None:
         self.state, self.caller, self.turn, self.request = state, caller, turn, request
         self.served = Served(turn.model)
+        self.profile: Profile | None = None
         self.toolbox: Toolbox | None = None
         self.dialect = dialect(state.lm.tokenizer)
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
@@ -230,6 +240,7 @@ class Runner:
 
     async def start(self) -> None:
         t, state = self.turn, self.state
+        self.profile = state.profile(t.profile, self.caller)
         self.served = t.served or await choose(state, self.caller, t.model, last_user_turn(t.messages))
         if not t.raw_control_tokens:
             t = self.turn = dataclasses.replace(t, messages=neutral(t.messages, state.lm.tokenizer.control_tokens))
@@ -306,7 +317,7 @@ class Runner:
     async def _queue(self, prompt: list[int], choice: str) -> Batch:
         t = self.turn
         batch = await queue(self.state, [prompt], lambda i, budget: choice_params(t.sampling, i, budget), t.n,
-                            t.max_tokens, self.served, lambda: self._grammar(choice), t.ignore_eos)
+                            t.max_tokens, self.served, lambda: self._grammar(choice), t.ignore_eos, self.profile)
         if self.request is not None:
             batch.watch(self.request)
         return batch
