@@ -28,7 +28,7 @@ def key_file(tmp_path) -> Path:
 
 def test_add_prints_the_secret_once_and_stores_only_its_hash(capsys, key_file):
     code, out, err = run(capsys, "keys", "add", "support-bot", "--group", "staff", "--models", "smol", "office-v1",
-                         "--rpm", "60", "--tpm", "20000")
+                         "--rpm", "60", "--tpm", "20000", "--profile", "rag")
     assert code == 0, err
     secret = out.strip()
     assert secret.startswith("fw-") and len(secret) > 40 and "\n" not in secret
@@ -38,9 +38,10 @@ def test_add_prints_the_secret_once_and_stores_only_its_hash(capsys, key_file):
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     entry = json.loads(text)["keys"][0]
     assert entry == {"name": "support-bot", "sha256": hashlib.sha256(secret.encode()).hexdigest(),
-                     "models": ["smol", "office-v1"], "admin": False, "rpm": 60, "tpm": 20000, "groups": ["staff"]}
+                     "models": ["smol", "office-v1"], "admin": False, "rpm": 60, "tpm": 20000, "groups": ["staff"],
+                     "profile": "rag"}
     caller = KeyRing.load(key_file).authenticate(f"Bearer {secret}")
-    assert caller.name == "support-bot" and caller.groups == {"staff"}
+    assert caller.name == "support-bot" and caller.groups == {"staff"} and caller.key.profile == "rag"
     assert caller.may_use("office-v1") and not caller.may_use("other")
     assert [p.name for p in key_file.parent.iterdir()] == ["api-keys.json"]  # no temporary file left behind
 
@@ -52,9 +53,9 @@ def test_two_keys_have_different_secrets_and_list_shows_no_secret(capsys, key_fi
     code, out, _ = run(capsys, "keys", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "ADMIN", "MODELS", "GROUPS", "RPM", "TPM"]
-    assert lines[1].split() == ["alice", "yes", "*", "(all)", "-", "-"]
-    assert lines[2].split() == ["bob", "no", "*", "(ungrouped", "only)", "-", "-"]
+    assert lines[0].split() == ["NAME", "ADMIN", "MODELS", "GROUPS", "RPM", "TPM", "PROFILE"]
+    assert lines[1].split() == ["alice", "yes", "*", "(all)", "-", "-", "-"]
+    assert lines[2].split() == ["bob", "no", "*", "(ungrouped", "only)", "-", "-", "-"]
     digest = json.loads(key_file.read_text())["keys"][0]["sha256"]
     assert first.strip() not in out and digest not in out
     ring = KeyRing.load(key_file)
@@ -91,3 +92,8 @@ def test_serve_reads_the_homes_key_file_when_it_exists(capsys, key_file, monkeyp
     assert seen[-1].api_keys == key_file
     assert main(["serve", "--api-keys", "other.json"]) == 0
     assert seen[-1].api_keys == Path("other.json")
+    assert seen[-1].profiles is True and seen[-1].default_profile == "chat"  # the built-in profiles
+    assert main(["serve", "--profiles", "p.toml", "--default-profile", "rag"]) == 0
+    assert seen[-1].profiles == Path("p.toml") and seen[-1].default_profile == "rag"
+    assert main(["serve", "--no-profiles"]) == 0
+    assert seen[-1].profiles is None
