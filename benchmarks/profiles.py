@@ -13,7 +13,7 @@ mean time per output token after the first at most chat's 150 ms (DistServe's TP
 finished --grace seconds after the last arrival does not. One JSON line: ``chat_slo_attainment`` with and without
 profiles, chat's TTFT and TPOT percentiles, batch and total output tokens a second, and the requests refused.
 
-    python benchmarks/profiles.py [--seconds 60] [--chat-rate 1] [--batch-rate 1] [--grace 20]
+    python benchmarks/profiles.py [--seconds 60] [--chat-rate 1] [--batch-rate 1.5] [--grace 20]
 
 Run on a quiet machine: the client shares the cores with the server.
 """
@@ -96,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--chat-rate", type=float, default=1.0, help="chat requests a second")
-    ap.add_argument("--batch-rate", type=float, default=1.0, help="batch requests a second")
+    ap.add_argument("--batch-rate", type=float, default=1.5, help="batch requests a second")
     ap.add_argument("--grace", type=float, default=20.0, help="seconds after the last arrival before a request "
                     "still running counts as failed")
     args = ap.parse_args()
