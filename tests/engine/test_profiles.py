@@ -113,21 +113,22 @@ def test_a_better_priority_starts_its_prompt_while_a_worse_one_is_prefilling(mak
         assert c.request.decoding and b1.request.pos == 16  # chat's 19 tokens before batch's next chunk
 
 
-def test_prompt_chunks_shrink_to_keep_a_decoding_streams_itl_slo(make_engine_stopped):
+def test_a_worse_prioritys_prompt_chunks_shrink_to_keep_a_better_streams_itl_slo(make_engine_stopped):
     engine = make_engine_stopped(tiny_model(), max_batch=4, max_len=256, prefill_chunk=256, block_size=16)
     chat, batch = Job(prompts(1, 1)[0], CHAT, 50), Job(prompts(1, 200)[0], BATCH, 4)
     with torch.inference_mode():
         engine.submit(chat.request)
         engine._admit()
         assert chat.request.decoding
-        assert engine._chunk() == 256  # nothing measured yet
+        assert engine._chunk(batch.request) == 256  # nothing measured yet
         engine.step_seconds, engine.token_seconds = {1: 0.05}, 0.001
         # 0.15 s of chat's ITL SLO, less 0.05 s of decoding: 100 tokens' time, 96 in whole blocks
-        assert engine._chunk() == 96
+        assert engine._chunk(batch.request) == 96
+        assert engine._chunk(Job(prompts(1, 200)[0], CHAT, 4).request) == 256  # equals are not held back
         engine.token_seconds = 1.0
-        assert engine._chunk() == 16  # at least a block: a prompt always advances
+        assert engine._chunk(batch.request) == 16  # at least a block: a prompt always advances
         engine.running[0].profile = BATCH
-        assert engine._chunk() == 256  # no SLO to keep
+        assert engine._chunk(batch.request) == 256  # no SLO to keep
         engine.running[0].profile = CHAT
         engine.submit(batch.request)
         engine.token_seconds = 0.001

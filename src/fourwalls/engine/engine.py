@@ -10,10 +10,10 @@ back to the front of the queue, to be computed again from its prompt and the tok
 preemption by recompute; what it already streamed is not sent again).
 
 With application profiles (engine/profiles.py), the order is the profiles': the best priority is admitted first, may
-start its prompt while a worse one is still prefilling, and preempts a worse one when there is no room; prompt
-chunks shrink so that the streams decoding keep their ITL SLO; and a request waits while one more row would take a
-decode step past the ITL SLO of a running request of a better priority. Requests without a profile are equals, in
-arrival order.
+start its prompt while a worse one is still prefilling, and preempts a worse one when there is no room; a worse
+priority's prompt chunks shrink so that the better streams decoding keep their ITL SLO; and a request waits while
+one more row would take a decode step past the ITL SLO of a running request of a better priority. Equals (requests
+of one priority, or without a profile) are served in arrival order, as they come.
 
 Each request samples with its own parameters and its own seeded generator, so its text does not depend on what
 else is in the batch. Results go back through the request's ``emit`` callback, called on the engine thread.
@@ -337,12 +337,13 @@ class Engine:
         known = max((k for k in self.step_seconds if k < rows), default=None)
         return 0.0 if known is None else self.step_seconds[known] * rows / known
 
-    def _chunk(self) -> int:
-        """Prompt tokens to feed this step: the configured chunk, or fewer (a multiple of the block size, at least
-        one block) when a chunk and a decode step together would exceed a decoding stream's ITL SLO."""
+    def _chunk(self, r: Request) -> int:
+        """Prompt tokens of ``r`` to feed this step: the configured chunk, or fewer (a multiple of the block size, at
+        least one block) when a chunk and a decode step together would exceed the ITL SLO of a stream decoding at a
+        better priority (equals share the steps as they come: their throughput is theirs)."""
         size, bs = self.config.prefill_chunk, self.config.block_size
         decoding = [x for x in self.running if x.decoding]
-        slos = [x.profile.itl for x in decoding if x.profile and x.profile.itl]
+        slos = [x.profile.itl for x in decoding if x.rank < r.rank and x.profile and x.profile.itl]
         if not slos or self.token_seconds is None:
             return size
         room = min(slos) - self._step_estimate(len(decoding))
@@ -372,7 +373,7 @@ class Engine:
         r = min((r for r in self.running if not r.decoding), key=lambda r: r.rank, default=None)
         if r is None:
             return
-        end = min(r.pos + self._chunk(), len(r.tokens) - 1)
+        end = min(r.pos + self._chunk(r), len(r.tokens) - 1)
         tokens = torch.tensor([r.tokens[r.pos:end]], device=self.device)
         positions = torch.arange(r.pos, end, device=self.device)
         start = time.perf_counter()
