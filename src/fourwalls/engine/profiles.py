@@ -5,9 +5,9 @@ token after the first is within it, DistServe's TPOT), a priority (0 is served f
 may generate. The engine serves the waiting request of the best priority first (a preempted one before others of
 its priority), lets it start its prompt while one of a lower priority is still prefilling, preempts a running request
 of a lower priority when the batch or the KV cache has no room for it, sizes a lower priority's prompt chunks so
-that the better streams decoding meet the tightest ITL SLO among them, and keeps a request out of the batch while one more row would take a
-decode step past the ITL SLO of a running request of a better priority. ``batch``, with no SLO and the lowest
-priority, fills the capacity the others leave.
+that the better streams decoding meet the tightest ITL SLO among them, and keeps a request out of the batch while
+one more row would take a decode step past the ITL SLO of a running request of a better priority. ``batch``, with
+no SLO and the lowest priority, fills the capacity the others leave.
 
 Operators define their own, or change these, in a TOML file (``fourwalls serve --profiles FILE``)::
 
