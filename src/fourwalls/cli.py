@@ -505,6 +505,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     checks = [(0 <= args.port <= 65535, "--port"), (args.max_batch >= 1, "--max-batch"),
               (args.max_model_len is None or args.max_model_len >= 16, "--max-model-len (at least 16)"),
               (args.max_queue >= 0, "--max-queue"), (args.prefill_chunk >= 1, "--prefill-chunk"),
+              (args.prefill_workers >= 0, "--prefill-workers"),
               (args.drain_timeout >= 0, "--drain-timeout"), (args.request_timeout > 0, "--request-timeout"),
               (args.max_body_bytes >= 1024, "--max-body-bytes"),
               (args.kv_cache_tokens is None or args.kv_cache_tokens >= 16, "--kv-cache-tokens (at least 16)")]
@@ -514,7 +515,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(max_batch=args.max_batch, max_len=args.max_model_len or 4096, max_queue=args.max_queue,
                           kv_tokens=args.kv_cache_tokens, prefix_cache=not args.no_prefix_cache,
-                          prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
+                          prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout,
+                          prefill_workers=args.prefill_workers)
     tools = parse_specs(args.tools) if args.tools else []
     keys = _key_file(argparse.Namespace(file=args.api_keys))
     return serve(ServeConfig(args.model, args.host, args.port, adapters,
@@ -790,6 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "reusing the cached blocks of earlier requests' identical prefixes")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens fed per step (default 256)")
+    p.add_argument("--prefill-workers", type=int, default=0, metavar="N", help="compute prompts in N processes, "
+                   "each on a core of its own, while the server decodes on the others (default 0: prompts "
+                   "and decoding share the cores, in chunks)")
     p.add_argument("--request-timeout", type=float, default=600, help="seconds per request (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30, help="seconds SIGTERM waits for requests in "
                    "flight (default 30)")

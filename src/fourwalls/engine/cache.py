@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fourwalls.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from fourwalls.engine.phases import SharedPool
 
 
 def block_names(tokens: Sequence[int], block_size: int, names: list[bytes], salt: bytes) -> None:
@@ -37,15 +42,21 @@ class BlockPool:
 
     ``k[layer]`` and ``v[layer]`` are [blocks, kv_heads, block_size, head_dim]. The buffers are allocated empty (the
     operating system maps their pages when first written, so memory grows with use) and each block is zeroed when
-    first handed out: what a batched step reads past a row's end must be finite, as masked positions are."""
+    first handed out: what a batched step reads past a row's end must be finite, as masked positions are.
+    ``shared``: the buffers live in a shared memory file that prefill workers map (``shared_pool()``)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float16,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, shared: bool = False) -> None:
         shape = (cfg.n_layers, num_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)
-        self.k_all = torch.empty(shape, dtype=dtype, device=device)
-        self.v_all = torch.empty(shape, dtype=dtype, device=device)
-        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.fd: int | None = None
+        if shared:
+            from fourwalls.engine.phases import shared_buffers
+
+            self.k_all, self.v_all, self.fd = shared_buffers(shape, dtype)
+        else:
+            self.k_all = torch.empty(shape, dtype=dtype, device=device)
+            self.v_all = torch.empty(shape, dtype=dtype, device=device)
+        self._buffers(num_blocks, block_size)
         self.refs = [0] * num_blocks
         self.name_of: list[bytes | None] = [None] * num_blocks
         self.named: dict[bytes, int] = {}
@@ -53,6 +64,25 @@ class BlockPool:
         # least to most recently released (the LRU order of eviction).
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.zeroed = [False] * num_blocks
+
+    def _buffers(self, num_blocks: int, block_size: int) -> None:
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @classmethod
+    def mapped(cls, k_all: Tensor, v_all: Tensor, block_size: int) -> BlockPool:
+        """A prefill worker's view of the engine's shared buffers: where it writes, not which blocks are whose."""
+        pool = cls.__new__(cls)
+        pool.k_all, pool.v_all = k_all, v_all
+        pool._buffers(k_all.shape[1], block_size)
+        return pool
+
+    def shared_pool(self) -> SharedPool:
+        """What a prefill worker maps (a pool made with ``shared=True``)."""
+        from fourwalls.engine.phases import SharedPool
+
+        return SharedPool(f"/proc/{os.getpid()}/fd/{self.fd}", tuple(self.k_all.shape),
+                          str(self.k_all.dtype).removeprefix("torch."), self.block_size)
 
     @property
     def num_free(self) -> int:

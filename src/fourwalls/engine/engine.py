@@ -15,6 +15,9 @@ priority's prompt chunks shrink so that the better streams decoding keep their I
 one more row would take a decode step past the ITL SLO of a running request of a better priority. Equals (requests
 of one priority, or without a profile) are served in arrival order, as they come.
 
+With prefill workers (engine/phases.py), prompts are computed in other processes on cores of their own, into the
+same blocks (shared memory), one in each worker, while this thread only decodes on the cores it keeps.
+
 Each request samples with its own parameters and its own seeded generator, so its text does not depend on what
 else is in the batch. Results go back through the request's ``emit`` callback, called on the engine thread.
 """
@@ -22,6 +25,7 @@ else is in the batch. Results go back through the request's ``emit`` callback, c
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -35,6 +39,7 @@ import torch
 from fourwalls.engine.cache import BlockPool, DecodeCache, PrefillCache, block_names, blocks_for
 from fourwalls.engine.grammar import Constraint
 from fourwalls.engine.multilora import Adapter, AdapterSet
+from fourwalls.engine.phases import ModelSource, PrefillWorkers, pin, split_cores
 from fourwalls.engine.profiles import Profile
 from fourwalls.errors import (
     ContextLengthError,
@@ -69,6 +74,7 @@ class EngineConfig:
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens fed per engine step
     max_queue: int = 64  # waiting requests beyond which submit() refuses
     request_timeout: float = 600.0  # seconds from submission
+    prefill_workers: int = 0  # processes computing prompts on cores of their own (engine/phases.py); 0: none
 
 
 @dataclass(eq=False)
@@ -94,6 +100,8 @@ class Request:
     history: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     detok: Detokenizer | None = None
     generator: torch.Generator | None = None
+    remote: bool = False  # a prefill worker is computing its prompt into its blocks
+    resent: bool = False  # its prompt was sent again after a worker died on it
 
     @property
     def decoding(self) -> bool:
@@ -116,7 +124,8 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_ids: list[int],
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, source: ModelSource | None = None) -> None:
+        """``source``: where prefill workers load the model from (needed with ``config.prefill_workers``)."""
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
         self.device = model.device
         self.config = config or EngineConfig()
@@ -125,7 +134,15 @@ class Engine:
         # A request of max_len must fit alone, or it could never run.
         c.kv_tokens = max(c.kv_tokens or 16384, c.max_len)
         self.pool = BlockPool(model.config, blocks_for(c.kv_tokens, c.block_size), c.block_size,
-                              kv_dtype(model.dtype), model.device)
+                              kv_dtype(model.dtype), model.device, shared=c.prefill_workers > 0)
+        self.workers: PrefillWorkers | None = None
+        self.orphans: list[Request] = []  # removed while a worker computed their prompt: their blocks wait for it
+        if c.prefill_workers:
+            if source is None:
+                raise UsageError("prefill workers load the model from the store: name it (source)")
+            self.cores, worker_cores = split_cores(c.prefill_workers)
+            self.workers = PrefillWorkers(c.prefill_workers, source, self.pool.shared_pool(), worker_cores,
+                                          c.prefill_chunk)
         self.adapter_set = AdapterSet(model)
         self.fused = decoder(model)  # the decode step in one C call, where it applies (model.fused)
         self.adapters: dict[str, Adapter] = {}  # what requests may name; installed at the next step
@@ -144,12 +161,21 @@ class Engine:
     # --- called from any thread -----------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.workers is not None:  # the workers load the model, then this process decodes on the other cores
+            self.workers.wait_ready()
+            self._pinned = os.sched_getaffinity(0), torch.get_num_threads()
+            pin(self.cores)
         self.thread.start()
 
     def stop(self) -> None:
         self.stopped = True
         self.wake.set()
         self.thread.join(timeout=10)
+        if self.workers is not None:
+            self.workers.close()
+            if hasattr(self, "_pinned"):
+                pin(self._pinned[0])
+                torch.set_num_threads(self._pinned[1])
 
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise the error a request of this size would get."""
@@ -258,19 +284,20 @@ class Engine:
                 self._reap()
                 self._sync_adapters()
                 self._admit()
-                if not self.running:
+                if not self.running and not (self.workers is not None and self.workers.busy):
                     self.wake.wait(0.5)
                     self.wake.clear()
                     continue
                 self._prefill()
                 self._decode()
+                if self.workers is not None and not any(r.decoding for r in self.running):
+                    self.workers.wait(0.05)  # only prompts in the workers: sleep until one is done
                 self.steps += 1
             except Exception as e:  # a bug must cost the requests in flight, not the server
                 log.exception("engine step failed")
-                for r in self.running:
+                for r in list(self.running):
                     r.emit(InternalError(f"internal engine error: {type(e).__name__}"))
-                    self.pool.release(r.blocks)
-                self.running = []
+                    self._remove(r)
 
     def _reap(self) -> None:
         """Drop requests that were cancelled or ran out of time, waiting or running."""
@@ -313,15 +340,21 @@ class Engine:
         with self.lock:
             while self.waiting:
                 r = min(self.waiting, key=lambda w: w.rank)
-                if any(not x.decoding and x.rank <= r.rank for x in self.running) or not self._keeps_slos(r):
+                prefilling = sum(not x.decoding and x.rank <= r.rank for x in self.running)
+                if prefilling >= self._prefill_slots or not self._keeps_slos(r):
                     return
                 while len(self.running) >= self.config.max_batch or not self._place(r):
-                    lower = [x for x in reversed(self.running) if x.rank > r.rank]
+                    lower = [x for x in reversed(self.running) if x.rank > r.rank and not x.remote]
                     if not lower:
                         return
                     self._preempt(max(lower, key=lambda x: x.rank), locked=True)  # the worst, admitted last
                 self.waiting.remove(r)
                 self.running.append(r)
+
+    @property
+    def _prefill_slots(self) -> int:
+        """Prompts computed at once: one a chunk at a time in this process, or one in each prefill worker."""
+        return len(self.workers.alive) if self.workers is not None and self.workers.alive else 1
 
     def _keeps_slos(self, r: Request) -> bool:
         """Whether a decode step with ``r`` as one more row stays within the ITL SLO of every running request of a
@@ -369,8 +402,19 @@ class Engine:
         return True
 
     def _prefill(self) -> None:
-        """Feed the next chunk of the prompt being prefilled, if any; the request then decodes its last token."""
-        r = min((r for r in self.running if not r.decoding), key=lambda r: r.rank, default=None)
+        """Feed the next chunk of the prompt being prefilled, if any; the request then decodes its last token. With
+        prefill workers: collect the prompts they finished and send them those waiting (a request with adapters
+        is computed here, as are all when no worker could start)."""
+        local = self.workers is None or not self.workers.alive
+        if not local:
+            self._collect()
+            for r in sorted((r for r in self.running if not r.decoding and not r.remote and not r.adapter_names),
+                            key=lambda r: r.rank):
+                if not self.workers.send(r, r.tokens, r.pos, len(r.tokens) - 1, r.blocks):
+                    break
+                r.remote = True
+        r = min((r for r in self.running if not r.decoding and not r.remote and (local or r.adapter_names)),
+                key=lambda r: r.rank, default=None)
         if r is None:
             return
         end = min(r.pos + self._chunk(r), len(r.tokens) - 1)
@@ -382,6 +426,27 @@ class Engine:
         self.token_seconds = _average(self.token_seconds, (time.perf_counter() - start) / (end - r.pos))
         self._filled(r, r.pos, end)
         r.pos = end
+
+    def _collect(self) -> None:
+        """Take the prompts the workers finished: the requests decode next (or, when their worker died, are sent
+        again once; then fail)."""
+        for r, error in self.workers.poll():
+            r.remote = False
+            if r in self.orphans:
+                self.orphans.remove(r)
+                self.pool.release(r.blocks)
+                r.blocks = []
+            elif error is None:
+                end = len(r.tokens) - 1
+                self._filled(r, r.pos, end)
+                r.pos = end
+            elif error == "died" and not r.resent:
+                r.resent = True
+                log.warning("a prefill worker died computing a prompt of %d tokens: sending it again", len(r.prompt))
+            else:
+                why = "its worker died twice" if error == "died" else error
+                r.emit(InternalError(f"the prompt could not be computed: {why}"))
+                self._remove(r)
 
     def _filled(self, r: Request, start: int, end: int) -> None:
         """Name the blocks that positions [start, end) of ``r`` completed, for later requests to find."""
@@ -399,7 +464,8 @@ class Engine:
                 if self.pool.num_free:
                     r.blocks += self.pool.allocate(1)
                 else:
-                    self._preempt(max(reversed(self.running), key=lambda x: x.rank))  # the worst, admitted last
+                    candidates = [x for x in reversed(self.running) if not x.remote]
+                    self._preempt(max(candidates, key=lambda x: x.rank))  # the worst, admitted last
         batch = [r for r in self.running if r.decoding]
         if not batch:
             return
@@ -462,8 +528,12 @@ class Engine:
         return chunk is not None and chunk.finish_reason is not None
 
     def _remove(self, r: Request) -> None:
-        """Release a finished (or cancelled) request's blocks; those it filled stay in the prefix cache."""
+        """Release a finished (or cancelled) request's blocks; those it filled stay in the prefix cache. A worker
+        computing its prompt keeps them until it is done."""
         self.running.remove(r)
+        if r.remote:
+            self.orphans.append(r)
+            return
         self.pool.release(r.blocks)
         r.blocks = []
 

@@ -17,6 +17,7 @@ import uvicorn
 
 from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.grammar import Grammars
+from fourwalls.engine.phases import ModelSource
 from fourwalls.engine.profiles import DEFAULT as DEFAULT_PROFILE
 from fourwalls.engine.profiles import load_profiles
 from fourwalls.engine.router import Router
@@ -68,7 +69,8 @@ def build_state(cfg: ServeConfig, store: Store | None = None) -> ServerState:
                 raise UsageError(f"{what} names profile '{name}', which is not defined; the profiles are "
                                  f"{', '.join(sorted(profiles))}")
     lm = store.load(cfg.model)
-    engine = Engine(lm.model, lm.tokenizer, lm.config.eos_token_ids, cfg.engine)
+    engine = Engine(lm.model, lm.tokenizer, lm.config.eos_token_ids, cfg.engine,
+                    ModelSource(str(store.root), cfg.model))
     for name, where in cfg.adapters.items():
         try:
             engine.add_adapter(name, store.adapter_folder(where))

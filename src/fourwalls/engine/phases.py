@@ -1,0 +1,218 @@
+"""Prompt processing in worker processes (the prefill/decode split of Splitwise and DistServe).
+
+A prompt's pass is compute-bound, a decode step memory-bound: run together, each chunk of a long prompt is time
+every stream waits for its next token. With ``--prefill-workers N`` the engine's process keeps generating on its
+own cores while N worker processes, each pinned to a core of its own, compute prompts. The KV cache's pool lives in
+one shared memory file (memfd: freed when the last process closes it, never left behind): a worker writes a
+prompt's keys and values straight into the request's blocks, and only a request id, its tokens and its block table
+travel through the pipe, never a tensor. A worker loads the model itself from the store (the weights' pages are the
+page cache's, shared) and computes exactly as the engine would, so a request's tokens are the same with or without
+the split.
+
+A worker that dies is started again; the prompt it was computing is sent once more, and fails with a clear error
+if that one dies too. A worker that cannot start (twice) is left out, and prompts run in the engine's process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("fourwalls.engine")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a worker loads the engine's model from: the store's root and the model's name."""
+
+    root: str
+    name: str
+
+
+@dataclass(frozen=True)
+class SharedPool:
+    """What a worker needs to map the engine's KV pool: the file, the buffers' shape and dtype, the block size."""
+
+    path: str  # /proc/<engine pid>/fd/<memfd>
+    shape: tuple[int, ...]  # of one of the two buffers (keys, then values)
+    dtype: str
+    block_size: int
+
+
+def shared_buffers(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keys' and values' buffers in one anonymous shared memory file (memfd), and its descriptor."""
+    count = 1
+    for n in shape:
+        count *= n
+    fd = os.memfd_create("fourwalls-kv", os.MFD_CLOEXEC)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    os.ftruncate(fd, 2 * count * itemsize)  # pages are taken as they are first written
+    flat = torch.from_file(f"/proc/{os.getpid()}/fd/{fd}", shared=True, size=2 * count, dtype=dtype)
+    return flat[:count].view(shape), flat[count:].view(shape), fd
+
+
+def _map(pool: SharedPool) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = getattr(torch, pool.dtype)
+    count = 1
+    for n in pool.shape:
+        count *= n
+    flat = torch.from_file(pool.path, shared=True, size=2 * count, dtype=dtype)
+    return flat[:count].view(pool.shape), flat[count:].view(pool.shape)
+
+
+def pin(cores: set[int]) -> None:
+    """Run every thread of this process (and those it starts) on ``cores``, torch's work on as many threads."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that just ended
+            pass
+    torch.set_num_threads(len(cores))
+
+
+def _work(conn: Connection, source: ModelSource, pool: SharedPool, cores: set[int], chunk: int) -> None:
+    """A worker's life: load the model, map the pool, then compute the prompts it is sent."""
+    import fourwalls  # noqa: F401  (its OpenMP settings, before torch's pool starts)
+    from fourwalls.engine.cache import BlockPool, PrefillCache
+    from fourwalls.store import Store
+
+    pin(cores)
+    model = Store(Path(source.root)).load(source.name).model
+    blocks = BlockPool.mapped(*_map(pool), pool.block_size)
+    conn.send(("ready",))
+    with torch.inference_mode():
+        while True:
+            try:
+                rid, tokens, start, end, table = conn.recv()
+            except EOFError:  # the engine is gone
+                return
+            try:
+                cache = PrefillCache(blocks, table)
+                for a in range(start, end, chunk):
+                    b = min(a + chunk, end)
+                    model(torch.tensor([tokens[a:b]]), torch.arange(a, b), cache, last_only=True)
+                conn.send(("done", rid, None))
+            except Exception as e:  # one prompt's failure is its own
+                conn.send(("done", rid, f"{type(e).__name__}: {e}"))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, index: int, args: tuple) -> None:
+        self.index, self.ctx, self.args = index, ctx, args
+        self.failed_starts = 0
+        self.start()
+
+    def start(self) -> None:
+        self.conn, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_work, args=(child, *self.args), name=f"fourwalls-prefill-{self.index}",
+                                     daemon=True)
+        self.proc.start()
+        child.close()
+        self.ready = False
+        self.job: Any = None  # the request it computes
+        self.started = time.monotonic()
+
+
+class PrefillWorkers:
+    """N worker processes computing prompts into a shared KV pool. ``send`` gives one a request; ``poll`` returns
+    (request, error or None) for those finished, and for those whose worker died (error "died")."""
+
+    def __init__(self, n: int, source: ModelSource, pool: SharedPool, cores: list[set[int]], chunk: int) -> None:
+        ctx = mp.get_context("spawn")  # never fork a process whose threads hold locks
+        self.workers = [_Worker(ctx, i, (source, pool, cores[i], chunk)) for i in range(n)]
+        self._next_id = 0
+        self.jobs: dict[int, Any] = {}
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until every worker has loaded the model (a failure at start is the operator's to see)."""
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            if not w.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"prefill worker {w.index} did not start within {timeout:g} s")
+            try:
+                msg = w.conn.recv()
+            except EOFError:
+                raise RuntimeError(f"prefill worker {w.index} exited while loading the model "
+                                   f"(exit code {w.proc.exitcode})") from None
+            w.ready = msg == ("ready",)
+
+    @property
+    def alive(self) -> list[_Worker]:
+        return [w for w in self.workers if w.failed_starts < 2]
+
+    @property
+    def idle(self) -> _Worker | None:
+        return next((w for w in self.alive if w.ready and w.job is None), None)
+
+    @property
+    def busy(self) -> bool:
+        return any(w.job is not None for w in self.workers)
+
+    def send(self, request: Any, tokens: list[int], start: int, end: int, blocks: list[int]) -> bool:
+        """Give an idle worker positions [start, end) of ``tokens`` to compute into ``blocks``; False if none is."""
+        w = self.idle
+        if w is None:
+            return False
+        self._next_id += 1
+        w.job = (self._next_id, request)
+        w.conn.send((self._next_id, tokens, start, end, blocks))
+        return True
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a busy worker has something to say (or dies), at most ``timeout`` seconds."""
+        busy = [w.conn for w in self.workers if w.job is not None or not w.ready]
+        if busy:
+            wait(busy, timeout)
+
+    def poll(self) -> list[tuple[Any, str | None]]:
+        out = []
+        for w in self.alive:
+            try:
+                while w.conn.poll():
+                    msg = w.conn.recv()
+                    if msg == ("ready",):
+                        w.ready, w.failed_starts = True, 0
+                    elif w.job is not None and msg[1] == w.job[0]:
+                        out.append((w.job[1], msg[2]))
+                        w.job = None
+            except (EOFError, OSError):
+                pass
+            if not w.proc.is_alive():
+                if w.job is not None:
+                    out.append((w.job[1], "died"))
+                if not w.ready:
+                    w.failed_starts += 1
+                log.error("prefill worker %d exited (code %s); starting it again", w.index, w.proc.exitcode)
+                w.conn.close()
+                if w.failed_starts < 2:
+                    w.start()
+                else:
+                    log.error("prefill worker %d failed to start twice: its prompts run in the engine", w.index)
+        return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.conn.close()
+            w.proc.join(timeout=5)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+
+
+def split_cores(workers: int) -> tuple[set[int], list[set[int]]]:
+    """The engine's cores and each worker's one: the last ``workers`` cores of this process's, one each."""
+    cores = sorted(os.sched_getaffinity(0))
+    if workers >= len(cores):
+        from fourwalls.errors import UsageError
+
+        raise UsageError(f"--prefill-workers {workers} needs at least {workers + 1} cores (one for each worker and "
+                         f"one for decoding); this process may use {len(cores)}")
+    return set(cores[:len(cores) - workers]), [{c} for c in cores[len(cores) - workers:]]
