@@ -141,8 +141,7 @@ class Engine:
             if source is None:
                 raise UsageError("prefill workers load the model from the store: name it (source)")
             self.cores, worker_cores = split_cores(c.prefill_workers)
-            self.workers = PrefillWorkers(c.prefill_workers, source, self.pool.shared_pool(), worker_cores,
-                                          c.prefill_chunk)
+            self.workers = PrefillWorkers(c.prefill_workers, source, self.pool.shared_pool(), worker_cores)
         self.adapter_set = AdapterSet(model)
         self.fused = decoder(model)  # the decode step in one C call, where it applies (model.fused)
         self.adapters: dict[str, Adapter] = {}  # what requests may name; installed at the next step
@@ -353,8 +352,9 @@ class Engine:
 
     @property
     def _prefill_slots(self) -> int:
-        """Prompts computed at once: one a chunk at a time in this process, or one in each prefill worker."""
-        return len(self.workers.alive) if self.workers is not None and self.workers.alive else 1
+        """Prompts being computed at once: one, a chunk at a time in this process; with prefill workers any number
+        (the workers take their chunks in the order _prefill chooses)."""
+        return self.config.max_batch if self.workers is not None and self.workers.alive else 1
 
     def _keeps_slos(self, r: Request) -> bool:
         """Whether a decode step with ``r`` as one more row stays within the ITL SLO of every running request of a
@@ -403,14 +403,16 @@ class Engine:
 
     def _prefill(self) -> None:
         """Feed the next chunk of the prompt being prefilled, if any; the request then decodes its last token. With
-        prefill workers: collect the prompts they finished and send them those waiting (a request with adapters
-        is computed here, as are all when no worker could start)."""
+        prefill workers: collect the chunks they finished and send idle ones the next, of the best priority and
+        then the fewest tokens left (a request with adapters is computed here, as are all when no worker could
+        start)."""
         local = self.workers is None or not self.workers.alive
         if not local:
             self._collect()
             for r in sorted((r for r in self.running if not r.decoding and not r.remote and not r.adapter_names),
-                            key=lambda r: r.rank):
-                if not self.workers.send(r, r.tokens, r.pos, len(r.tokens) - 1, r.blocks):
+                            key=lambda r: (r.rank, len(r.tokens) - r.pos)):
+                end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
+                if not self.workers.send(r, r.tokens[r.pos:end], r.pos, r.blocks):
                     break
                 r.remote = True
         r = min((r for r in self.running if not r.decoding and not r.remote and (local or r.adapter_names)),
@@ -428,8 +430,8 @@ class Engine:
         r.pos = end
 
     def _collect(self) -> None:
-        """Take the prompts the workers finished: the requests decode next (or, when their worker died, are sent
-        again once; then fail)."""
+        """Take the chunks the workers finished (a request whose prompt is done decodes next); a chunk whose worker
+        died is sent again once, then its request fails."""
         for r, error in self.workers.poll():
             r.remote = False
             if r in self.orphans:
@@ -437,7 +439,7 @@ class Engine:
                 self.pool.release(r.blocks)
                 r.blocks = []
             elif error is None:
-                end = len(r.tokens) - 1
+                end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
                 self._filled(r, r.pos, end)
                 r.pos = end
             elif error == "died" and not r.resent:

@@ -2,15 +2,17 @@
 
 A prompt's pass is compute-bound, a decode step memory-bound: run together, each chunk of a long prompt is time
 every stream waits for its next token. With ``--prefill-workers N`` the engine's process keeps generating on its
-own cores while N worker processes, each pinned to a core of its own, compute prompts. The KV cache's pool lives in
-one shared memory file (memfd: freed when the last process closes it, never left behind): a worker writes a
-prompt's keys and values straight into the request's blocks, and only a request id, its tokens and its block table
-travel through the pipe, never a tensor. A worker loads the model itself from the store (the weights' pages are the
-page cache's, shared) and computes exactly as the engine would, so a request's tokens are the same with or without
-the split.
+own cores while N worker processes, each pinned to a core of its own, compute prompts a chunk at a time, as the
+engine sends them (its scheduler chooses: the best priority, then the prompt with the fewest tokens left, so a short
+prompt never waits for a long one). The KV cache's pool lives in one shared memory file (memfd: freed when the last
+process closes it, never left behind): a worker writes a chunk's keys and values straight into the request's
+blocks, and only an id, the chunk's tokens and the block table travel through the pipe, never a tensor. A worker
+loads the model itself from the store (the weights' pages are the page cache's, shared) and computes exactly as
+the engine would, so a request's tokens are the same with or without the split.
 
-A worker that dies is started again; the prompt it was computing is sent once more, and fails with a clear error
-if that one dies too. A worker that cannot start (twice) is left out, and prompts run in the engine's process.
+A worker that dies is started again; the chunk it was computing is sent once more, and its request fails with a
+clear error if that one dies too. A worker that cannot start (twice) is left out, and prompts run in the engine's
+process.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def pin(cores: set[int]) -> None:
     torch.set_num_threads(len(cores))
 
 
-def _work(conn: Connection, source: ModelSource, pool: SharedPool, cores: set[int], chunk: int) -> None:
-    """A worker's life: load the model, map the pool, then compute the prompts it is sent."""
+def _work(conn: Connection, source: ModelSource, pool: SharedPool, cores: set[int]) -> None:
+    """A worker's life: load the model, map the pool, then compute the chunks of prompts it is sent."""
     import fourwalls  # noqa: F401  (its OpenMP settings, before torch's pool starts)
     from fourwalls.engine.cache import BlockPool, PrefillCache
     from fourwalls.store import Store
@@ -91,14 +93,12 @@ def _work(conn: Connection, source: ModelSource, pool: SharedPool, cores: set[in
     with torch.inference_mode():
         while True:
             try:
-                rid, tokens, start, end, table = conn.recv()
+                rid, tokens, start, table = conn.recv()
             except EOFError:  # the engine is gone
                 return
             try:
-                cache = PrefillCache(blocks, table)
-                for a in range(start, end, chunk):
-                    b = min(a + chunk, end)
-                    model(torch.tensor([tokens[a:b]]), torch.arange(a, b), cache, last_only=True)
+                model(torch.tensor([tokens]), torch.arange(start, start + len(tokens)), PrefillCache(blocks, table),
+                      last_only=True)
                 conn.send(("done", rid, None))
             except Exception as e:  # one prompt's failure is its own
                 conn.send(("done", rid, f"{type(e).__name__}: {e}"))
@@ -125,9 +125,9 @@ class PrefillWorkers:
     """N worker processes computing prompts into a shared KV pool. ``send`` gives one a request; ``poll`` returns
     (request, error or None) for those finished, and for those whose worker died (error "died")."""
 
-    def __init__(self, n: int, source: ModelSource, pool: SharedPool, cores: list[set[int]], chunk: int) -> None:
+    def __init__(self, n: int, source: ModelSource, pool: SharedPool, cores: list[set[int]]) -> None:
         ctx = mp.get_context("spawn")  # never fork a process whose threads hold locks
-        self.workers = [_Worker(ctx, i, (source, pool, cores[i], chunk)) for i in range(n)]
+        self.workers = [_Worker(ctx, i, (source, pool, cores[i])) for i in range(n)]
         self._next_id = 0
         self.jobs: dict[int, Any] = {}
 
@@ -156,19 +156,20 @@ class PrefillWorkers:
     def busy(self) -> bool:
         return any(w.job is not None for w in self.workers)
 
-    def send(self, request: Any, tokens: list[int], start: int, end: int, blocks: list[int]) -> bool:
-        """Give an idle worker positions [start, end) of ``tokens`` to compute into ``blocks``; False if none is."""
+    def send(self, request: Any, tokens: list[int], start: int, blocks: list[int]) -> bool:
+        """Give an idle worker ``tokens``, at positions from ``start``, to compute into ``blocks``; False if none
+        is idle."""
         w = self.idle
         if w is None:
             return False
         self._next_id += 1
         w.job = (self._next_id, request)
-        w.conn.send((self._next_id, tokens, start, end, blocks))
+        w.conn.send((self._next_id, tokens, start, blocks))
         return True
 
     def wait(self, timeout: float) -> None:
         """Sleep until a busy worker has something to say (or dies), at most ``timeout`` seconds."""
-        busy = [w.conn for w in self.workers if w.job is not None or not w.ready]
+        busy = [w.conn for w in self.alive if w.job is not None or not w.ready]
         if busy:
             wait(busy, timeout)
 
