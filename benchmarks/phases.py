@@ -7,15 +7,16 @@ prompts (RAG-style, 8 tokens out) every --long-every seconds. Twice on the same 
 256-token chunks between decode steps, both on every core), then split (one prefill worker on one core, decoding
 on the other). Measured on the client: the chat streams' inter-token latency (every gap between streamed tokens,
 p50 and p99), the long prompts' time to first token, and the output and prompt tokens a second;
-``itl_p99_ratio_split_vs_unified`` (target <= 0.5) and ``throughput_ratio_split_vs_unified`` (output tokens a
-second; target >= 0.9).
+``itl_p99_ratio_split_vs_unified`` (target <= 0.5), ``throughput_ratio_split_vs_unified`` (output tokens a
+second) and ``total_throughput_ratio_split_vs_unified`` (prompt and output tokens; target >= 0.9).
 
 Then a simulation from phase costs measured here in-process (a prompt token's time and a decode step's for the
 chat streams' rows, on 1 and on 2 threads): for a machine of C cores, prompts scale with cores as measured from 1
-to 2 (compute-bound), decode steps likewise (memory-bound: less), the long prompts take half of a unified machine's
-time, and a split machine gives a quarter of its cores to prompts. It reports, for 2, 8 and 32 cores, the p99
-inter-token latency (unified: a decode step plus a 256-token chunk; split: a decode step on the decoding cores) and
-the decode throughput of each, and whether the prompt cores keep up.
+to 2 (compute-bound: here only 1.4x, two SMT threads of one core, it seems), decode steps likewise (memory-bound),
+the long prompts take half of a unified machine's time, and a split machine gives prompts the fewest cores that
+keep up with them at 90% use. It reports, for 2, 8 and 32 cores, the p99 inter-token latency (unified: a decode
+step plus a 256-token chunk; split: a decode step on the decoding cores), the ratio of decode throughputs, and the
+prompt cores' use.
 
     python benchmarks/phases.py [--seconds 60] [--streams 4] [--long-every 4] [--long-tokens 2000]
 
@@ -136,15 +137,16 @@ def simulate(costs: dict) -> list[dict]:
     beta = math.log2(costs["decode_1"] / costs["decode_2"])  # how decode steps scale
     out = []
     for cores in (2, 8, 32):
-        workers = max(1, cores // 4)
         prompt = costs["prompt_1"] / cores ** gamma  # a prompt token's seconds on the whole machine
         step = costs["decode_1"] / cores ** beta
-        split_step = costs["decode_1"] / (cores - workers) ** beta
         # Unified: half of the time goes to prompts, in chunks between decode steps (a chunk's step is the p99
-        # gap), and half to decode steps. Split: the decoding cores only decode; the prompt cores must keep up with
-        # the same prompt tokens a second (utilization over 1: they cannot).
+        # gap), and half to decode steps. Split: the fewest prompt cores that keep up with the same prompt tokens
+        # a second at 90% use (or all but one); the others only decode.
         chunk = CHUNK * prompt
         prompt_load = 0.5 / prompt
+        workers = next((w for w in range(1, cores) if prompt_load * costs["prompt_1"] / w ** gamma <= 0.9),
+                       cores - 1)
+        split_step = costs["decode_1"] / (cores - workers) ** beta
         out.append({"cores": cores, "prefill_workers": workers,
                     "itl_p99_ms_unified": round(1000 * (step + chunk), 1),
                     "itl_p99_ms_split": round(1000 * split_step, 1),
@@ -177,6 +179,8 @@ def main() -> None:
     split, unified = out["split"], out["unified"]
     out["itl_p99_ratio_split_vs_unified"] = round(split["chat_itl_p99_ms"] / unified["chat_itl_p99_ms"], 3)
     out["throughput_ratio_split_vs_unified"] = round(split["output_tok_s"] / unified["output_tok_s"], 3)
+    out["total_throughput_ratio_split_vs_unified"] = round(
+        (split["output_tok_s"] + split["prompt_tok_s"]) / (unified["output_tok_s"] + unified["prompt_tok_s"]), 3)
     costs = phase_costs(args.streams, args.long_tokens)
     out["phase_costs_ms"] = {k: round(1000 * v, 3) for k, v in costs.items()}
     out["simulation"] = simulate(costs)
