@@ -405,21 +405,27 @@ class Engine:
         """Feed the next chunk of the prompt being prefilled, if any; the request then decodes its last token. With
         prefill workers: collect the chunks they finished and send idle ones the next, of the best priority and
         then the fewest tokens left (a request with adapters is computed here, as are all when no worker could
-        start)."""
+        start). While no request decodes, this process takes a small chunk itself rather than idle."""
         local = self.workers is None or not self.workers.alive
+        order = (lambda r: r.rank) if local else (lambda r: (r.rank, len(r.tokens) - r.pos))
         if not local:
             self._collect()
             for r in sorted((r for r in self.running if not r.decoding and not r.remote and not r.adapter_names),
-                            key=lambda r: (r.rank, len(r.tokens) - r.pos)):
+                            key=order):
                 end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
                 if not self.workers.send(r, r.tokens[r.pos:end], r.pos, r.blocks):
                     break
                 r.remote = True
-        r = min((r for r in self.running if not r.decoding and not r.remote and (local or r.adapter_names)),
-                key=lambda r: r.rank, default=None)
+        idle = not any(r.decoding for r in self.running)
+        r = min((r for r in self.running if not r.decoding and not r.remote and (local or r.adapter_names or idle)),
+                key=order, default=None)
         if r is None:
             return
-        end = min(r.pos + self._chunk(r), len(r.tokens) - 1)
+        # A chunk taken from the workers' share is small: a stream whose prompt a worker finishes meanwhile waits
+        # for it (some 150 ms on one core for the default model).
+        size = self._chunk(r) if local or r.adapter_names else min(self.config.prefill_chunk,
+                                                                     4 * self.config.block_size)
+        end = min(r.pos + size, len(r.tokens) - 1)
         tokens = torch.tensor([r.tokens[r.pos:end]], device=self.device)
         positions = torch.arange(r.pos, end, device=self.device)
         start = time.perf_counter()
