@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 import torch
 
-from fourwalls.engine import Engine, EngineConfig, Request
+from fourwalls.engine import Engine, EngineConfig
 from fourwalls.engine.phases import ModelSource
-from fourwalls.errors import FourwallsError, InternalError
-from fourwalls.generate import SamplingParams
-from tests.engine.test_engine import MIXED, alone, idle
+from fourwalls.errors import InternalError
+from tests.engine.test_engine import MIXED, Run, alone, idle
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a worker and the engine need 2 cores")
 
@@ -45,23 +43,6 @@ def split(tiny, session_store):
     for e in engines:
         e.stop()
     assert os.sched_getaffinity(0) == affinity and torch.get_num_threads() == threads  # given back
-
-
-class Run:
-    def __init__(self, engine: Engine, prompt: list[int], **params) -> None:
-        self.events, self.done = [], threading.Event()
-        self.request = Request(prompt, SamplingParams(**params), self._emit)
-        engine.submit(self.request)
-
-    def _emit(self, ev) -> None:
-        self.events.append(ev)
-        if isinstance(ev, FourwallsError) or ev.finish_reason:
-            self.done.set()
-
-    def tokens(self, timeout: float = 60) -> list[int]:
-        assert self.done.wait(timeout), "the request did not finish"
-        assert not isinstance(self.events[-1], FourwallsError), self.events[-1]
-        return [t.id for ev in self.events for t in ev.tokens]
 
 
 def prompts(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

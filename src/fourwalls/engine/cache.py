@@ -18,15 +18,30 @@ import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fourwalls.model.config import ModelConfig
 
-if TYPE_CHECKING:
-    from fourwalls.engine.phases import SharedPool
+
+@dataclass(frozen=True)
+class SharedPool:
+    """What a prefill worker needs to map the engine's KV pool: the file, the buffers' shape and dtype, the block
+    size."""
+
+    path: str  # /proc/<engine pid>/fd/<memfd>: an anonymous shared memory file, freed with its last process
+    shape: tuple[int, ...]  # of one of the two buffers (keys, then values)
+    dtype: str
+    block_size: int
+
+
+def _map(path: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The keys' and values' buffers in a shared memory file, one after the other."""
+    count = math.prod(shape)
+    flat = torch.from_file(path, shared=True, size=2 * count, dtype=dtype)
+    return flat[:count].view(shape), flat[count:].view(shape)
 
 
 def block_names(tokens: Sequence[int], block_size: int, names: list[bytes], salt: bytes) -> None:
@@ -50,9 +65,9 @@ class BlockPool:
         shape = (cfg.n_layers, num_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)
         self.fd: int | None = None
         if shared:
-            from fourwalls.engine.phases import shared_buffers
-
-            self.k_all, self.v_all, self.fd = shared_buffers(shape, dtype)
+            self.fd = os.memfd_create("fourwalls-kv", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, 2 * math.prod(shape) * dtype.itemsize)  # pages are taken as first written
+            self.k_all, self.v_all = _map(f"/proc/{os.getpid()}/fd/{self.fd}", shape, dtype)
         else:
             self.k_all = torch.empty(shape, dtype=dtype, device=device)
             self.v_all = torch.empty(shape, dtype=dtype, device=device)
@@ -70,17 +85,15 @@ class BlockPool:
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @classmethod
-    def mapped(cls, k_all: Tensor, v_all: Tensor, block_size: int) -> BlockPool:
+    def mapped(cls, shared: SharedPool) -> BlockPool:
         """A prefill worker's view of the engine's shared buffers: where it writes, not which blocks are whose."""
         pool = cls.__new__(cls)
-        pool.k_all, pool.v_all = k_all, v_all
-        pool._buffers(k_all.shape[1], block_size)
+        pool.k_all, pool.v_all = _map(shared.path, shared.shape, getattr(torch, shared.dtype))
+        pool._buffers(shared.shape[1], shared.block_size)
         return pool
 
     def shared_pool(self) -> SharedPool:
         """What a prefill worker maps (a pool made with ``shared=True``)."""
-        from fourwalls.engine.phases import SharedPool
-
         return SharedPool(f"/proc/{os.getpid()}/fd/{self.fd}", tuple(self.k_all.shape),
                           str(self.k_all.dtype).removeprefix("torch."), self.block_size)
 

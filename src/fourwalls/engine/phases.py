@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from fourwalls.engine.cache import BlockPool, PrefillCache, SharedPool
+
 log = logging.getLogger("fourwalls.engine")
 
 
@@ -37,37 +39,6 @@ class ModelSource:
 
     root: str
     name: str
-
-
-@dataclass(frozen=True)
-class SharedPool:
-    """What a worker needs to map the engine's KV pool: the file, the buffers' shape and dtype, the block size."""
-
-    path: str  # /proc/<engine pid>/fd/<memfd>
-    shape: tuple[int, ...]  # of one of the two buffers (keys, then values)
-    dtype: str
-    block_size: int
-
-
-def shared_buffers(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Keys' and values' buffers in one anonymous shared memory file (memfd), and its descriptor."""
-    count = 1
-    for n in shape:
-        count *= n
-    fd = os.memfd_create("fourwalls-kv", os.MFD_CLOEXEC)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    os.ftruncate(fd, 2 * count * itemsize)  # pages are taken as they are first written
-    flat = torch.from_file(f"/proc/{os.getpid()}/fd/{fd}", shared=True, size=2 * count, dtype=dtype)
-    return flat[:count].view(shape), flat[count:].view(shape), fd
-
-
-def _map(pool: SharedPool) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = getattr(torch, pool.dtype)
-    count = 1
-    for n in pool.shape:
-        count *= n
-    flat = torch.from_file(pool.path, shared=True, size=2 * count, dtype=dtype)
-    return flat[:count].view(pool.shape), flat[count:].view(pool.shape)
 
 
 def pin(cores: set[int]) -> None:
@@ -82,13 +53,11 @@ def pin(cores: set[int]) -> None:
 
 def _work(conn: Connection, source: ModelSource, pool: SharedPool, cores: set[int]) -> None:
     """A worker's life: load the model, map the pool, then compute the chunks of prompts it is sent."""
-    import fourwalls  # noqa: F401  (its OpenMP settings, before torch's pool starts)
-    from fourwalls.engine.cache import BlockPool, PrefillCache
     from fourwalls.store import Store
 
     pin(cores)
     model = Store(Path(source.root)).load(source.name).model
-    blocks = BlockPool.mapped(*_map(pool), pool.block_size)
+    blocks = BlockPool.mapped(pool)
     conn.send(("ready",))
     with torch.inference_mode():
         while True:
