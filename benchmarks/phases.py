@@ -97,13 +97,12 @@ async def load(base: str, chats: list[str], longs: list[str], args: argparse.Nam
             "output_tok_s": round(out_tokens / wall, 1), "prompt_tok_s": round(prompt_tokens / wall, 1)}
 
 
-def phase_costs(streams: int, long_tokens: int) -> dict:
+def phase_costs(lm, streams: int, long_tokens: int) -> dict:
     """Seconds per prompt token (a long prompt, in chunks) and per decode step of ``streams`` rows, on 1 and 2
     threads, in this process."""
     from fourwalls.engine import Engine, EngineConfig, Request
     from fourwalls.generate import SamplingParams
 
-    lm = Store().load(DEFAULT_MODEL)
     ids = (lm.tokenizer.encode(Path(__file__).read_text()) * 64)[:long_tokens]
     costs, before, finished = {}, torch.get_num_threads(), []
 
@@ -144,15 +143,15 @@ def simulate(costs: dict) -> list[dict]:
         # a second at 90% use (or all but one); the others only decode.
         chunk = CHUNK * prompt
         prompt_load = 0.5 / prompt
-        workers = next((w for w in range(1, cores) if prompt_load * costs["prompt_1"] / w ** gamma <= 0.9),
-                       cores - 1)
+        use = {w: prompt_load * costs["prompt_1"] / w ** gamma for w in range(1, cores)}  # of w prompt cores
+        workers = next((w for w, u in use.items() if u <= 0.9), cores - 1)
         split_step = costs["decode_1"] / (cores - workers) ** beta
         out.append({"cores": cores, "prefill_workers": workers,
                     "itl_p99_ms_unified": round(1000 * (step + chunk), 1),
                     "itl_p99_ms_split": round(1000 * split_step, 1),
                     "itl_p99_ratio_split_vs_unified": round(split_step / (step + chunk), 3),
                     "decode_throughput_ratio_split_vs_unified": round((1 / split_step) / (0.5 / step), 3),
-                    "prompt_cores_utilization": round(prompt_load * costs["prompt_1"] / workers ** gamma, 2)})
+                    "prompt_cores_utilization": round(use[workers], 2)})
     return out
 
 
@@ -164,7 +163,8 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=2000)
     args = ap.parse_args()
 
-    tok = Store().load(DEFAULT_MODEL).tokenizer
+    lm = Store().load(DEFAULT_MODEL)
+    tok = lm.tokenizer
     chats = make_prompts(tok, 64, 64)
     longs = make_prompts(tok, 27, args.long_tokens)[3:]  # past the chat prompts' part of the corpus
     out: dict = {"benchmark": "phases", "model": DEFAULT_MODEL, "seconds": args.seconds, "streams": args.streams,
@@ -181,7 +181,7 @@ def main() -> None:
     out["throughput_ratio_split_vs_unified"] = round(split["output_tok_s"] / unified["output_tok_s"], 3)
     out["total_throughput_ratio_split_vs_unified"] = round(
         (split["output_tok_s"] + split["prompt_tok_s"]) / (unified["output_tok_s"] + unified["prompt_tok_s"]), 3)
-    costs = phase_costs(args.streams, args.long_tokens)
+    costs = phase_costs(lm, args.streams, args.long_tokens)
     out["phase_costs_ms"] = {k: round(1000 * v, 3) for k, v in costs.items()}
     out["simulation"] = simulate(costs)
     print(json.dumps(out))

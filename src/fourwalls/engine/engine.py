@@ -137,6 +137,7 @@ class Engine:
                               kv_dtype(model.dtype), model.device, shared=c.prefill_workers > 0)
         self.workers: PrefillWorkers | None = None
         self.orphans: list[Request] = []  # removed while a worker computed their prompt: their blocks wait for it
+        self._pinned: tuple[set[int], int] | None = None  # the cores and threads this process had before start()
         if c.prefill_workers:
             if source is None:
                 raise UsageError("prefill workers load the model from the store: name it (source)")
@@ -172,7 +173,7 @@ class Engine:
         self.thread.join(timeout=10)
         if self.workers is not None:
             self.workers.close()
-            if hasattr(self, "_pinned"):
+            if self._pinned is not None:
                 pin(self._pinned[0])
                 torch.set_num_threads(self._pinned[1])
 

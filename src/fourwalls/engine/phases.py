@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from fourwalls.engine.cache import BlockPool, PrefillCache, SharedPool
+from fourwalls.errors import UsageError
 
 log = logging.getLogger("fourwalls.engine")
 
@@ -86,8 +87,7 @@ class _Worker:
         self.proc.start()
         child.close()
         self.ready = False
-        self.job: Any = None  # the request it computes
-        self.started = time.monotonic()
+        self.job: Any = None  # (id, request) of the chunk it computes
 
 
 class PrefillWorkers:
@@ -98,7 +98,6 @@ class PrefillWorkers:
         ctx = mp.get_context("spawn")  # never fork a process whose threads hold locks
         self.workers = [_Worker(ctx, i, (source, pool, cores[i])) for i in range(n)]
         self._next_id = 0
-        self.jobs: dict[int, Any] = {}
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Block until every worker has loaded the model (a failure at start is the operator's to see)."""
@@ -123,7 +122,7 @@ class PrefillWorkers:
 
     @property
     def busy(self) -> bool:
-        return any(w.job is not None for w in self.workers)
+        return any(w.job is not None for w in self.alive)
 
     def send(self, request: Any, tokens: list[int], start: int, blocks: list[int]) -> bool:
         """Give an idle worker ``tokens``, at positions from ``start``, to compute into ``blocks``; False if none
@@ -158,6 +157,7 @@ class PrefillWorkers:
             if not w.proc.is_alive():
                 if w.job is not None:
                     out.append((w.job[1], "died"))
+                    w.job = None
                 if not w.ready:
                     w.failed_starts += 1
                 log.error("prefill worker %d exited (code %s); starting it again", w.index, w.proc.exitcode)
@@ -181,8 +181,6 @@ def split_cores(workers: int) -> tuple[set[int], list[set[int]]]:
     """The engine's cores and each worker's one: the last ``workers`` cores of this process's, one each."""
     cores = sorted(os.sched_getaffinity(0))
     if workers >= len(cores):
-        from fourwalls.errors import UsageError
-
         raise UsageError(f"--prefill-workers {workers} needs at least {workers + 1} cores (one for each worker and "
                          f"one for decoding); this process may use {len(cores)}")
     return set(cores[:len(cores) - workers]), [{c} for c in cores[len(cores) - workers:]]
