@@ -119,3 +119,14 @@ def test_a_request_cancelled_while_its_worker_computes_keeps_its_blocks_until_th
         assert time.monotonic() < deadline, "the blocks were never released"
         time.sleep(0.01)
     assert not engine.orphans
+
+
+def test_more_workers_than_cores_to_spare_is_refused_in_one_line():
+    from fourwalls.engine.phases import split_cores
+    from fourwalls.errors import UsageError
+
+    n = len(os.sched_getaffinity(0))
+    with pytest.raises(UsageError, match=f"--prefill-workers {n} needs at least {n + 1} cores"):
+        split_cores(n)
+    engine_cores, workers = split_cores(n - 1)
+    assert len(engine_cores) == 1 and len(workers) == n - 1 and not engine_cores & set().union(*workers)
