@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,13 @@ def start(home, *argv: str) -> subprocess.Popen:
 
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path):
     proc = start(tmp_path, "models", "list")
-    time.sleep(1.0)  # importing torch takes longer than this
+    # Wait until torch's library is mapped: Python is past its own start-up (a signal before it has installed its
+    # handler kills the process, as for any program) and main() is importing torch. A fixed sleep was too short on a
+    # loaded machine.
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "fourwalls never began to import torch"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
