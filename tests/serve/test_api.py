@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -279,9 +280,11 @@ def test_api_keys_scopes_and_rate_limits(live, tmp_path):
 def test_healthz_turns_red_when_the_engine_loop_is_stuck(live):
     engine = live.state.engine
     real = engine.model.forward
+    entered = threading.Event()
 
     def stuck(*a, **kw):
-        time.sleep(1.5)
+        entered.set()
+        time.sleep(3.0)
         return real(*a, **kw)
 
     live.state.stall_timeout = 0.5
@@ -291,7 +294,8 @@ def test_healthz_turns_red_when_the_engine_loop_is_stuck(live):
             pending = pool.submit(httpx.post, f"{live.url}/v1/completions",
                                   json={"model": DEFAULT_MODEL, "max_tokens": 1, "prompt":
                                         f"A prompt of several tokens, none cached ({time.time()}),"}, timeout=30)
-            time.sleep(1.0)  # its prefill (all but the last token) runs through the stuck forward
+            assert entered.wait(30)  # its prefill (all but the last token) runs through the stuck forward
+            time.sleep(1.0)  # twice the stall timeout, and well inside the forward's 3 s
             assert httpx.get(f"{live.url}/healthz").status_code == 503
             assert pending.result().status_code == 200
     finally:
