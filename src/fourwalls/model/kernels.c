@@ -327,22 +327,51 @@ static inline void transpose16(const uint8_t *const *rows, int64_t off, int len,
     out[3] = _mm512_unpackhi_epi64(hi01, hi23);
 }
 
-/* The scales (or offsets) of the 16 rows, [groups] each in fp32 or fp16, as dst[g * 16 + lane] in fp32. */
+/* 16 registers of 16 dwords, transposed in place: r[j] lane l <- r[l] lane j. */
+static inline void transpose16x16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + 4 + j], 0x88);
+            t[i + 4 + j] = _mm512_shuffle_i32x4(r[i + j], r[i + 4 + j], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD);
+    }
+}
+
+/* The scales (or offsets) of the 16 rows, [groups] each in fp32 or fp16, as dst[g * 16 + lane] in fp32: 64 bytes
+ * of each row at a time, as a 16 x 16 matrix of dwords transposed (one or two groups a dword). */
 static void tile_scales(const uint8_t *const *rows, int64_t groups, int half, float *dst) {
     const int64_t bytes = groups * (half ? 2 : 4);
-    for (int64_t off = 0; off < bytes; off += 16) {
-        __m512i t[4];
-        transpose16(rows, off, bytes - off < 16 ? (int)(bytes - off) : 16, t);
-        for (int j = 0; j < 4; j++) {
+    for (int64_t off = 0; off < bytes; off += 64) {
+        const int64_t left = bytes - off;
+        const __mmask64 keep = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+        __m512i r[16];
+        for (int l = 0; l < 16; l++)
+            r[l] = left >= 64 ? _mm512_loadu_si512(rows[l] + off) : _mm512_maskz_loadu_epi8(keep, rows[l] + off);
+        transpose16x16(r);
+        for (int j = 0; j < 16; j++) {
             if (half) {
                 const int64_t g = off / 2 + 2 * j;
                 if (g < groups)
-                    _mm512_storeu_ps(dst + g * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(t[j])));
+                    _mm512_storeu_ps(dst + g * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(r[j])));
                 if (g + 1 < groups)
                     _mm512_storeu_ps(dst + (g + 1) * 16,
-                                     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(t[j], 16))));
+                                     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(r[j], 16))));
             } else if (off / 4 + j < groups) {
-                _mm512_storeu_ps(dst + (off / 4 + j) * 16, _mm512_castsi512_ps(t[j]));
+                _mm512_storeu_ps(dst + (off / 4 + j) * 16, _mm512_castsi512_ps(r[j]));
             }
         }
     }
@@ -521,6 +550,14 @@ static void tile_linear(const Lin *L, const QInput *in, int64_t M, float *y, int
         const int64_t pn = n0 + TILE_N;
         const char *next = pn < hi ? (const char *)L->w + pn * row_bytes : NULL;
         const int64_t nb = (hi - pn < TILE_N ? hi - pn : TILE_N) * row_bytes;
+        if (next) {  /* and its scales and offsets, read first thing in the next tile */
+            const int64_t sb = (hi - pn < TILE_N ? hi - pn : TILE_N) * groups * esize;
+            for (int64_t c = 0; c < sb; c += 64) {
+                _mm_prefetch((const char *)L->scale + pn * groups * esize + c, _MM_HINT_T0);
+                if (L->zero)
+                    _mm_prefetch((const char *)L->zero + pn * groups * esize + c, _MM_HINT_T0);
+            }
+        }
         for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
             const char *pf = m0 == 0 ? next : NULL;
             if (M - m0 == 1 && L->group >= 32) {
