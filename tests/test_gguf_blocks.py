@@ -167,6 +167,24 @@ def test_block_layers_multiply_as_llama_cpp_does_on_every_instruction_set(monkey
         assert (y - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
+@pytest.mark.skipif(native() is None, reason="no AVX2 or no C compiler here: the layers multiply in torch")
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize(("spec", "half"), LAYOUTS)
+def test_a_rows_output_does_not_depend_on_how_many_rows_are_multiplied_with_it(monkeypatch, isa, spec, half):
+    """71 rows take every AVX-512 path (64 with each block unpacked once, then 7 in a tile of 8 registers), one row
+    alone its own: each row's result is the same bit for bit, so a prompt's keys and values do not depend on how it
+    was chunked (the prefix cache relies on it)."""
+    monkeypatch.setenv("FOURWALLS_ISA", isa)
+    torch.manual_seed(3)
+    layer = random_block_layer(spec, 576, 96, half)
+    x = torch.randn(71, 576)
+    with torch.inference_mode():
+        whole = layer(x)
+        assert torch.equal(torch.cat([layer(x[:5]), layer(x[5:66]), layer(x[66:])]), whole)
+        for r in (0, 63, 64, 70):
+            assert torch.equal(layer(x[r:r + 1]), whole[r:r + 1])
+
+
 def test_forced_instruction_sets(monkeypatch):
     monkeypatch.setenv("FOURWALLS_ISA", "none")
     assert native() is None

@@ -458,6 +458,66 @@ static inline __attribute__((always_inline)) void tile_rows(const Lin *L, const 
     }
 }
 
+/* Up to TILE_MB input rows (a prompt's) of y: each row's arithmetic exactly as tile_rows does it, but every block of
+ * the 16 weight rows is unpacked once for all of them, their sums waiting in acc; tile_rows unpacks it again for
+ * every 8 rows. */
+enum { TILE_MB = 64 };
+static void tile_many(const Lin *L, const QInput *in, const uint8_t *const *w, const float *sv, const float *ov,
+                      int64_t m0, int rows, float *y, int64_t ys, int add, int64_t n0, __mmask16 keep,
+                      const char *pf, int64_t pf_bytes) {
+    const int64_t k = L->k, blocks = k / 32, groups = k / L->group;
+    const int q8 = L->kind == LIN_Q8, g16 = L->group == 16;
+    const int64_t per = L->group >= 32 ? L->group / 32 : 1;  /* blocks a group */
+    __m512 acc[TILE_MB];
+    for (int r = 0; r < rows; r++)
+        acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0, g = 0, j = 0; b < blocks; b++) {  /* block b is the j-th of group g */
+        __m512i wv[8];
+        tile_block(L, w, b, wv);
+        if (pf)
+            for (int64_t c = b * pf_bytes / blocks; c < (b + 1) * pf_bytes / blocks; c += 64)
+                _mm_prefetch(pf + c, _MM_HINT_T0);
+        const int group_ends = ov && j + 1 == per;
+        for (int r = 0; r < rows; r++) {
+            const int64_t m = m0 + r;
+            const int32_t *x4 = (const int32_t *)(in->xq + m * k + b * 32), *qs = in->qs + m * (k / 16) + 2 * b;
+            const __m512 dx = _mm512_set1_ps(in->dx[m * blocks + b]);
+            if (g16) {
+                for (int h = 0; h < 2; h++) {
+                    __m512i d = _mm512_sub_epi32(tile_dot(wv, x4, 4 * h, 4 * h + 4, 1), _mm512_set1_epi32(128 * qs[h]));
+                    const int64_t gh = 2 * b + h;
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(sv + gh * 16), dx),
+                                             acc[r]);
+                    if (ov)
+                        acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ov + gh * 16),
+                                                 _mm512_set1_ps(in->xs[m * groups + gh]), acc[r]);
+                }
+            } else {
+                __m512i d = tile_dot(wv, x4, 0, 8, 1);
+                if (q8)
+                    d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * (qs[0] + qs[1])));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(sv + g * 16), dx),
+                                         acc[r]);
+                if (group_ends)
+                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ov + g * 16), _mm512_set1_ps(in->xs[m * groups + g]),
+                                             acc[r]);
+            }
+        }
+        if (++j == per) {
+            j = 0;
+            g++;
+        }
+    }
+    const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(keep, L->bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        float *dst = y + (m0 + r) * ys + n0;
+        __m512 v = _mm512_add_ps(acc[r], bias);
+        if (add)
+            v = _mm512_add_ps(_mm512_maskz_loadu_ps(keep, dst), v);
+        _mm512_mask_storeu_ps(dst, keep, v);
+    }
+}
+
 /* One input row (decoding one token) of an int4 layer, or a q8 layer in groups of 32 or more: the same arithmetic as
  * tile_rows, but the products are made with each row's codes as they lie, two blocks a register, and the 16 rows'
  * sums of four then gathered into lanes. For one input row that costs fewer instructions than transposing the codes,
@@ -560,6 +620,12 @@ static void tile_linear(const Lin *L, const QInput *in, int64_t M, float *y, int
         }
         for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
             const char *pf = m0 == 0 ? next : NULL;
+            if (M - m0 > TILE_M) {
+                const int rows = M - m0 < TILE_MB ? (int)(M - m0) : TILE_MB;
+                tile_many(L, in, w, sv, o, m0, rows, y, ys, add, n0, keep, pf, nb);
+                m0 += rows - TILE_M;
+                continue;
+            }
             if (M - m0 == 1 && L->group >= 32) {
                 tile_row(L, in, w, sv, o, m0, y + m0 * ys, add, n0, keep, pf, nb);
                 continue;
