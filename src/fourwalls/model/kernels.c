@@ -478,6 +478,7 @@ static void tile_many(const Lin *L, const QInput *in, const uint8_t *const *w, c
             for (int64_t c = b * pf_bytes / blocks; c < (b + 1) * pf_bytes / blocks; c += 64)
                 _mm_prefetch(pf + c, _MM_HINT_T0);
         const int group_ends = ov && j + 1 == per;
+        const __m512 sg = _mm512_loadu_ps(sv + g * 16), og = group_ends ? _mm512_loadu_ps(ov + g * 16) : sg;
         for (int r = 0; r < rows; r++) {
             const int64_t m = m0 + r;
             const int32_t *x4 = (const int32_t *)(in->xq + m * k + b * 32), *qs = in->qs + m * (k / 16) + 2 * b;
@@ -496,11 +497,10 @@ static void tile_many(const Lin *L, const QInput *in, const uint8_t *const *w, c
                 __m512i d = tile_dot(wv, x4, 0, 8, 1);
                 if (q8)
                     d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * (qs[0] + qs[1])));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(sv + g * 16), dx),
-                                         acc[r]);
+                __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sg, dx), acc[r]);
                 if (group_ends)
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ov + g * 16), _mm512_set1_ps(in->xs[m * groups + g]),
-                                             acc[r]);
+                    v = _mm512_fmadd_ps(og, _mm512_set1_ps(in->xs[m * groups + g]), v);
+                acc[r] = v;
             }
         }
         if (++j == per) {
