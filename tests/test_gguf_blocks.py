@@ -185,6 +185,31 @@ def test_a_rows_output_does_not_depend_on_how_many_rows_are_multiplied_with_it(m
             assert torch.equal(layer(x[r:r + 1]), whole[r:r + 1])
 
 
+@pytest.mark.skipif(native() is None, reason="no AVX2 or no C compiler here: the layers multiply in torch")
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("half", [False, True])
+def test_q4_0s_offsets_are_made_from_its_scales_with_the_same_result(monkeypatch, isa, half):
+    """GGUF's Q4_0 stores no offsets: its blocks' offsets are -8 scales, which the AVX-512 kernels make instead of
+    reading a second array. The product is bit for bit the one that reads them, and llama.cpp's."""
+    from fourwalls.model.fused import LinearProduct
+
+    monkeypatch.setenv("FOURWALLS_ISA", isa)
+    torch.manual_seed(5)
+    layer = random_block_layer("int4:32:offset", 576, 96, half)
+    assert not layer.as_native().zero_m8  # offsets of their own
+    layer.offsets = layer.scales * -8
+    lin = layer.as_native()
+    assert lin.zero_m8
+    x = torch.randn(37, 576)
+    with torch.inference_mode():
+        made = [LinearProduct(lin, isa)(x[:n]) for n in (1, 3, 37)]
+        lin.zero_m8 = False
+        read = [LinearProduct(lin, isa)(x[:n]) for n in (1, 3, 37)]
+        expected = emulated(layer, x)
+    assert all(torch.equal(a, b) for a, b in zip(made, read))
+    assert (made[2] - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
 def test_forced_instruction_sets(monkeypatch):
     monkeypatch.setenv("FOURWALLS_ISA", "none")
     assert native() is None

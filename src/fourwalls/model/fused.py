@@ -33,7 +33,8 @@ _PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_pro
 
 class _Lin(ctypes.Structure):
     _fields_ = [("kind", _I64), ("w", _P), ("scale", _P), ("zero", _P), ("in_scale", _P), ("group", _I64),
-                ("half", _I64), ("bias", _P), ("lora_a", _P), ("lora_b", _P), ("n", _I64), ("k", _I64)]
+                ("half", _I64), ("bias", _P), ("lora_a", _P), ("lora_b", _P), ("n", _I64), ("k", _I64),
+                ("zero_m8", _I64)]
 
 
 class _Layer(ctypes.Structure):
@@ -186,7 +187,8 @@ def _struct(lin: NativeLinear, limits: dict[str, int], keep: list[Tensor]) -> _L
     half = lin.kind in ("LIN_INT4", "LIN_Q8") and lin.scale.dtype == torch.float16
     t = functools.partial(_pointer, keep=keep)
     return _Lin(limits[lin.kind], t(lin.weight), t(lin.scale, half=half), t(lin.zero, half=half), t(lin.in_scale),
-                lin.group, half, t(lin.bias), t(lin.lora_a), t(lin.lora_b), lin.out_features, lin.in_features)
+                lin.group, half, t(lin.bias), t(lin.lora_a), t(lin.lora_b), lin.out_features, lin.in_features,
+                lin.zero_m8)
 
 
 def decoder(model: Transformer, isa: str | None = None) -> Decoder | None:

@@ -57,6 +57,7 @@ typedef struct {
     const float *lora_a;   /* [rank, k] or NULL: every adapter's A stacked */
     const float *lora_b;   /* [rank, n]: B transposed, the adapters' scaling folded in */
     int64_t n, k;
+    int64_t zero_m8;       /* int4: every offset is -8 times its scale (GGUF's Q4_0): AVX-512 makes them, not reads */
 } Lin;
 
 typedef struct {
@@ -601,7 +602,10 @@ static void tile_linear(const Lin *L, const QInput *in, int64_t M, float *y, int
             z[l] = L->zero ? (const uint8_t *)L->zero + n * groups * esize : NULL;
         }
         tile_scales(s, groups, half, sv);
-        if (L->zero)
+        if (L->zero && L->zero_m8)  /* -8 times an fp32 scale: exactly the offset stored */
+            for (int64_t i = 0; i < groups * TILE_N; i += 16)
+                _mm512_storeu_ps(ov + i, _mm512_mul_ps(_mm512_loadu_ps(sv + i), _mm512_set1_ps(-8.0f)));
+        else if (L->zero)
             tile_scales(z, groups, half, ov);
         const __mmask16 keep = hi - n0 >= TILE_N ? 0xFFFF : (__mmask16)((1u << (hi - n0)) - 1);
         const float *o = L->zero ? ov : NULL;
@@ -614,7 +618,7 @@ static void tile_linear(const Lin *L, const QInput *in, int64_t M, float *y, int
             const int64_t sb = (hi - pn < TILE_N ? hi - pn : TILE_N) * groups * esize;
             for (int64_t c = 0; c < sb; c += 64) {
                 _mm_prefetch((const char *)L->scale + pn * groups * esize + c, _MM_HINT_T0);
-                if (L->zero)
+                if (L->zero && !L->zero_m8)
                     _mm_prefetch((const char *)L->zero + pn * groups * esize + c, _MM_HINT_T0);
             }
         }
@@ -1260,7 +1264,7 @@ static const AbiEntry abi[] = {
     CONSTANT(HEAD_DIM_BLOCK), CONSTANT(ISA_AVX512),
     SIZE(Lin), FIELD(Lin, kind), FIELD(Lin, w), FIELD(Lin, scale), FIELD(Lin, zero), FIELD(Lin, in_scale),
     FIELD(Lin, group), FIELD(Lin, half), FIELD(Lin, bias), FIELD(Lin, lora_a), FIELD(Lin, lora_b), FIELD(Lin, n),
-    FIELD(Lin, k),
+    FIELD(Lin, k), FIELD(Lin, zero_m8),
     SIZE(Layer), FIELD(Layer, attn_norm), FIELD(Layer, mlp_norm), FIELD(Layer, q), FIELD(Layer, k), FIELD(Layer, v),
     FIELD(Layer, o), FIELD(Layer, gate), FIELD(Layer, up), FIELD(Layer, down),
     SIZE(Model), FIELD(Model, n_layers), FIELD(Model, dim), FIELD(Model, hidden), FIELD(Model, n_heads),

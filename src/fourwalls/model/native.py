@@ -147,6 +147,7 @@ class NativeLinear:
     bias: Tensor | None = None
     scale: Tensor | None = None  # LIN_INT8: [out]; LIN_INT4, LIN_Q8: [out, groups]
     zero: Tensor | None = None  # LIN_INT4, LIN_Q8 (or None): [out, groups], the offset: w = q * scale + offset
+    zero_m8: bool = False  # LIN_INT4: every offset is -8 times its scale (GGUF's Q4_0), which the kernels then make
     in_scale: Tensor | None = None  # LIN_INT4: [in] or None, what the input is divided by (AWQ)
     group: int = 0  # LIN_INT4, LIN_Q8: weights sharing one scale and offset
     lora_a: Tensor | None = None  # [rank, in]: stacked adapters' A

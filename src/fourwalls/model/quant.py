@@ -319,8 +319,11 @@ class BlockLinear(nn.Module):
         return w.flatten(-2)
 
     def as_native(self) -> NativeLinear:
+        # Q4_0's offsets are -8 scales (exactly: a power of two): the kernels make them instead of reading them
+        zero_m8 = self.bits == 4 and self.offsets is not None and torch.equal(self.offsets, self.scales * -8)
         return NativeLinear("LIN_INT4" if self.bits == 4 else "LIN_Q8", self.weight, self.out_features,
-                            self.in_features, bias=self.bias, scale=self.scales, zero=self.offsets, group=self.group)
+                            self.in_features, bias=self.bias, scale=self.scales, zero=self.offsets, group=self.group,
+                            zero_m8=zero_m8)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
