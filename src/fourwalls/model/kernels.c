@@ -407,6 +407,19 @@ static inline __attribute__((always_inline)) __m512i tile_dot(const __m512i *wv,
     return _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
 }
 
+/* y's rows [m0, m0 + rows), outputs n0.. (the lanes in keep): the sums f plus the bias, added to y with add. */
+static inline void store_rows(const Lin *L, const __m512 *f, int64_t m0, int rows, float *y, int64_t ys, int add,
+                              int64_t n0, __mmask16 keep) {
+    const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(keep, L->bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        float *dst = y + (m0 + r) * ys + n0;
+        __m512 v = _mm512_add_ps(f[r], bias);
+        if (add)
+            v = _mm512_add_ps(_mm512_maskz_loadu_ps(keep, dst), v);
+        _mm512_mask_storeu_ps(dst, keep, v);
+    }
+}
+
 /* Rows [m0, m0 + rows) of y (16 outputs from n0, the lanes in keep) for an integer layer: see above. */
 static inline __attribute__((always_inline)) void tile_rows(const Lin *L, const QInput *in, const uint8_t *const *w,
                                                             const float *sv, const float *ov, int64_t m0, int rows,
@@ -449,14 +462,7 @@ static inline __attribute__((always_inline)) void tile_rows(const Lin *L, const 
             }
         }
     }
-    const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(keep, L->bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; r++) {
-        float *dst = y + (m0 + r) * ys + n0;
-        __m512 v = _mm512_add_ps(f[r], bias);
-        if (add)
-            v = _mm512_add_ps(_mm512_maskz_loadu_ps(keep, dst), v);
-        _mm512_mask_storeu_ps(dst, keep, v);
-    }
+    store_rows(L, f, m0, rows, y, ys, add, n0, keep);
 }
 
 /* Up to TILE_MB input rows (a prompt's) of y: each row's arithmetic exactly as tile_rows does it, but every block of
@@ -509,14 +515,7 @@ static void tile_many(const Lin *L, const QInput *in, const uint8_t *const *w, c
             g++;
         }
     }
-    const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(keep, L->bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; r++) {
-        float *dst = y + (m0 + r) * ys + n0;
-        __m512 v = _mm512_add_ps(acc[r], bias);
-        if (add)
-            v = _mm512_add_ps(_mm512_maskz_loadu_ps(keep, dst), v);
-        _mm512_mask_storeu_ps(dst, keep, v);
-    }
+    store_rows(L, acc, m0, rows, y, ys, add, n0, keep);
 }
 
 /* One input row (decoding one token) of an int4 layer, or a q8 layer in groups of 32 or more: the same arithmetic as
