@@ -302,8 +302,8 @@ static inline float hmax(__m256 v) {
 #if ISA_AVX512
 /* Integer layers on AVX-512, 16 output rows at a time: a register's 16 lanes are 16 consecutive output rows, so no
  * horizontal sum is left to do. A block of 32 weights of the 16 rows is transposed into registers once (register j:
- * bytes 4j..4j+3 of each row, int4 codes unpacked to bytes) and meets up to TILE_M input rows, four of their int8
- * inputs at a time broadcast to every lane. Per input row, block by block: the block's dot product in integers
+ * bytes 4j..4j+3 of each row, int4 codes unpacked to bytes) and meets up to TILE_M input rows (a prompt's: up to
+ * TILE_MB, tile_many), four of their int8 inputs at a time broadcast to every lane. Per input row, block by block: the block's dot product in integers
  * (exact, in whatever order), then y = fma(dot, scale * dx, y); per group, y = fma(offset, xs, y). That order is the
  * same whatever the number of rows, so a token's output does not depend on the batch it is computed in. Q8 codes are
  * made unsigned for dpbusd by adding 128, whose term (128 times the sum of the block's inputs) is then taken off. */

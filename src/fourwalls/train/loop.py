@@ -131,8 +131,10 @@ def _dist() -> tuple[int, int]:
 
 def _leave_process_group() -> None:
     """Destroy the process group we made while the interpreter is still whole: a rank that exits with it open can
-    abort in its teardown (gloo's worker threads; "terminate called without an active exception", SIGABRT)."""
+    abort in its teardown (gloo's worker threads; "terminate called without an active exception", SIGABRT). The
+    ranks meet first, so none closes its connections while another still tears its group down."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
