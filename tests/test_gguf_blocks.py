@@ -208,6 +208,8 @@ def test_q4_0s_offsets_are_made_from_its_scales_with_the_same_result(monkeypatch
         expected = emulated(layer, x)
     assert all(torch.equal(a, b) for a, b in zip(made, read))
     assert (made[2] - expected).abs().max() < 1e-5 * expected.abs().max()
+    layer.offsets[0, 0] += 1  # changed in place: the kernels must read them again
+    assert not layer.as_native().zero_m8
 
 
 def test_forced_instruction_sets(monkeypatch):

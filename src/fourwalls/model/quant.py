@@ -318,12 +318,22 @@ class BlockLinear(nn.Module):
             w = w + (self.offsets if rows is None else self.offsets[rows]).float()[..., None]
         return w.flatten(-2)
 
+    def _offsets_are_minus_8_scales(self) -> bool:
+        """Whether every offset is -8 times its scale (Q4_0's, exactly: a power of two), which the kernels then make
+        instead of reading. Checked once per pair of tensors and their contents (``_version`` counts in-place
+        changes): a fused step is built for every generation, and the check reads all the scales."""
+        if self.bits != 4 or self.offsets is None:
+            return False
+        o, s = self.offsets, self.scales
+        cached = getattr(self, "_minus_8", None)
+        if cached is None or cached[0] is not o or cached[1] is not s or cached[2] != (o._version, s._version):
+            cached = self._minus_8 = (o, s, (o._version, s._version), torch.equal(o, s * -8))
+        return cached[3]
+
     def as_native(self) -> NativeLinear:
-        # Q4_0's offsets are -8 scales (exactly: a power of two): the kernels make them instead of reading them
-        zero_m8 = self.bits == 4 and self.offsets is not None and torch.equal(self.offsets, self.scales * -8)
         return NativeLinear("LIN_INT4" if self.bits == 4 else "LIN_Q8", self.weight, self.out_features,
                             self.in_features, bias=self.bias, scale=self.scales, zero=self.offsets, group=self.group,
-                            zero_m8=zero_m8)
+                            zero_m8=self._offsets_are_minus_8_scales())
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
