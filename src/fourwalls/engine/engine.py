@@ -413,7 +413,7 @@ class Engine:
             self._collect()
             for r in sorted((r for r in self.running if not r.decoding and not r.remote and not r.adapter_names),
                             key=order):
-                end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
+                end = self._worker_end(r)
                 if not self.workers.send(r, r.tokens[r.pos:end], r.pos, r.blocks):
                     break
                 r.remote = True
@@ -436,6 +436,10 @@ class Engine:
         self._filled(r, r.pos, end)
         r.pos = end
 
+    def _worker_end(self, r: Request) -> int:
+        """Where the chunk of ``r``'s prompt a prefill worker is sent (from ``r.pos``) ends."""
+        return min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
+
     def _collect(self) -> None:
         """Take the chunks the workers finished (a request whose prompt is done decodes next); a chunk whose worker
         died is sent again once, then its request fails."""
@@ -446,7 +450,7 @@ class Engine:
                 self.pool.release(r.blocks)
                 r.blocks = []
             elif error is None:
-                end = min(r.pos + self.config.prefill_chunk, len(r.tokens) - 1)
+                end = self._worker_end(r)
                 self._filled(r, r.pos, end)
                 r.pos = end
             elif error == "died" and not r.resent:
