@@ -39,6 +39,7 @@ import torch
 
 from fourwalls.formats import read_checkpoint
 from fourwalls.generate import SamplingParams, generate_tokens
+from fourwalls.model.fused import decode_step, decoder, fill_cache
 from fourwalls.model.native import native, selected_isa
 from fourwalls.store import DEFAULT_MODEL, Store, build_model, bundled_gguf
 
@@ -56,16 +57,19 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 def bench_fourwalls(model, ids: list[int], threads: list[int], repeats: int, decode: int) -> dict[str, float]:
-    """pp: a prompt's forward pass into a fresh KV cache; tg: ``decode`` tokens generated after a 1-token prompt (the
-    context llama-bench's tg128 decodes in); each the best over the thread counts and repeats."""
+    """pp: a prompt into a fresh KV cache and its last token's logits, as ``generate_tokens`` and the engine compute
+    it (``fill_cache``, then one step); tg: ``decode`` tokens generated after a 1-token prompt (the context
+    llama-bench's tg128 decodes in); each the best over the thread counts and repeats."""
     best = {"pp": 0.0, "pp_threads": 0, "tg": 0.0, "tg_threads": 0}
+    fused = decoder(model)
     for t in threads:
         torch.set_num_threads(t)
         for _ in range(repeats):
             cache = model.new_cache(1, len(ids))
             with torch.inference_mode():
                 start = time.perf_counter()
-                model(torch.tensor([ids]), torch.arange(len(ids)), cache, last_only=True)
+                fill_cache(fused, model, ids[:-1], 0, cache)
+                decode_step(fused, model, torch.tensor([ids[-1:]]), torch.tensor([len(ids) - 1]), cache)
                 pp = len(ids) / (time.perf_counter() - start)
             gen = generate_tokens(model, ids[:1], SamplingParams(max_new_tokens=decode + 1, temperature=0),
                                   eos_ids=())

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fourwalls.errors import ContextLengthError, UsageError
-from fourwalls.model.fused import decode_step, decoder
+from fourwalls.model.fused import decode_step, decoder, fill_cache
 from fourwalls.model.transformer import KVCache, Transformer
 from fourwalls.tokenizer import Tokenizer
 
@@ -165,8 +165,7 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
         # activations never exceed a chunk's.
         for start in range(0, len(fed) - 1, PREFILL_CHUNK):
             chunk = fed[start: min(start + PREFILL_CHUNK, len(fed) - 1)]
-            model(torch.tensor([chunk], device=device), torch.arange(pos, pos + len(chunk), device=device), cache,
-                  last_only=True)
+            fill_cache(fused, model, chunk, pos, cache)
             pos += len(chunk)
             if session is not None:
                 session.tokens.extend(chunk)

@@ -244,3 +244,48 @@ def test_a_rows_logits_do_not_depend_on_the_batch_it_is_decoded_in(isa, spec, ha
             for a, b in zip((*alone.k, *alone.v), (*cache.k, *cache.v)):
                 a.copy_(b[r:r + 1])
             assert torch.equal(fused(tokens[r:r + 1], torch.tensor([7]), alone)[0], batch[r])
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize(("spec", "half"), LAYOUTS)
+def test_a_prompt_filled_by_the_fused_step_is_the_prompt_decoded_token_by_token(isa, spec, half):
+    """Decoder.fill takes up to MAX_ROWS consecutive positions of one sequence a call, every row's keys and values
+    stored before any row attends: the cache it leaves, and the logits after it, are exactly those of decoding the
+    prompt one token at a time, in whatever chunks the prompt comes."""
+    model, _ = block_model("tiny-llama3", spec, half)
+    fused = decoder(model, isa)
+    prompt = torch.randint(3, 512, (75,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def run(chunks):
+        cache, pos = model.new_cache(1, 96), 0
+        with torch.inference_mode():
+            for n in chunks:
+                if n == 1:
+                    fused(torch.tensor([[prompt[pos]]]), torch.tensor([pos]), cache)
+                else:
+                    assert fused.fill(prompt[pos:pos + n], pos, cache)
+                pos += n
+            return cache, fused(torch.tensor([[7]]), torch.tensor([pos]), cache)
+
+    cache, logits = run([1] * len(prompt))
+    for chunks in ([75], [16, 40, 19], [3, 72]):
+        filled, after = run(chunks)
+        assert torch.equal(after, logits)
+        for a, b in zip((*filled.k, *filled.v), (*cache.k, *cache.v)):
+            assert torch.equal(a, b)
+        assert filled.k[0][:, :, :76].any() and not filled.k[0][:, :, 76:].any()
+
+
+def test_a_step_computes_the_logits_of_the_rows_asked_for_only():
+    """A prompt's rows want no logits (or only the last's): the head runs on rows logits_from.. alone, and they are
+    what the whole step gives them."""
+    model, _ = block_model("tiny-llama3", "int4:32:offset", True)
+    rows = 6
+    cache, tokens = prefilled(model, rows, 7), torch.randint(3, 512, (rows, 1))
+    fused = decoder(model)
+    table, pos = torch.arange(rows, dtype=torch.int32)[:, None], torch.full((rows,), 7)
+    with torch.inference_mode():
+        every = fused(tokens, torch.tensor([7]), copy_cache(model, cache))
+        last = fused._step(tokens[:, 0], pos, copy_cache(model, cache), table, 4, None)
+    assert last.shape == (2, model.config.vocab_size)
+    assert torch.equal(last, every[4:])

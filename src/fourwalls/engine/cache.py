@@ -167,10 +167,12 @@ def _gather(buf: Tensor, index: Tensor, end: int) -> Tensor:
 
 
 class PrefillCache:
-    """One request's blocks as ``Transformer.forward``'s cache for a chunk of its prompt at positions [T]."""
+    """One request's blocks as ``Transformer.forward``'s cache for a chunk of its prompt at positions [T], and as
+    what the fused step reads (``k``, ``v``, ``block_table``)."""
 
     def __init__(self, pool: BlockPool, blocks: Sequence[int]) -> None:
         self.pool, self.blocks = pool, torch.tensor(blocks, dtype=torch.long)
+        self.k, self.v, self.block_table = pool.k, pool.v, self.blocks.to(torch.int32)[None]
 
     def prepare(self, input_pos: Tensor) -> tuple[Tensor | None, bool]:
         pos = input_pos.cpu()

@@ -51,7 +51,7 @@ from fourwalls.errors import (
     UsageError,
 )
 from fourwalls.generate import PREFILL_CHUNK, Delta, Detokenizer, SamplingParams, pick
-from fourwalls.model.fused import decode_step, decoder
+from fourwalls.model.fused import decode_step, decoder, fill_cache
 from fourwalls.model.ops import QUERY_GROUP
 from fourwalls.model.transformer import Transformer, kv_dtype
 from fourwalls.tokenizer import Tokenizer
@@ -427,11 +427,9 @@ class Engine:
         size = self._chunk(r) if local or r.adapter_names else min(self.config.prefill_chunk,
                                                                      4 * self.config.block_size)
         end = min(r.pos + size, len(r.tokens) - 1)
-        tokens = torch.tensor([r.tokens[r.pos:end]], device=self.device)
-        positions = torch.arange(r.pos, end, device=self.device)
         start = time.perf_counter()
         with self._adapters([r]):
-            self.model(tokens, positions, PrefillCache(self.pool, r.blocks), last_only=True)
+            fill_cache(self.fused, self.model, r.tokens[r.pos:end], r.pos, PrefillCache(self.pool, r.blocks))
         self.token_seconds = _average(self.token_seconds, (time.perf_counter() - start) / (end - r.pos))
         self._filled(r, r.pos, end)
         r.pos = end

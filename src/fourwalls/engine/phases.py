@@ -30,6 +30,7 @@ import torch
 
 from fourwalls.engine.cache import BlockPool, PrefillCache, SharedPool
 from fourwalls.errors import UsageError
+from fourwalls.model.fused import decoder, fill_cache
 
 log = logging.getLogger("fourwalls.engine")
 
@@ -59,6 +60,7 @@ def _work(conn: Connection, source: ModelSource, pool: SharedPool, cores: set[in
     pin(cores)
     model = Store(Path(source.root)).load(source.name).model
     blocks = BlockPool.mapped(pool)
+    fused = decoder(model)
     conn.send(("ready",))
     with torch.inference_mode():
         while True:
@@ -67,8 +69,7 @@ def _work(conn: Connection, source: ModelSource, pool: SharedPool, cores: set[in
             except EOFError:  # the engine is gone
                 return
             try:
-                model(torch.tensor([tokens]), torch.arange(start, start + len(tokens)), PrefillCache(blocks, table),
-                      last_only=True)
+                fill_cache(fused, model, tokens, start, PrefillCache(blocks, table))
                 conn.send(("done", rid, None))
             except Exception as e:  # one prompt's failure is its own
                 conn.send(("done", rid, f"{type(e).__name__}: {e}"))

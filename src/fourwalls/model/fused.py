@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -118,29 +118,57 @@ class Decoder:
         serving engine's paged cache, whose ``k`` and ``v`` are per layer [blocks, kv_heads, block_size, head_dim]
         and ``block_table`` [B, blocks] int32 each row's blocks in order)."""
         rows = tokens.shape[0]
-        k, v = cache.k, cache.v
-        if (tokens.shape[1] != 1 or rows > self.max_rows or torch.is_grad_enabled() or k[0].dtype != torch.float16
-                or k[0].stride(2) != k[0].shape[3] or k[0].stride(3) != 1):
+        mask = self._mask(rows)
+        if tokens.shape[1] != 1 or not self._applies(rows, cache.k) or mask is False:
             return None
-        mask = None
-        if self.rows_mask is not None:  # None when no row uses an adapter
-            mask = self.rows_mask()
-            if mask is not None:
-                if mask.shape != (rows, self.rank):
-                    return None
-                mask = mask.float().contiguous()
         table = getattr(cache, "block_table", None)
         if table is None:  # a KVCache: row r is one block of max_len positions
             table = torch.arange(rows, dtype=torch.int32)[:, None]
-        table = table.to(torch.int32).contiguous()
-        length = table.shape[1] * k[0].shape[2]  # the positions a row's blocks hold
         if input_pos.dim() == 1:
             cache.prepare(input_pos)  # checks the cache has room
-            pos = input_pos.expand(rows).contiguous()
+            pos = input_pos.expand(rows)
         else:
-            pos = input_pos[:, 0].contiguous()
-            if int(pos.max()) >= length:
-                raise ContextLengthError(f"position {int(pos.max())} is beyond the KV cache of {length}")
+            pos = input_pos[:, 0]
+        return self._step(tokens.reshape(-1), pos, cache, table, 0, mask)
+
+    def fill(self, tokens: Sequence[int], start: int, cache: KVCache) -> bool:
+        """Keys and values of one sequence's ``tokens`` at positions ``start``.. into ``cache`` (a KVCache of one
+        row, or one request's blocks: ``block_table`` [1, blocks]), ``MAX_ROWS`` rows a step and no logits; False
+        when the fused step does not apply. Each row is computed as decoding its token would: a prompt's keys and
+        values are then the same whatever its chunks, and a prompt chunk allocates nothing."""
+        mask = self._mask(1)  # the sequence's adapters: every row's
+        if not tokens or not self._applies(min(len(tokens), self.max_rows), cache.k) or mask is False:
+            return False
+        table = getattr(cache, "block_table", None)
+        table = torch.zeros(1, 1, dtype=torch.int32) if table is None else table
+        for a in range(0, len(tokens), self.max_rows):
+            chunk = tokens[a: a + self.max_rows]
+            rows = len(chunk)
+            self._step(torch.tensor(chunk), torch.arange(start + a, start + a + rows), cache,
+                       table.expand(rows, -1), rows, None if mask is None else mask.expand(rows, -1).contiguous())
+        return True
+
+    def _applies(self, rows: int, k: list[Tensor]) -> bool:
+        return (rows <= self.max_rows and not torch.is_grad_enabled() and k[0].dtype == torch.float16
+                and k[0].stride(2) == k[0].shape[3] and k[0].stride(3) == 1)
+
+    def _mask(self, rows: int) -> Tensor | None | bool:
+        """The multi-LoRA rows' adapter columns [rows, rank] (None: no row uses an adapter; False: not for
+        ``rows`` rows)."""
+        mask = self.rows_mask() if self.rows_mask is not None else None
+        if mask is None:
+            return None
+        return mask.float().contiguous() if mask.shape == (rows, self.rank) else False
+
+    def _step(self, tokens: Tensor, pos: Tensor, cache: KVCache, table: Tensor, logits_from: int,
+              mask: Tensor | None) -> Tensor:
+        """One call of kernels.c's decode_step: tokens [B] at positions [B]; the logits of rows logits_from.."""
+        rows, k, v = tokens.shape[0], cache.k, cache.v
+        table = table.to(torch.int32).contiguous()
+        length = table.shape[1] * k[0].shape[2]  # the positions a row's blocks hold
+        pos = pos.contiguous()
+        if int(pos.max()) >= length:
+            raise ContextLengthError(f"position {int(pos.max())} is beyond the KV cache of {length}")
         if self.kv is None or self.kv[0] is not k or self.kv[1] is not v:  # the same lists step after step
             self.kv = k, v, *((ctypes.c_void_p * len(t))(*(x.data_ptr() for x in t)) for t in (k, v))
         c = _Cache(ctypes.addressof(self.kv[2]), ctypes.addressof(self.kv[3]), table.data_ptr(), table.shape[1],
@@ -153,11 +181,11 @@ class Decoder:
             self.work = torch.empty(threads * work)
         self.scratch.scores, self.scratch.scores_len = self.scores.data_ptr(), length
         self.scratch.work, self.scratch.work_len = self.work.data_ptr(), work
-        tokens = tokens.reshape(-1).contiguous()
-        logits = torch.empty(rows, self.model.vocab)
+        tokens = tokens.contiguous()
+        logits = torch.empty(rows - logits_from, self.model.vocab)
         self.lib.decode_step(ctypes.addressof(self.model), ctypes.addressof(self.scratch), ctypes.addressof(c),
                              tokens.data_ptr(), pos.data_ptr(), rows, None if mask is None else mask.data_ptr(),
-                             logits.data_ptr(), threads)
+                             logits.data_ptr(), logits_from, threads)
         return logits
 
 
@@ -214,6 +242,15 @@ def decode_step(fused: Decoder | None, model: Transformer, tokens: Tensor, input
         with decode_threads(model) if tokens.shape[0] <= Linear.FAST_ROWS else nullcontext():
             logits = model(tokens, input_pos, cache, last_only=True)[:, -1].float()
     return logits
+
+
+def fill_cache(fused: Decoder | None, model: Transformer, tokens: Sequence[int], start: int, cache: KVCache) -> None:
+    """Keys and values of one sequence's ``tokens`` at positions ``start``.. into ``cache`` (a prompt's): the fused
+    step where it applies (``Decoder.fill``), else the model's forward."""
+    if fused is None or not fused.fill(tokens, start, cache):
+        device = model.device
+        model(torch.tensor([list(tokens)], device=device), torch.arange(start, start + len(tokens), device=device),
+              cache, last_only=True)
 
 
 class LinearProduct:

@@ -1039,10 +1039,13 @@ static void table_row(const Lin *E, int64_t t, float *out) {
     }
 }
 
-/* Logits [M, vocab] for one new token in each of M rows, row m at position pos[m]; its keys and values are
- * written into the cache. mask: [M, lora_rank], which adapter columns each row uses (NULL: none). */
+/* One new token in each of M rows, row m at position pos[m]: its keys and values are written into the cache, and
+ * the logits of rows logits_from..M-1 into logits [M - logits_from, vocab] (a prompt's rows want none, or only the
+ * last's). Every row's keys and values are stored before any row attends, so rows may be consecutive positions of
+ * one sequence: a prompt, computed as decoding it token by token would. mask: [M, lora_rank], which adapter columns
+ * each row uses (NULL: none). */
 void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t *tokens, const int64_t *pos,
-                 int64_t M, const float *mask, float *logits, int nthreads) {
+                 int64_t M, const float *mask, float *logits, int64_t logits_from, int nthreads) {
     const int64_t D = m->dim, F = m->hidden, hd = m->head_dim, half = hd / 2, R = m->lora_rank;
     const int64_t qn = m->n_heads * hd, kvn = m->n_kv_heads * hd, group = m->n_heads / m->n_kv_heads;
     Barrier bar = {0, 0};
@@ -1146,9 +1149,12 @@ void decode_step(const Model *m, const Scratch *s, const Cache *c, const int64_t
             barrier_wait(&bar, nt);
         }
 
-        norm_rows(s->xn, s->x, m->norm, M, D, m->eps, t, nt, &bar);
-        span(m->vocab, t, nt, &lo, &hi);
-        linear_rows(&m->head, s->xn, M, logits, m->vocab, 0, NULL, work, lo, hi);
+        if (logits_from < M) {
+            const int64_t L0 = logits_from * D;
+            norm_rows(s->xn + L0, s->x + L0, m->norm, M - logits_from, D, m->eps, t, nt, &bar);
+            span(m->vocab, t, nt, &lo, &hi);
+            linear_rows(&m->head, s->xn + L0, M - logits_from, logits, m->vocab, 0, NULL, work, lo, hi);
+        }
     }
 }
 

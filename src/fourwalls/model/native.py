@@ -98,7 +98,7 @@ def _library(isa: str) -> ctypes.CDLL | None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     dll.linear_forward.argtypes = [p, p, i64, p, p, ctypes.c_int]
     dll.linear_forward.restype = None
-    dll.decode_step.argtypes = [p, p, p, p, p, i64, p, p, ctypes.c_int]
+    dll.decode_step.argtypes = [p, p, p, p, p, i64, p, p, i64, ctypes.c_int]
     dll.decode_step.restype = None
     dll.stream_sum.argtypes = [p, i64, ctypes.c_int]
     dll.stream_sum.restype = ctypes.c_float
