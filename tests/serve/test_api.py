@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from fourwalls.engine import engine as engine_module
 from fourwalls.serve.caller import KeyRing
 from fourwalls.store import DEFAULT_MODEL
 
@@ -277,9 +278,8 @@ def test_api_keys_scopes_and_rate_limits(live, tmp_path):
         live.state.keys = None
 
 
-def test_healthz_turns_red_when_the_engine_loop_is_stuck(live):
-    engine = live.state.engine
-    real = engine.model.forward
+def test_healthz_turns_red_when_the_engine_loop_is_stuck(live, monkeypatch):
+    real = engine_module.fill_cache  # a prompt's chunk, by the fused step or the model
     entered = threading.Event()
 
     def stuck(*a, **kw):
@@ -288,18 +288,18 @@ def test_healthz_turns_red_when_the_engine_loop_is_stuck(live):
         return real(*a, **kw)
 
     live.state.stall_timeout = 0.5
-    engine.model.forward = stuck
+    monkeypatch.setattr(engine_module, "fill_cache", stuck)
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, f"{live.url}/v1/completions",
                                   json={"model": DEFAULT_MODEL, "max_tokens": 1, "prompt":
                                         f"A prompt of several tokens, none cached ({time.time()}),"}, timeout=30)
-            assert entered.wait(30)  # its prefill (all but the last token) runs through the stuck forward
-            time.sleep(1.0)  # twice the stall timeout, and well inside the forward's 3 s
+            assert entered.wait(30)  # its prefill (all but the last token) is stuck
+            time.sleep(1.0)  # twice the stall timeout, and well inside the chunk's 3 s
             assert httpx.get(f"{live.url}/healthz").status_code == 503
             assert pending.result().status_code == 200
     finally:
-        engine.model.forward = real
+        monkeypatch.undo()
         live.state.stall_timeout = 30
     assert httpx.get(f"{live.url}/healthz").status_code == 200
     assert httpx.get(f"{live.url}/readyz").status_code == 200
