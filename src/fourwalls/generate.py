@@ -161,8 +161,8 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], p: SamplingParams
     with torch.inference_mode():
         fused = decoder(model)
         # The prompt but its last token fills the cache in chunks, and the last is decoded, as the engine does: every
-        # sampled token then comes from the same computation here and in the server, and a long prompt's
-        # activations never exceed a chunk's.
+        # sampled token then comes from the same computation here and in the server (the fused step's, row by row,
+        # where it applies), and a long prompt's activations in the model's forward never exceed a chunk's.
         for start in range(0, len(fed) - 1, PREFILL_CHUNK):
             chunk = fed[start: min(start + PREFILL_CHUNK, len(fed) - 1)]
             fill_cache(fused, model, chunk, pos, cache)

@@ -980,6 +980,24 @@ static float block_scores(const float *q, const uint16_t *kc, int64_t n, int64_t
     return m;
 }
 
+/* o[j] = sum over positions t < n of scores[t] * v[t][i + 8j .. i + 8j + 7], for j < lanes (always inlined: a constant
+ * count keeps the accumulators in registers). */
+static inline __attribute__((always_inline)) void weigh_values(const uint16_t *v, const Cache *c, int64_t r,
+                                                               int64_t g, int64_t i, int64_t n, int64_t hd,
+                                                               const float *scores, __m256 *o, int lanes) {
+    for (int j = 0; j < lanes; j++)
+        o[j] = _mm256_setzero_ps();
+    for (int64_t t0 = 0; t0 < n; t0 += c->block_size) {
+        const uint16_t *vc = v + kv_at(c, r, g, t0, hd) + i;
+        const int64_t len = n - t0 < c->block_size ? n - t0 : c->block_size;
+        for (int64_t t = 0; t < len; t++) {
+            const __m256 p = _mm256_set1_ps(scores[t0 + t]);
+            for (int j = 0; j < lanes; j++)
+                o[j] = _mm256_fmadd_ps(p, load_h8(vc + t * hd + 8 * j), o[j]);
+        }
+    }
+}
+
 /* Query head q of row r over positions 0..pos of its KV head g, block by block. */
 static void attend(const float *q, const Cache *c, int64_t l, int64_t r, int64_t g, int64_t pos, int64_t hd,
                    float *scores, float *out) {
@@ -1000,20 +1018,17 @@ static void attend(const float *q, const Cache *c, int64_t l, int64_t r, int64_t
         scores[t] = expf(scores[t] - m);
         total += scores[t];
     }
-    const float inv = 1.0f / total;
-    for (int64_t i = 0; i < hd; i += 16) {
-        __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
-        for (int64_t t0 = 0; t0 < n; t0 += bs) {
-            const uint16_t *vc = c->v[l] + kv_at(c, r, g, t0, hd) + i;
-            const int64_t len = n - t0 < bs ? n - t0 : bs;
-            for (int64_t t = 0; t < len; t++) {
-                __m256 p = _mm256_set1_ps(scores[t0 + t]);
-                o0 = _mm256_fmadd_ps(p, load_h8(vc + t * hd), o0);
-                o1 = _mm256_fmadd_ps(p, load_h8(vc + t * hd + 8), o1);
-            }
-        }
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(o0, _mm256_set1_ps(inv)));
-        _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(o1, _mm256_set1_ps(inv)));
+    /* The values' weighted sum, 64 components at a time: each position's row across 8 accumulators, so the sums of
+     * a long context are 8 independent chains rather than 2 (each component still sums the positions in order). */
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (int64_t i = 0; i < hd; i += 64) {
+        __m256 o[8];
+        if (hd - i >= 64)
+            weigh_values(c->v[l], c, r, g, i, n, hd, scores, o, 8);
+        else
+            weigh_values(c->v[l], c, r, g, i, n, hd, scores, o, (int)(hd - i) / 8);
+        for (int j = 0; j < 8 && i + 8 * j < hd; j++)
+            _mm256_storeu_ps(out + i + 8 * j, _mm256_mul_ps(o[j], inv));
     }
 }
 
