@@ -5,7 +5,9 @@ reading the weights; a ``Decoder`` runs the same computation (embedding, every l
 float32 models whose layers all say how the kernels read them (``as_native()``: plain, int8, int4 and q8 linear
 layers, multi-LoRA stacks over them, quantized embedding tables), within the kernels' limits (``native.abi()``: up
 to ``MAX_ROWS`` rows of one token each, block widths); for anything else it returns None and the caller runs the
-model as usual. ``linear_product`` is one such layer's product on its own, for any number of rows.
+model as usual. A prompt goes through the same step (``fill_cache``: up to ``MAX_ROWS`` consecutive positions of
+one sequence a call, no head), so each of its tokens is computed exactly as decoding it would be. ``linear_product``
+is one such layer's product on its own, for any number of rows.
 """
 
 from __future__ import annotations
