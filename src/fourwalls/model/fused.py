@@ -120,8 +120,10 @@ class Decoder:
         serving engine's paged cache, whose ``k`` and ``v`` are per layer [blocks, kv_heads, block_size, head_dim]
         and ``block_table`` [B, blocks] int32 each row's blocks in order)."""
         rows = tokens.shape[0]
+        if tokens.shape[1] != 1 or not self._applies(rows, cache.k):
+            return None
         mask = self._mask(rows)
-        if tokens.shape[1] != 1 or not self._applies(rows, cache.k) or mask is False:
+        if mask is False:
             return None
         table = getattr(cache, "block_table", None)
         if table is None:  # a KVCache: row r is one block of max_len positions
@@ -138,8 +140,10 @@ class Decoder:
         row, or one request's blocks: ``block_table`` [1, blocks]), ``MAX_ROWS`` rows a step and no logits; False
         when the fused step does not apply. Each row is computed as decoding its token would: a prompt's keys and
         values are then the same whatever its chunks, and a prompt chunk allocates nothing."""
+        if not tokens or not self._applies(min(len(tokens), self.max_rows), cache.k):
+            return False
         mask = self._mask(1)  # the sequence's adapters: every row's
-        if not tokens or not self._applies(min(len(tokens), self.max_rows), cache.k) or mask is False:
+        if mask is False:
             return False
         table = getattr(cache, "block_table", None)
         table = torch.zeros(1, 1, dtype=torch.int32) if table is None else table
